@@ -1,0 +1,69 @@
+"""The objective plug-in contract (see ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from pretrain.backbone import VitBackbone
+
+
+@dataclass(frozen=True)
+class DataNeeds:
+    """What an objective asks the data pipeline for.
+
+    views: number of independently augmented crops of each image; a batch carries
+    them as `batch["views"]`, a list of `views` tensors of shape (B, 3, H, W).
+    """
+
+    views: int = 1
+
+
+class LossOutput(NamedTuple):
+    """What `Objective.forward` returns: the scalar to minimise and its own metrics.
+
+    A NamedTuple (not a dataclass) so that DeepSpeed ZeRO-3 sees the tensors in it and
+    hooks them for re-gathering parameters in the backward pass.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+class Objective(nn.Module):
+    """Base class: an objective wraps a backbone and owns everything method-specific.
+
+    Subclasses set `name` and `config_class`, and are registered with
+    `objectives.registry.register`.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, cfg: Any, backbone: VitBackbone) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+
+    @classmethod
+    def data_needs(cls, cfg: Any) -> DataNeeds:
+        """Views/masks this objective needs from the data pipeline."""
+        return DataNeeds()
+
+    def forward(self, batch: dict[str, Any]) -> LossOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Hook after each optimizer step (EMA, momentum, codebook updates)."""
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Frozen teachers/tokenizers: kept outside the DeepSpeed-wrapped module."""
+        return {}
+
+    def encoder(self) -> nn.Module:
+        """The module exported as the pretrained encoder (a timm model)."""
+        return self.backbone.vit

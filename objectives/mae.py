@@ -1,0 +1,113 @@
+"""MAE: He et al., "Masked Autoencoders Are Scalable Vision Learners" (CVPR 2022).
+
+The encoder sees only the visible 25% of patches; a light decoder gets the encoded
+tokens plus a shared mask token at the removed positions and regresses the pixels
+of the removed patches, each normalised by its own mean and variance.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from objectives.base import LossOutput, Objective
+from objectives.configs import MAEConfig
+from objectives.masking import random_masking
+from objectives.pos_embed import sincos_2d
+from objectives.registry import register
+from pretrain.backbone import VitBackbone
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, patch * patch * C), patches row-major, pixels (p, q, c) inside."""
+    b, c, h, w = images.shape
+    gh, gw = h // patch, w // patch
+    x = images.reshape(b, c, gh, patch, gw, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, patch * patch * c)
+
+
+def unpatchify(patches: torch.Tensor, patch: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
+    """Inverse of `patchify`: (B, N, p*p*C) -> (B, C, H, W)."""
+    b = patches.shape[0]
+    gh, gw = grid
+    x = patches.reshape(b, gh, gw, patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, gh * patch, gw * patch)
+
+
+def masked_patch_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+    """Mean over masked patches of the per-patch MSE (MAE forward_loss).
+
+    pred, target: (B, N, P); mask: (B, N), 1 = masked. With norm_pix the target of
+    each patch is (x - mean) / sqrt(var + 1e-6) over that patch's pixels.
+    """
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)  # unbiased, as the reference implementation
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(dim=-1)  # (B, N)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+@register
+class MAE(Objective):
+    """Masked autoencoder with a ViT encoder on visible patches and a small decoder."""
+
+    name = "mae"
+    config_class = MAEConfig
+
+    def __init__(self, cfg: MAEConfig, backbone: VitBackbone) -> None:
+        super().__init__(cfg, backbone)
+        grid = backbone.grid_size
+        # Fixed sin-cos position embeddings in encoder and decoder (paper Sec. A.1).
+        backbone.use_fixed_pos_embed(sincos_2d(backbone.embed_dim, *grid))
+        width = cfg.decoder_embed_dim
+        self.decoder_embed = nn.Linear(backbone.embed_dim, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        # Prefix (CLS) position gets zeros, as in models_mae.py.
+        table = torch.cat([torch.zeros(1, width), sincos_2d(width, *grid)], dim=0)
+        self.register_buffer("decoder_pos_embed", table.unsqueeze(0), persistent=False)  # (1, 1 + N, W)
+        self.decoder_blocks = nn.ModuleList(
+            Block(width, cfg.decoder_num_heads, mlp_ratio=cfg.decoder_mlp_ratio, qkv_bias=True)
+            for _ in range(cfg.decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(width)
+        self.decoder_pred = nn.Linear(width, backbone.patch_size**2 * 3)
+        self._init_decoder()
+
+    def _init_decoder(self) -> None:
+        nn.init.normal_(self.mask_token, std=0.02)
+        for module in [self.decoder_embed, self.decoder_norm, self.decoder_pred, *self.decoder_blocks.modules()]:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward_decoder(self, latent: torch.Tensor, restore_idx: torch.Tensor) -> torch.Tensor:
+        """latent (B, 1 + K, D) -> pixel predictions for every patch (B, N, p*p*3)."""
+        prefix = self.backbone.num_prefix_tokens
+        x = self.decoder_embed(latent)  # (B, prefix + K, W)
+        b, n = restore_idx.shape
+        visible = x[:, prefix:]
+        fill = self.mask_token.expand(b, n - visible.shape[1], -1)
+        x_ = torch.cat([visible, fill], dim=1)  # (B, N, W), shuffled order
+        x_ = torch.gather(x_, 1, restore_idx.unsqueeze(-1).expand(-1, -1, x_.shape[-1]))  # original order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed.to(x.dtype)  # (B, 1 + N, W)
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop CLS: (B, N, p*p*3)
+
+    def forward(self, batch: dict[str, Any]) -> LossOutput:
+        images = batch["views"][0]  # (B, 3, H, W), normalised
+        tokens = self.backbone.embed_patches(images)  # (B, N, D)
+        masking = random_masking(tokens.shape[0], tokens.shape[1], self.cfg.mask_ratio, device=tokens.device)
+        latent = self.backbone.encode(tokens, keep_idx=masking.keep_idx).tokens  # (B, 1 + K, D)
+        pred = self.forward_decoder(latent, masking.restore_idx)
+        target = patchify(images, self.backbone.patch_size)
+        loss = masked_patch_mse(pred.float(), target.float(), masking.mask, self.cfg.norm_pix_loss)
+        return LossOutput(loss=loss, metrics={"mae/mask_ratio": masking.mask.mean().detach()})

@@ -1,0 +1,1 @@
+"""The orchestrator: config, Ray launch, worker loop, DeepSpeed engine, checkpoints, MLflow."""

@@ -1,0 +1,124 @@
+"""Checkpoints: DeepSpeed state (model, optimizer, scheduler) plus step, RNG and data position.
+
+Layout of one checkpoint directory (every rank writes its own files into it, Ray
+Train merges them in `storage_path`):
+
+    state/...            DeepSpeed's files (engine.save_checkpoint, tag "state")
+    latest               DeepSpeed's pointer to the tag
+    rank_<r>.pt          this rank's step, RNG states and data-loader position
+
+Every load uses `torch.load(weights_only=True)`; DeepSpeed's own loader is replaced
+by one that does the same, with an explicit allow-list of the few plain-data types
+DeepSpeed stores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TAG = "state"
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """Plain-data classes found in DeepSpeed checkpoints (enums and small records)."""
+    allowed: list[Any] = []
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        allowed.append(ZeroStageEnum)
+    except ImportError:  # pragma: no cover - older DeepSpeed layouts
+        pass
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        allowed += [LossScaler, DynamicLossScaler]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed.append(fragment_address)
+    except ImportError:  # pragma: no cover
+        pass
+    return allowed
+
+
+def safe_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
+    """torch.load restricted to tensors and plain data (no arbitrary pickle)."""
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def install_safe_checkpoint_engine(engine: Any) -> None:
+    """Make DeepSpeed load its checkpoints with weights_only=True."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return safe_load(path, map_location=map_location)
+
+    current = getattr(engine, "checkpoint_engine", None)
+    if current is not None and type(current) is not TorchCheckpointEngine:
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(current).__name__}; cannot make it weights_only")
+    safe = WeightsOnlyCheckpointEngine.__new__(WeightsOnlyCheckpointEngine)
+    if current is not None:
+        safe.__dict__.update(current.__dict__)
+    else:
+        safe.__init__(None)
+    engine.checkpoint_engine = safe
+
+
+def rng_state() -> dict[str, Any]:
+    """Python and torch RNG states as tensors/plain data (weights_only-loadable)."""
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine: Any, directory: Path, *, rank: int, step: int, data_state: dict[str, Any]) -> None:
+    """All ranks: write this rank's part of the checkpoint into `directory`."""
+    engine.save_checkpoint(str(directory), tag=TAG, client_state={"step": step})
+    extra = {"step": step, "rng": rng_state(), "data": data_state}
+    tmp = directory / f".rank_{rank}.pt.tmp"
+    torch.save(extra, tmp)
+    os.replace(tmp, directory / f"rank_{rank}.pt")  # never a half-written file under the final name
+
+
+def restore(engine: Any, directory: Path, *, rank: int) -> tuple[int, dict[str, Any]]:
+    """All ranks: load DeepSpeed state and this rank's extras; returns (step, data_state)."""
+    extra_path = directory / f"rank_{rank}.pt"
+    if not extra_path.exists():
+        raise FileNotFoundError(
+            f"checkpoint {directory} has no {extra_path.name}: it was written by a different number of workers "
+            "(resume with the same trainer.num_workers)"
+        )
+    load_path, client_state = engine.load_checkpoint(str(directory), tag=TAG)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+    extra = safe_load(extra_path)
+    if extra["step"] != client_state.get("step"):
+        raise RuntimeError(f"checkpoint {directory} is inconsistent: rank file step {extra['step']} != {client_state}")
+    set_rng_state(extra["rng"])
+    log.info("rank %d restored step %d from %s", rank, extra["step"], directory)
+    return int(extra["step"]), extra["data"]

@@ -1,0 +1,132 @@
+"""Compose the Hydra config from `pretrain/conf/` and turn every mistake into one line.
+
+Uses Hydra's compose API (not `@hydra.main`) so that the entry point controls exit
+codes and messages, and no output directory or logging set-up is forced on runs.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from typing import Any
+
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+from objectives import configs as objective_configs
+from pretrain.config import PretrainConfig, find_problems
+
+CONF_MODULE = "pretrain.conf"
+# Groups whose options are YAML files in pretrain/conf/<group>/.
+GROUPS = ("objective", "model", "data", "trainer", "tracking", "optim", "preset")
+
+
+class ConfigError(ValueError):
+    """A config mistake, reported to the user as one line: `key: message`."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def _register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="pretrain_schema", node=PretrainConfig)
+    for cls in vars(objective_configs).values():
+        if isinstance(cls, type) and issubclass(cls, objective_configs.ObjectiveConfig):
+            if cls is not objective_configs.ObjectiveConfig:
+                cs.store(group="schema/objective", name=cls().name, node=cls)
+
+
+def group_options(group: str) -> list[str]:
+    """Options of a config group: the YAML files in pretrain/conf/<group>/."""
+    folder = resources.files(CONF_MODULE).joinpath(group)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _group_of_missing(message: str) -> tuple[str, str] | None:
+    # Hydra: "In 'config': Could not find 'objective/nope'" / "Could not load 'objective/nope'"
+    match = re.search(r"Could not (?:find|load) '([\w/]+)/([^'/]+)'", message)
+    if match and match.group(1) in GROUPS:
+        return match.group(1), match.group(2)
+    return None
+
+
+def _explain(exc: Exception, overrides: list[str]) -> ConfigError:
+    """Turn Hydra/OmegaConf's exception into a one-line ConfigError."""
+    if exc.__cause__ is not None and "Error merging override" in str(exc):
+        exc = exc.__cause__  # the OmegaConf error names the key and the type
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    missing = _group_of_missing(str(exc))
+    if missing:
+        group, option = missing
+        if group == "preset" and option.endswith("_cpu"):
+            return ConfigError(
+                "preset",
+                f"no CPU preset {option!r} for this objective; valid choices: {', '.join(group_options('preset'))}",
+            )
+        return ConfigError(
+            group, f"unknown {group} {option!r}; valid choices: {', '.join(group_options(group))}"
+        )
+    key_match = re.search(r"Key '([^']+)' not in '(\w+)'", str(exc))
+    if key_match is None:
+        key_match = re.search(r"Could not override '([^']+)'", str(exc))
+    full_key = re.search(r"full_key: ([\w.\[\]]+)", str(exc))
+    key = full_key.group(1) if full_key else (key_match.group(1) if key_match else "config")
+    if "not in" in str(exc) or "Could not override" in str(exc) or "Key '" in str(exc):
+        parent, _, leaf = key.rpartition(".")
+        valid = _valid_keys(parent, overrides)
+        if valid:
+            hint = f"; valid keys under {parent or 'the root'}: {', '.join(valid)}"
+            return ConfigError(key, f"unknown key {leaf!r}{hint}")
+    value_error = re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)", str(exc))
+    if value_error:
+        return ConfigError(key, f"{value_error.group(1)!r} is not a valid {value_error.group(2)}")
+    return ConfigError(key, message)
+
+
+def _valid_keys(parent: str, overrides: list[str]) -> list[str]:
+    """Keys of the node `parent` in the config composed without the bad override."""
+    try:
+        base = _compose([o for o in overrides if "=" in o and not _override_key(o).startswith(parent + ".")])
+    except Exception:  # noqa: BLE001 - only used to improve a message; the caller reports the original
+        base = _compose([])
+    node = OmegaConf.select(base, parent) if parent else base
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def load_config(overrides: list[str]) -> DictConfig:
+    """Compose, type-check and validate; raise ConfigError naming the first bad key."""
+    _register_schemas()
+    try:
+        cfg = _compose(list(overrides))
+        # Resolves interpolations and checks every value against its dataclass type.
+        OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf raise many types; all become one line
+        raise _explain(exc, list(overrides)) from None
+    problems = find_problems(OmegaConf.to_object(cfg))
+    if problems:
+        key, message = problems[0]
+        raise ConfigError(key, message)
+    return cfg
+
+
+def to_container(cfg: Any) -> dict[str, Any]:
+    """Plain dict of a resolved config (for Ray, MLflow params, YAML artifacts)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,211 @@
+"""Typed config schema (Hydra structured configs) and its validation.
+
+Torch-free on purpose: `python -m pretrain.run` validates a config and reports the
+first mistake in well under a second, before torch, Ray or MLflow are imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from data.config import DataConfig
+from objectives.configs import ObjectiveConfig
+
+# Schemes accepted for shard URLs and the checkpoint storage path (fsspec protocols).
+DATA_SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfs", "http", "https", "hf")
+STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfs")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelConfig:
+    """A timm ViT and the overrides applied when creating it."""
+
+    # timm model name (timm.list_models("vit_*")).
+    arch: str = "vit_base_patch16_224"
+    img_size: int = 224
+    patch_size: int = 16
+    # None keeps the architecture's own value.
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    drop_path_rate: float = 0.0
+    # Load timm's pretrained weights (needs network access to the hub).
+    pretrained: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + linear warmup + cosine decay, per optimizer step."""
+
+    # lr = base_lr * global_batch / 256 (Goyal et al. linear scaling, as MAE/BEiT do).
+    base_lr: Optional[float] = 1.5e-4
+    # Absolute lr; when set it wins over base_lr.
+    lr: Optional[float] = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    # Warmup length as a fraction of trainer.max_steps (MAE: 40 of 800 epochs = 0.05).
+    warmup_fraction: float = 0.05
+
+
+@dataclass
+class DeepSpeedConfig:
+    """What goes into the DeepSpeed config dict."""
+
+    zero_stage: int = 0
+    precision: str = "fp32"
+    # Gradient-norm clipping; 0 disables (MAE uses none).
+    grad_clip: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    """Ray Train scaling, run length, checkpointing and fault tolerance."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    # Micro-batch per worker; global batch = batch_size * num_workers * grad_accum.
+    batch_size: int = 64
+    grad_accum: int = 1
+    max_steps: int = 300
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    # Ray Train retries of the whole worker group after a failure (-1 = unlimited).
+    max_failures: int = 0
+    # Where Ray Train keeps checkpoints: a local dir or any fsspec URL (s3://...).
+    # "" = ./runs in the working directory.
+    storage_path: str = ""
+    # Bit-reproducible CPU runs (torch.use_deterministic_algorithms); slower.
+    deterministic: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking."""
+
+    # "" = sqlite store under the storage path (registry works); or http(s)://host:port.
+    uri: str = ""
+    experiment: str = "pretrain"
+    enabled: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    """The whole tree composed by `python -m pretrain.run`."""
+
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+    # Ray Train run name ("" = <objective>-<model>-<timestamp>).
+    name: str = ""
+    # Continue a run: its name (under trainer.storage_path) or its directory/URL.
+    resume: str = ""
+
+
+def url_scheme(url: str) -> str:
+    """fsspec protocol of a URL; plain paths are "file"."""
+    head, sep, _ = url.partition("://")
+    return head.lower() if sep else "file"
+
+
+def find_problems(cfg: Any) -> list[tuple[str, str]]:
+    """All config mistakes that can be found without torch: (key, message) pairs."""
+    t, m, d, ds, o = cfg.trainer, cfg.model, cfg.data, cfg.deepspeed, cfg.optim
+    found: list[tuple[str, str]] = []
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            found.append((key, message))
+
+    need(t.num_workers >= 1, "trainer.num_workers", f"must be >= 1, got {t.num_workers}")
+    need(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}")
+    need(t.grad_accum >= 1, "trainer.grad_accum", f"must be >= 1, got {t.grad_accum}")
+    need(t.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {t.max_steps}")
+    need(t.log_every >= 1, "trainer.log_every", f"must be >= 1, got {t.log_every}")
+    need(t.checkpoint_every >= 1, "trainer.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
+    need(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    need(t.max_failures >= -1, "trainer.max_failures", f"must be >= -1, got {t.max_failures}")
+    need(t.cpus_per_worker > 0, "trainer.cpus_per_worker", f"must be > 0, got {t.cpus_per_worker}")
+    need(
+        not t.use_gpu or t.gpus_per_worker > 0,
+        "trainer.gpus_per_worker",
+        f"must be > 0 with trainer.use_gpu=true, got {t.gpus_per_worker}",
+    )
+    scheme = url_scheme(t.storage_path) if t.storage_path else "file"
+    need(
+        scheme in STORAGE_SCHEMES,
+        "trainer.storage_path",
+        f"unsupported scheme {scheme!r} in {t.storage_path!r}; valid schemes: {', '.join(STORAGE_SCHEMES)}",
+    )
+
+    need(m.img_size >= 1, "model.img_size", f"must be >= 1, got {m.img_size}")
+    need(m.patch_size >= 1, "model.patch_size", f"must be >= 1, got {m.patch_size}")
+    if m.img_size >= 1 and m.patch_size >= 1:
+        need(
+            m.img_size % m.patch_size == 0,
+            "model.img_size",
+            f"{m.img_size} is not a multiple of model.patch_size={m.patch_size}",
+        )
+    if m.embed_dim is not None and m.num_heads:
+        need(
+            m.embed_dim % m.num_heads == 0,
+            "model.num_heads",
+            f"{m.num_heads} does not divide model.embed_dim={m.embed_dim}",
+        )
+    need(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", f"must be in [0, 1), got {m.drop_path_rate}")
+
+    for key in ("urls", "eval_urls"):
+        url = getattr(d, key)
+        if url:
+            scheme = url_scheme(url)
+            need(
+                scheme in DATA_SCHEMES,
+                f"data.{key}",
+                f"unsupported scheme {scheme!r} in {url!r}; valid schemes: {', '.join(DATA_SCHEMES)}",
+            )
+    need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    need(d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}")
+    need(0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min", f"must be in (0, 1], got {d.crop_scale_min}")
+    need(len(d.mean) == 3 and len(d.std) == 3, "data.mean", "data.mean and data.std need 3 values (RGB)")
+    need(d.default_shard_size >= 1, "data.default_shard_size", f"must be >= 1, got {d.default_shard_size}")
+
+    need(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be one of 0, 1, 2, 3; got {ds.zero_stage}")
+    need(
+        ds.precision in PRECISIONS,
+        "deepspeed.precision",
+        f"unknown precision {ds.precision!r}; valid choices: {', '.join(PRECISIONS)}",
+    )
+    need(
+        ds.precision != "fp16" or t.use_gpu,
+        "deepspeed.precision",
+        "fp16 needs trainer.use_gpu=true (CPU training supports fp32 and bf16)",
+    )
+    need(ds.grad_clip >= 0, "deepspeed.grad_clip", f"must be >= 0, got {ds.grad_clip}")
+
+    need(
+        o.lr is not None or o.base_lr is not None,
+        "optim.base_lr",
+        "set optim.base_lr (scaled by global batch / 256) or optim.lr (absolute)",
+    )
+    for key in ("lr", "base_lr"):
+        value = getattr(o, key)
+        need(value is None or value > 0, f"optim.{key}", f"must be > 0, got {value}")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"need two values in [0, 1), got {list(o.betas)}")
+    need(0.0 <= o.warmup_fraction < 1.0, "optim.warmup_fraction", f"must be in [0, 1), got {o.warmup_fraction}")
+    need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+
+    problems = getattr(cfg.objective, "problems", None)
+    if problems is not None:
+        found.extend(problems())
+    return found

@@ -1,0 +1,136 @@
+"""DeepSpeed engine set-up: config dict, AdamW parameter groups, warmup + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pretrain.config import DeepSpeedConfig, OptimConfig, TrainerConfig
+
+# Parameters named like these get no weight decay (timm/MAE/BEiT convention), besides
+# every 1-d parameter (biases, norm scales).
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "reg_token", "dist_token", "relative_position_bias_table")
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: decayed weights, and (norms, biases, position/special tokens) without decay."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if param.ndim <= 1 or leaf in NO_DECAY_NAMES or name.endswith(".bias"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def global_batch(trainer: TrainerConfig) -> int:
+    """Images per optimizer step over all workers."""
+    return trainer.batch_size * trainer.grad_accum * trainer.num_workers
+
+
+def peak_lr(optim: OptimConfig, trainer: TrainerConfig) -> float:
+    """optim.lr if set, else base_lr * global_batch / 256 (linear scaling rule)."""
+    if optim.lr is not None:
+        return optim.lr
+    assert optim.base_lr is not None  # guaranteed by config validation
+    return optim.base_lr * global_batch(trainer) / 256
+
+
+def warmup_cosine(step: int, *, total: int, warmup: int, peak: float, floor: float) -> float:
+    """lr at optimizer step `step` (0-based): linear warmup to `peak`, half-cosine to `floor`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_schedule(optim: OptimConfig, trainer: TrainerConfig) -> Callable[[int], float]:
+    """Multiplicative factor for torch's LambdaLR (lr = peak * factor)."""
+    peak = peak_lr(optim, trainer)
+    warmup = int(round(optim.warmup_fraction * trainer.max_steps))
+
+    def factor(step: int) -> float:
+        return warmup_cosine(step, total=trainer.max_steps, warmup=warmup, peak=peak, floor=optim.min_lr) / peak
+
+    return factor
+
+
+def deepspeed_config(ds: DeepSpeedConfig, trainer: TrainerConfig) -> dict[str, Any]:
+    """The DeepSpeed JSON config for these settings."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": trainer.batch_size,
+        "gradient_accumulation_steps": trainer.grad_accum,
+        "train_batch_size": global_batch(trainer),
+        "gradient_clipping": ds.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        # Our optimizer is torch's AdamW (param groups are ours); DeepSpeed only shards it.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we report metrics ourselves
+        "wall_clock_breakdown": False,
+    }
+    if ds.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif ds.precision == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return config
+
+
+def training_dtype(ds: DeepSpeedConfig) -> torch.dtype:
+    """dtype of the engine's parameters (inputs are cast to it)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ds.precision]
+
+
+def build_engine(
+    module: nn.Module, optim: OptimConfig, trainer: TrainerConfig, ds: DeepSpeedConfig
+) -> Any:
+    """deepspeed.initialize on the trainable module with AdamW and the lr schedule."""
+    import deepspeed
+
+    from pretrain.checkpoint import install_safe_checkpoint_engine
+
+    optimizer = torch.optim.AdamW(
+        param_groups(module, optim.weight_decay),
+        lr=peak_lr(optim, trainer),
+        betas=(optim.betas[0], optim.betas[1]),
+        eps=optim.eps,
+    )
+    factor = lr_schedule(optim, trainer)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        # A callable: DeepSpeed builds the scheduler on its own (possibly wrapped) optimizer.
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
+        config=deepspeed_config(ds, trainer),
+        dist_init_required=False,
+    )
+    install_safe_checkpoint_engine(engine)
+    if ds.zero_stage == 3:
+        register_bypassed_parameters(engine.module)
+    return engine
+
+
+def register_bypassed_parameters(root: nn.Module) -> None:
+    """ZeRO-3: gather parameters of container modules whose forward we bypass.
+
+    ZeRO-3 gathers a module's own parameters when that module's forward runs. The
+    backbone adapter uses e.g. the timm ViT's `cls_token`/`pos_embed` without calling
+    `VisionTransformer.forward`, so they are registered with the root module, whose
+    forward encloses every use.
+    """
+    import deepspeed
+
+    for module in root.modules():
+        if module is root or next(module.children(), None) is None:
+            continue
+        for param in module.parameters(recurse=False):
+            deepspeed.zero.register_external_parameter(root, param)
