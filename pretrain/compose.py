@@ -61,6 +61,12 @@ def _explain(exc: Exception, overrides: list[str]) -> ConfigError:
     if exc.__cause__ is not None and "Error merging override" in str(exc):
         exc = exc.__cause__  # the OmegaConf error names the key and the type
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if type(exc).__name__ == "OverrideParseException":
+        bad = next((o for o in overrides if o.split("=", 1)[0] in str(exc)), overrides[-1] if overrides else "")
+        return ConfigError(
+            _override_key(bad) or "override",
+            f"cannot parse {bad!r} ({message}); quote values with special characters: key='value'",
+        )
     missing = _group_of_missing(str(exc))
     if missing:
         group, option = missing
@@ -109,9 +115,22 @@ def _compose(overrides: list[str]) -> DictConfig:
         return compose(config_name="config", overrides=overrides)
 
 
+def quote_urls(override: str) -> str:
+    """Quote URL values for Hydra's override grammar.
+
+    `data.urls=s3://b/train-{000000..000099}.tar` (the shell already removed the
+    user's quotes) would otherwise be parsed as a dict by Hydra.
+    """
+    key, sep, value = override.partition("=")
+    if not sep or not value or value[0] in "'\"" or not ("://" in value or re.search(r"\{[^}]*\.\.[^}]*\}", value)):
+        return override
+    return f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def load_config(overrides: list[str]) -> DictConfig:
     """Compose, type-check and validate; raise ConfigError naming the first bad key."""
     _register_schemas()
+    overrides = [quote_urls(o) for o in overrides]
     try:
         cfg = _compose(list(overrides))
         # Resolves interpolations and checks every value against its dataclass type.
@@ -130,3 +149,44 @@ def load_config(overrides: list[str]) -> DictConfig:
 def to_container(cfg: Any) -> dict[str, Any]:
     """Plain dict of a resolved config (for Ray, MLflow params, YAML artifacts)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def schema_for(objective_name: str) -> PretrainConfig:
+    """A PretrainConfig whose objective node has the named objective's dataclass."""
+    for cls in vars(objective_configs).values():
+        if isinstance(cls, type) and issubclass(cls, objective_configs.ObjectiveConfig):
+            if cls is not objective_configs.ObjectiveConfig and cls().name == objective_name:
+                return PretrainConfig(objective=cls())
+    raise ConfigError("objective.name", f"unknown objective {objective_name!r}; valid choices: {', '.join(group_options('objective'))}")
+
+
+def resume_config(saved: dict[str, Any], overrides: list[str]) -> DictConfig:
+    """The saved config of a run with `key=value` overrides applied on top.
+
+    Group choices (`objective=...`, `model=...`) cannot change on resume.
+    """
+    dotted, fixed = [], []
+    for item in overrides:
+        key = _override_key(item)
+        if key == "resume":
+            continue
+        (dotted if "." in key else fixed).append(item)
+    for item in fixed:
+        key = item.split("=", 1)[0]
+        if key in GROUPS:
+            raise ConfigError(key, "cannot change a config group on resume; start a new run instead")
+        dotted.append(item)
+    try:
+        cfg = OmegaConf.merge(
+            OmegaConf.structured(schema_for(saved["objective"]["name"])),
+            saved,
+            OmegaConf.from_dotlist(dotted),
+        )
+        problems = find_problems(OmegaConf.to_object(cfg))
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - OmegaConf raises many types; all become one line
+        raise _explain(exc, []) from None
+    if problems:
+        raise ConfigError(*problems[0])
+    return cfg

@@ -1,0 +1,36 @@
+# Set-up and the two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint clean
+
+install: $(STAMP)
+
+# Order matters on a fresh machine: torch/torchvision first (they lie on the machine's
+# disk; newer releases are multi-GB downloads), then DeepSpeed without build isolation
+# (its sdist imports torch at build time), then this project with its test extra.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PIP) --no-build-isolation deepspeed
+	$(PIP) --no-build-isolation -e '.[test]'
+	touch $(STAMP)
+
+# The main job on the embedded default: MAE on generated shapes, 2 CPU workers.
+demo: install
+	$(PY) -m pretrain.run
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check pretrain objectives data tests scripts
+
+clean:
+	rm -rf runs .pytest_cache

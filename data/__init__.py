@@ -1,0 +1,1 @@
+"""Data: shard writing, streaming over fsspec URLs, resumable position, views."""

@@ -1,0 +1,212 @@
+"""Driver side: connect to Ray, open the MLflow run, build and run the TorchTrainer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pretrain.config import PretrainConfig, url_scheme
+
+log = logging.getLogger("pretrain")
+
+RUN_RECORD = "pretrain_run.json"
+
+
+@dataclass
+class RunPlace:
+    """Where a run lives: Ray Train's storage_path/name, plus a local root for the MLflow store."""
+
+    storage_path: str  # local absolute dir or fsspec URL
+    name: str
+    local_root: Path  # local directory for the default sqlite MLflow store
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+
+def default_storage_path() -> str:
+    return str(Path("runs").resolve())
+
+
+def place_for(cfg: PretrainConfig) -> RunPlace:
+    """Storage path and run name for a new run or for `resume=`."""
+    storage = cfg.trainer.storage_path or default_storage_path()
+    if url_scheme(storage) == "file":
+        storage = str(Path(storage.removeprefix("file://")).expanduser().resolve())
+    name = cfg.name or f"{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if cfg.resume:
+        if "/" in cfg.resume:  # a run directory or URL
+            parent, _, name = cfg.resume.rstrip("/").rpartition("/")
+            storage = parent if url_scheme(parent) != "file" else str(Path(parent).expanduser().resolve())
+        else:
+            name = cfg.resume
+    local_root = Path(storage) if url_scheme(storage) == "file" else Path(default_storage_path())
+    return RunPlace(storage_path=storage, name=name, local_root=local_root)
+
+
+def read_run_record(place: RunPlace, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The record a previous launch wrote in the run directory, or None."""
+    import fsspec
+
+    url = f"{place.run_dir}/{RUN_RECORD}"
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def write_run_record(place: RunPlace, record: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(f"{place.run_dir}/{RUN_RECORD}", **(storage_options or {}))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def connect_ray(cfg: PretrainConfig) -> str:
+    """Attach to the cluster named by RAY_ADDRESS / the surrounding Ray job, else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return "already connected"
+    address = os.environ.get("RAY_ADDRESS")
+    if address or os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"):
+        ray.init(address=address or "auto", log_to_driver=True)
+        return f"attached to {address or 'the job cluster'}"
+    t = cfg.trainer
+    need_cpus = int(t.num_workers * t.cpus_per_worker + 0.999)
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, need_cpus),
+        # The dashboard serves Ray's state API (Ray Train uses it); it binds 127.0.0.1.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+    return "started a local Ray instance"
+
+
+def worker_env(cfg: PretrainConfig) -> dict[str, str]:
+    """Environment for the training workers."""
+    env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
+    if not cfg.trainer.use_gpu:
+        # CPU training even where a GPU exists: DeepSpeed picks its CPU accelerator + gloo.
+        env["DS_ACCELERATOR"] = "cpu"
+    from pretrain.loop import FAULT_ENV
+
+    for key in ("PYTHONPATH", "PRETRAIN_CACHE", FAULT_ENV):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def build_trainer(cfg: PretrainConfig, place: RunPlace, info: Any) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pretrain.loop import train_loop
+
+    t = cfg.trainer
+    resources: dict[str, float] = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "info": info},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=place.name,
+            storage_path=place.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            worker_runtime_env={"env_vars": worker_env(cfg)},
+        ),
+    )
+
+
+def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) -> int:
+    """Run training to the end; returns the process exit code."""
+    from pretrain import tracking
+    from pretrain.loop import RunInfo
+
+    started = time.perf_counter()
+    uri = run_id = ""
+    if cfg.tracking.enabled:
+        uri = (record or {}).get("tracking_uri") or cfg.tracking.uri or tracking.default_tracking_uri(place.local_root)
+        artifact_root = str((place.local_root / "mlartifacts").resolve()) if not cfg.tracking.uri else ""
+        run_id = tracking.open_run(
+            uri, cfg.tracking.experiment, place.name,
+            run_id=(record or {}).get("mlflow_run_id", ""), artifact_root=artifact_root,
+        )
+    write_run_record(
+        place,
+        {"name": place.name, "mlflow_run_id": run_id, "tracking_uri": uri, "config": tracking.redact(asdict(cfg))},
+        cfg.data.storage_options,
+    )
+    how = connect_ray(cfg)
+    log.info("%s; run %s in %s", how, place.name, place.storage_path)
+    info = RunInfo(
+        train_url=cfg.data.urls,
+        tracking_uri=uri,
+        mlflow_run_id=run_id,
+        interactive=sys.stderr.isatty(),
+    )
+    trainer = build_trainer(cfg, place, info)
+    error: BaseException | None = None
+    result = None
+    try:
+        result = trainer.fit()
+        error = result.error
+    except Exception as exc:  # noqa: BLE001 - Ray Train raises its own error types on worker failure
+        error = exc
+    except KeyboardInterrupt as exc:
+        error = exc
+    if run_id:
+        tracking.close_run(uri, run_id, failed=error is not None)
+    print_summary(cfg, place, result, error, uri, run_id, time.perf_counter() - started)
+    return 1 if error is not None else 0
+
+
+def _last_line(error: BaseException) -> str:
+    """The line of a (possibly multi-worker) error that says what went wrong."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else repr(error)
+
+
+def print_summary(
+    cfg: PretrainConfig, place: RunPlace, result: Any, error: BaseException | None, uri: str, run_id: str, seconds: float
+) -> None:
+    from pretrain.tracking import run_url
+
+    metrics = (result.metrics if result is not None else None) or {}
+    ckpt = result.checkpoint.path if result is not None and result.checkpoint is not None else "see run directory"
+    rows = [
+        ("status", "FAILED" if error is not None else "finished"),
+        ("objective", cfg.objective.name),
+        ("steps", f"{metrics.get('step', 0)}/{cfg.trainer.max_steps}"),
+        (
+            "loss",
+            f"{metrics['loss_first']:.4f} (first logged) -> {metrics['loss']:.4f} (last)" if "loss" in metrics else "n/a",
+        ),
+        ("images/s", f"{metrics['images_per_sec']:.1f}" if "images_per_sec" in metrics else "n/a"),
+        ("wall time", f"{seconds:.0f} s"),
+        ("mlflow run", run_url(uri, run_id) if run_id else "tracking disabled"),
+        ("checkpoint", ckpt),
+        ("resume with", f"python -m pretrain.run resume={place.run_dir}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n== pretrain summary ==")
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if error is not None:
+        print(f"error: {_last_line(error)}")

@@ -1,0 +1,254 @@
+"""The per-worker training loop that Ray Train runs on every rank."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.config import PretrainConfig
+
+log = logging.getLogger("pretrain.worker")
+
+# Fault injection for tests and drills: every worker raises right after the checkpoint
+# of this step, once per run (not again after resuming past it).
+FAULT_ENV = "PRETRAIN_INJECT_FAULT_AT_STEP"
+
+
+@dataclass
+class RunInfo:
+    """What the driver hands every worker besides the config."""
+
+    train_url: str  # "" = the embedded default dataset
+    tracking_uri: str  # "" = no MLflow logging
+    mlflow_run_id: str
+    interactive: bool  # a terminal is attached to the driver: show a progress bar
+    resume_from: str = ""  # a checkpoint directory to start from when Ray has none
+
+
+def configure_logging() -> None:
+    """INFO lines from this project's loggers (pretrain.*, data.*, objectives.*) only."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("pretrain", "data", "objectives"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not logger.handlers:
+            logger.addHandler(handler)
+        logger.propagate = False
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """Seed of the objective's randomness (masks) for one micro-step on one rank.
+
+    Seeding per step makes a resumed run draw the same masks as an uninterrupted one.
+    """
+    return (seed * 1_000_003 + step * 7919 + micro * 104_729 + rank * 15_485_863) % (2**63 - 1)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    moved: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            moved[key] = value.to(dtype) if value.is_floating_point() else value
+        elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            moved[key] = [_to_device({"x": v}, device, dtype)["x"] for v in value]
+        else:
+            moved[key] = value
+    return moved
+
+
+def _grad_norm(engine: Any) -> float | None:
+    """Global gradient norm; DeepSpeed only computes it under ZeRO/mixed precision."""
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        return float(norm)
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    local = torch.stack([g.detach().float().norm() for g in grads]).norm()
+    return float(local)  # ZeRO-0 gradients are already all-reduced: same norm on every rank
+
+
+class _Meter:
+    """Averages of step metrics between two log points."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.images = 0
+        self.seconds = 0.0
+
+    def add(self, metrics: dict[str, float], images: int, seconds: float) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+        self.images += images
+        self.seconds += seconds
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(1, self.count) for k, v in self.sums.items()}
+
+
+def _all_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalar metrics over ranks (one all-reduce)."""
+    import torch.distributed as dist
+
+    if not values or not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point on each worker."""
+    import ray.train
+    import ray.train.torch
+
+    from data.default import ensure_default_dataset
+    from data.stream import build_train_loader, resolve_urls
+    from objectives.registry import get_objective_class
+    from pretrain import checkpoint
+    from pretrain.backbone import build_backbone
+    from pretrain.engine import build_engine, global_batch, training_dtype
+    from pretrain.tracking import RunLogger
+
+    configure_logging()
+    cfg: PretrainConfig = loop_config["cfg"]
+    info: RunInfo = loop_config["info"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    t = cfg.trainer
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+    # Same initial weights on every rank (DeepSpeed also broadcasts rank 0's).
+    torch.manual_seed(cfg.seed)
+    objective_cls = get_objective_class(cfg.objective.name)
+    objective = objective_cls(cfg.objective, build_backbone(cfg.model))
+    for frozen in objective.frozen_modules().values():
+        frozen.to(device).eval().requires_grad_(False)
+    engine = build_engine(objective, cfg.optim, t, cfg.deepspeed)
+    dtype = training_dtype(cfg.deepspeed)
+
+    train_url = info.train_url or ensure_default_dataset(cfg.data).train_url
+    loader = build_train_loader(
+        cfg.data,
+        objective_cls.data_needs(cfg.objective),
+        urls=resolve_urls(train_url, cfg.data.storage_options),
+        img_size=cfg.model.img_size,
+        batch_size=t.batch_size,
+        rank=rank,
+        world_size=world,
+        seed=cfg.seed,
+    )
+
+    step = 0
+    resume_dir = ray.train.get_checkpoint()
+    if resume_dir is not None:
+        with resume_dir.as_directory() as path:
+            step, data_state = checkpoint.restore(engine, Path(path), rank=rank)
+    elif info.resume_from:
+        step, data_state = checkpoint.restore(engine, Path(info.resume_from), rank=rank)
+    if step:
+        loader.load_state_dict(data_state)
+        log.info("rank %d: resumed at step %d", rank, step)
+
+    logger = None
+    if rank == 0 and info.tracking_uri:
+        logger = RunLogger(info.tracking_uri, info.mlflow_run_id)
+        if step == 0:
+            from dataclasses import asdict
+
+            logger.log_config(asdict(cfg))
+        else:
+            logger.set_tags({"pretrain.resumed_at_step": str(step)})
+
+    bar = None
+    if rank == 0 and info.interactive:
+        from ray.experimental import tqdm_ray
+
+        bar = tqdm_ray.tqdm(total=t.max_steps, desc=f"{cfg.objective.name} train")
+        bar.update(step)
+
+    fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+    first_loss: float | None = None
+    images_per_step = global_batch(t)
+    meter = _Meter()
+    batches = iter(loader)
+    start_step = step
+    while step < t.max_steps:
+        tic = time.perf_counter()
+        losses, extra = [], {}
+        for micro in range(t.grad_accum):
+            batch = _to_device(next(batches), device, dtype)
+            torch.manual_seed(step_seed(cfg.seed, step, micro, rank))
+            out = engine(batch)
+            engine.backward(out.loss)
+            losses.append(float(out.loss.detach()))
+            for key, value in out.metrics.items():
+                extra[key] = extra.get(key, 0.0) + float(value) / t.grad_accum
+            if micro == t.grad_accum - 1:
+                grad_norm = _grad_norm(engine)
+            engine.step()
+        engine.module.after_step(step)
+        step += 1
+        lr = engine.get_lr()[0]
+        step_metrics = {"loss": sum(losses) / len(losses), "lr": lr, **extra}
+        if grad_norm is not None:
+            step_metrics["grad_norm"] = grad_norm
+        meter.add(step_metrics, images_per_step, time.perf_counter() - tic)
+        if bar is not None:
+            bar.update(1)
+
+        log_now = step % t.log_every == 0 or step == t.max_steps
+        save_now = step % t.checkpoint_every == 0 or step == t.max_steps
+        if not (log_now or save_now):
+            continue
+        metrics = _all_mean(meter.means(), device)
+        metrics["lr"] = lr  # same on every rank; not an average over the window
+        metrics["images_per_sec"] = meter.images / max(meter.seconds, 1e-9)
+        metrics["data/skipped"] = float(loader.skipped)
+        metrics["data/epoch"] = float(loader.epoch)
+        meter = _Meter()
+        first_loss = metrics["loss"] if first_loss is None else first_loss
+        if logger is not None:
+            logger.log_metrics(metrics, step)
+            logger.flush()
+        if rank == 0 and bar is None:
+            log.info(
+                "step %d/%d loss %.4f lr %.3g %.1f img/s",
+                step, t.max_steps, metrics["loss"], lr, metrics["images_per_sec"],
+            )
+        report = {"step": step, "loss_first": first_loss, **metrics}
+        if save_now:
+            with tempfile.TemporaryDirectory(prefix=f"ckpt-rank{rank}-") as tmp:
+                checkpoint.save(engine, Path(tmp), rank=rank, step=step, data_state=loader.state_dict())
+                ray.train.report(
+                    report,
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name=f"checkpoint_{step:08d}",
+                )
+        else:
+            ray.train.report(report)
+        if fault_step and step == fault_step and start_step < fault_step:
+            raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV})")
+    if bar is not None:
+        bar.close()
+    loader.close()
+    if rank == 0:
+        log.info("rank 0 finished %d steps (%d this attempt)", step, step - start_step)

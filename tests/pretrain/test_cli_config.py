@@ -1,0 +1,86 @@
+"""`python -m pretrain.run` validation: one line, exit 2, nothing heavy imported or started."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pretrain.compose import group_options, load_config
+
+# Runs main() in a fresh interpreter and fails if torch/Ray/MLflow got imported.
+PROBE = textwrap.dedent(
+    """
+    import sys
+    from pretrain.run import main
+    rc = main(sys.argv[1:])
+    heavy = sorted(m for m in ("torch", "ray", "mlflow", "deepspeed", "timm") if m in sys.modules)
+    if heavy:
+        print("imported: " + ",".join(heavy), file=sys.stderr)
+        sys.exit(99)
+    sys.exit(rc)
+    """
+)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["objective=nope"], "objective: unknown objective 'nope'; valid choices: mae"),
+        (["model=vit_huge_typo"], "valid choices: vit_base, vit_large, vit_nano, vit_small, vit_tiny"),
+        (["trainer.nope=1"], "trainer.nope: unknown key 'nope'; valid keys under trainer:"),
+        (["nope=1"], "nope: unknown key 'nope'"),
+        (["trainer.batch_size=abc"], "trainer.batch_size: 'abc' is not a valid Integer"),
+        (["trainer.batch_size=0"], "trainer.batch_size: must be >= 1, got 0"),
+        (["trainer.storage_path=ftp://host/x"], "trainer.storage_path: unsupported scheme 'ftp'"),
+        (["data.urls=ftp://host/a-{0..3}.tar"], "data.urls: unsupported scheme 'ftp'"),
+        (["model.img_size=30"], "model.img_size: 30 is not a multiple of model.patch_size=4"),
+        (["deepspeed.zero_stage=4"], "deepspeed.zero_stage: must be one of 0, 1, 2, 3; got 4"),
+        (["deepspeed.precision=fp8"], "valid choices: fp32, bf16, fp16"),
+        (["objective.mask_ratio=1.0"], "objective.mask_ratio: must be in (0, 1), got 1.0"),
+        (["objective.decoder_num_heads=3"], "objective.decoder_num_heads: 3 does not divide decoder_embed_dim=128"),
+        (["bare_word"], "bare_word: expected key=value"),
+        (["--bogus"], "unknown option '--bogus'"),
+        (["resume=no-such-run", "trainer.storage_path=/nonexistent/runs"], "resume: no run at /nonexistent/runs/no-such-run"),
+    ],
+)
+def test_bad_config_is_one_line_exit_2_and_starts_nothing(args: list[str], expected: str) -> None:
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert expected in lines[0]
+    assert lines[0].startswith("error: ") or lines[0].startswith("error:")
+    assert proc.stdout == ""
+
+
+def test_cfg_job_prints_resolved_config_with_overrides() -> None:
+    proc = run_cli("--cfg", "job", "trainer.max_steps=50", "model=vit_tiny", "preset=none")
+    assert proc.returncode == 0, proc.stderr
+    assert "max_steps: 50" in proc.stdout
+    assert "arch: vit_tiny_patch16_224" in proc.stdout
+    # preset=none keeps the paper's decoder (8 blocks x 512).
+    assert "decoder_depth: 8" in proc.stdout and "decoder_embed_dim: 512" in proc.stdout
+
+
+def test_cpu_preset_is_the_default_and_paper_recipe_is_the_objective_yaml() -> None:
+    cpu = load_config([])
+    paper = load_config(["preset=none"])
+    assert (cpu.objective.decoder_depth, cpu.objective.decoder_embed_dim) == (2, 128)
+    assert (paper.objective.decoder_depth, paper.objective.decoder_embed_dim) == (8, 512)
+    assert paper.objective.mask_ratio == 0.75 and paper.optim.base_lr == 1.5e-4
+    assert list(paper.optim.betas) == [0.9, 0.95] and paper.optim.weight_decay == 0.05
+
+
+def test_every_objective_yaml_has_a_registered_class_and_back() -> None:
+    from objectives.registry import available
+
+    assert group_options("objective") == available()
+    for name in available():
+        assert load_config([f"objective={name}", "--cfg"] if False else [f"objective={name}"]).objective.name == name

@@ -1,0 +1,65 @@
+"""Optimizer groups, lr scaling and schedule, DeepSpeed config: against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pretrain.config import DeepSpeedConfig, OptimConfig, TrainerConfig
+from pretrain.engine import deepspeed_config, global_batch, lr_schedule, param_groups, peak_lr, warmup_cosine
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(1, 4, 8))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.proj = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.frozen = nn.Parameter(torch.zeros(8, 8), requires_grad=False)
+
+
+def test_no_weight_decay_for_norms_biases_and_tokens() -> None:
+    model = Tiny()
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == {"proj.weight"}
+    assert {names[id(p)] for p in no_decay["params"]} == {
+        "pos_embed", "cls_token", "mask_token", "proj.bias", "norm.weight", "norm.bias",
+    }
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+def test_lr_scaled_by_global_batch_over_256() -> None:
+    trainer = TrainerConfig(num_workers=4, batch_size=32, grad_accum=2)
+    assert global_batch(trainer) == 256
+    assert peak_lr(OptimConfig(base_lr=1.5e-4), trainer) == pytest.approx(1.5e-4)
+    assert peak_lr(OptimConfig(base_lr=1.5e-4), TrainerConfig(num_workers=8, batch_size=512)) == pytest.approx(1.5e-4 * 16)
+    assert peak_lr(OptimConfig(base_lr=1.5e-4, lr=3e-3), trainer) == 3e-3
+
+
+def test_warmup_then_half_cosine() -> None:
+    # 10 steps: 2 warmup steps to 1.0, then cosine from 1.0 to 0.1 over 8 steps.
+    lrs = [warmup_cosine(s, total=10, warmup=2, peak=1.0, floor=0.1) for s in range(10)]
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert lrs[2] == pytest.approx(1.0)  # progress 0
+    assert lrs[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert warmup_cosine(10, total=10, warmup=2, peak=1.0, floor=0.1) == pytest.approx(0.1)
+    factor = lr_schedule(OptimConfig(base_lr=None, lr=2.0, min_lr=0.2, warmup_fraction=0.2), TrainerConfig(max_steps=10))
+    assert [factor(s) * 2.0 for s in range(10)] == pytest.approx(
+        [warmup_cosine(s, total=10, warmup=2, peak=2.0, floor=0.2) for s in range(10)]
+    )
+
+
+@pytest.mark.parametrize(("precision", "key"), [("fp32", None), ("bf16", "bf16"), ("fp16", "fp16")])
+def test_deepspeed_config(precision: str, key: str | None) -> None:
+    trainer = TrainerConfig(num_workers=2, batch_size=16, grad_accum=4)
+    config = deepspeed_config(DeepSpeedConfig(zero_stage=3, precision=precision, grad_clip=3.0), trainer)
+    assert config["train_batch_size"] == 128
+    assert config["train_micro_batch_size_per_gpu"] == 16 and config["gradient_accumulation_steps"] == 4
+    assert config["zero_optimization"]["stage"] == 3 and config["gradient_clipping"] == 3.0
+    assert ("bf16" in config) == (key == "bf16") and ("fp16" in config) == (key == "fp16")
