@@ -1,0 +1,102 @@
+"""`pretrain.run` end to end on real Ray Train + DeepSpeed + MLflow, 2 CPU workers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from pretrain.loop import FAULT_ENV
+from pretrain.run import main
+
+pytestmark = pytest.mark.slow
+
+STAGE0_LOSSES: dict[str, list[float]] = {}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_two_workers_each_zero_stage(stage: int, ray_local: None, runs, tmp_path: Path) -> None:
+    name = f"zero{stage}"
+    rc = main([*runs.tiny, f"deepspeed.zero_stage={stage}", "trainer.max_steps=3", "trainer.checkpoint_every=3",
+               f"trainer.storage_path={tmp_path}", f"name={name}"])
+    assert rc == 0
+    record = runs.record(tmp_path, name)
+    losses = runs.history(record, "loss")
+    assert [s for s, _ in losses] == [1, 2, 3]
+    assert all(math.isfinite(v) and v > 0 for _, v in losses)
+
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(record["tracking_uri"]).get_run(record["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["deepspeed.zero_stage"] == str(stage)
+    assert run.data.params["trainer.num_workers"] == "2"
+
+    ckpt = tmp_path / name / "checkpoint_00000003"
+    assert (ckpt / "rank_0.pt").exists() and (ckpt / "rank_1.pt").exists()
+    if stage > 0:  # optimizer state is partitioned: one file per rank
+        assert len(list((ckpt / "state").glob("*optim_states.pt"))) == 2
+
+    # ZeRO partitions state; it must not change the math (fp32): same losses as stage 0.
+    values = [v for _, v in losses]
+    if stage == 0:
+        STAGE0_LOSSES["fp32"] = values
+    elif "fp32" in STAGE0_LOSSES:
+        assert values == pytest.approx(STAGE0_LOSSES["fp32"], rel=1e-4)
+
+
+def test_bf16_under_zero3(ray_local: None, runs, tmp_path: Path) -> None:
+    rc = main([*runs.tiny, "deepspeed.zero_stage=3", "deepspeed.precision=bf16", "trainer.max_steps=2",
+               f"trainer.storage_path={tmp_path}", "name=bf16"])
+    assert rc == 0
+    losses = runs.history(runs.record(tmp_path, "bf16"), "loss")
+    assert len(losses) == 2 and all(math.isfinite(v) for _, v in losses)
+
+
+@pytest.fixture(scope="module")
+def resume_args(runs) -> list[str]:
+    return [*runs.tiny, "trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.deterministic=true"]
+
+
+@pytest.fixture(scope="module")
+def straight_losses(ray_local: None, runs, resume_args: list[str], tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int, float]]:
+    storage = tmp_path_factory.mktemp("straight")
+    assert main([*resume_args, f"trainer.storage_path={storage}", "name=straight"]) == 0
+    losses = runs.history(runs.record(storage, "straight"), "loss")
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
+    return losses
+
+
+def test_ray_failure_retry_resumes_exactly(
+    straight_losses: list[tuple[int, float]], runs, resume_args: list[str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(FAULT_ENV, "3")  # every worker raises after the step-3 checkpoint
+    rc = main([*resume_args, "trainer.max_failures=1", f"trainer.storage_path={tmp_path}", "name=retry"])
+    assert rc == 0
+    record = runs.record(tmp_path, "retry")
+    losses = runs.history(record, "loss")
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]  # one MLflow run, steps not repeated
+    assert [v for _, v in losses] == pytest.approx([v for _, v in straight_losses], rel=1e-6, abs=1e-7)
+
+
+def test_resume_command_continues_same_mlflow_run_exactly(
+    straight_losses: list[tuple[int, float]], runs, resume_args: list[str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(FAULT_ENV, "3")
+    assert main([*resume_args, f"trainer.storage_path={tmp_path}", "name=crash"]) == 1  # no retries: the run fails
+    before = runs.record(tmp_path, "crash")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(before["tracking_uri"])
+    assert client.get_run(before["mlflow_run_id"]).info.status == "FAILED"
+    assert [s for s, _ in runs.history(before, "loss")] == [1, 2, 3]
+
+    assert main([f"resume={tmp_path / 'crash'}"]) == 0
+    after = runs.record(tmp_path, "crash")
+    assert after["mlflow_run_id"] == before["mlflow_run_id"]
+    assert client.get_run(after["mlflow_run_id"]).info.status == "FINISHED"
+    losses = runs.history(after, "loss")
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in losses] == pytest.approx([v for _, v in straight_losses], rel=1e-6, abs=1e-7)
