@@ -53,4 +53,3 @@ class MAEConfig(ObjectiveConfig):
                 )
             )
         return found
-

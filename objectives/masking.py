@@ -17,7 +17,11 @@ class RandomMask:
 
 
 def random_masking(
-    batch: int, num_patches: int, mask_ratio: float, *, device: torch.device | str = "cpu",
+    batch: int,
+    num_patches: int,
+    mask_ratio: float,
+    *,
+    device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
 ) -> RandomMask:
     """Mask round(N * mask_ratio) patches per sample, chosen uniformly without replacement."""

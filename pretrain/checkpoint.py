@@ -67,7 +67,9 @@ def install_safe_checkpoint_engine(engine: Any) -> None:
 
     current = getattr(engine, "checkpoint_engine", None)
     if current is not None and type(current) is not TorchCheckpointEngine:
-        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(current).__name__}; cannot make it weights_only")
+        raise RuntimeError(
+            f"unexpected DeepSpeed checkpoint engine {type(current).__name__}; cannot make it weights_only"
+        )
     safe = WeightsOnlyCheckpointEngine.__new__(WeightsOnlyCheckpointEngine)
     if current is not None:
         safe.__dict__.update(current.__dict__)

@@ -75,9 +75,7 @@ def _explain(exc: Exception, overrides: list[str]) -> ConfigError:
                 "preset",
                 f"no CPU preset {option!r} for this objective; valid choices: {', '.join(group_options('preset'))}",
             )
-        return ConfigError(
-            group, f"unknown {group} {option!r}; valid choices: {', '.join(group_options(group))}"
-        )
+        return ConfigError(group, f"unknown {group} {option!r}; valid choices: {', '.join(group_options(group))}")
     key_match = re.search(r"Key '([^']+)' not in '(\w+)'", str(exc))
     if key_match is None:
         key_match = re.search(r"Could not override '([^']+)'", str(exc))
@@ -157,7 +155,10 @@ def schema_for(objective_name: str) -> PretrainConfig:
         if isinstance(cls, type) and issubclass(cls, objective_configs.ObjectiveConfig):
             if cls is not objective_configs.ObjectiveConfig and cls().name == objective_name:
                 return PretrainConfig(objective=cls())
-    raise ConfigError("objective.name", f"unknown objective {objective_name!r}; valid choices: {', '.join(group_options('objective'))}")
+    raise ConfigError(
+        "objective.name",
+        f"unknown objective {objective_name!r}; valid choices: {', '.join(group_options('objective'))}",
+    )
 
 
 def resume_config(saved: dict[str, Any], overrides: list[str]) -> DictConfig:

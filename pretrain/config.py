@@ -7,7 +7,7 @@ first mistake in well under a second, before torch, Ray or MLflow are imported.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from data.config import DataConfig
 from objectives.configs import ObjectiveConfig
@@ -27,9 +27,9 @@ class ModelConfig:
     img_size: int = 224
     patch_size: int = 16
     # None keeps the architecture's own value.
-    embed_dim: Optional[int] = None
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
     drop_path_rate: float = 0.0
     # Load timm's pretrained weights (needs network access to the hub).
     pretrained: bool = False
@@ -40,9 +40,9 @@ class OptimConfig:
     """AdamW + linear warmup + cosine decay, per optimizer step."""
 
     # lr = base_lr * global_batch / 256 (Goyal et al. linear scaling, as MAE/BEiT do).
-    base_lr: Optional[float] = 1.5e-4
+    base_lr: float | None = 1.5e-4
     # Absolute lr; when set it wins over base_lr.
-    lr: Optional[float] = None
+    lr: float | None = None
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -201,7 +201,11 @@ def find_problems(cfg: Any) -> list[tuple[str, str]]:
     for key in ("lr", "base_lr"):
         value = getattr(o, key)
         need(value is None or value > 0, f"optim.{key}", f"must be > 0, got {value}")
-    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"need two values in [0, 1), got {list(o.betas)}")
+    need(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        "optim.betas",
+        f"need two values in [0, 1), got {list(o.betas)}",
+    )
     need(0.0 <= o.warmup_fraction < 1.0, "optim.warmup_fraction", f"must be in [0, 1), got {o.warmup_fraction}")
     need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
 

@@ -90,9 +90,7 @@ def training_dtype(ds: DeepSpeedConfig) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ds.precision]
 
 
-def build_engine(
-    module: nn.Module, optim: OptimConfig, trainer: TrainerConfig, ds: DeepSpeedConfig
-) -> Any:
+def build_engine(module: nn.Module, optim: OptimConfig, trainer: TrainerConfig, ds: DeepSpeedConfig) -> Any:
     """deepspeed.initialize on the trainable module with AdamW and the lr schedule."""
     import deepspeed
 

@@ -113,6 +113,7 @@ def worker_env(cfg: PretrainConfig) -> dict[str, str]:
 def build_trainer(cfg: PretrainConfig, place: RunPlace, info: Any) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
 
     from pretrain.loop import train_loop
 
@@ -130,6 +131,8 @@ def build_trainer(cfg: PretrainConfig, place: RunPlace, info: Any) -> Any:
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
             worker_runtime_env={"env_vars": worker_env(cfg)},
+            # Ray Train's per-report INFO lines drown ours; warnings and failures still show.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 
@@ -145,8 +148,11 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) 
         uri = (record or {}).get("tracking_uri") or cfg.tracking.uri or tracking.default_tracking_uri(place.local_root)
         artifact_root = str((place.local_root / "mlartifacts").resolve()) if not cfg.tracking.uri else ""
         run_id = tracking.open_run(
-            uri, cfg.tracking.experiment, place.name,
-            run_id=(record or {}).get("mlflow_run_id", ""), artifact_root=artifact_root,
+            uri,
+            cfg.tracking.experiment,
+            place.name,
+            run_id=(record or {}).get("mlflow_run_id", ""),
+            artifact_root=artifact_root,
         )
     write_run_record(
         place,
@@ -159,13 +165,18 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) 
         train_url=cfg.data.urls,
         tracking_uri=uri,
         mlflow_run_id=run_id,
-        interactive=sys.stderr.isatty(),
     )
-    trainer = build_trainer(cfg, place, info)
     error: BaseException | None = None
     result = None
     try:
-        result = trainer.fit()
+        if sys.stderr.isatty():
+            from pretrain.progress import DriverProgress
+
+            with DriverProgress(cfg.trainer.max_steps, f"{cfg.objective.name} {place.name}") as progress:
+                info.progress_queue = progress.queue
+                result = build_trainer(cfg, place, info).fit()
+        else:
+            result = build_trainer(cfg, place, info).fit()
         error = result.error
     except Exception as exc:  # noqa: BLE001 - Ray Train raises its own error types on worker failure
         error = exc
@@ -184,7 +195,13 @@ def _last_line(error: BaseException) -> str:
 
 
 def print_summary(
-    cfg: PretrainConfig, place: RunPlace, result: Any, error: BaseException | None, uri: str, run_id: str, seconds: float
+    cfg: PretrainConfig,
+    place: RunPlace,
+    result: Any,
+    error: BaseException | None,
+    uri: str,
+    run_id: str,
+    seconds: float,
 ) -> None:
     from pretrain.tracking import run_url
 
@@ -196,7 +213,9 @@ def print_summary(
         ("steps", f"{metrics.get('step', 0)}/{cfg.trainer.max_steps}"),
         (
             "loss",
-            f"{metrics['loss_first']:.4f} (first logged) -> {metrics['loss']:.4f} (last)" if "loss" in metrics else "n/a",
+            f"{metrics['loss_first']:.4f} (first logged) -> {metrics['loss']:.4f} (last)"
+            if "loss" in metrics
+            else "n/a",
         ),
         ("images/s", f"{metrics['images_per_sec']:.1f}" if "images_per_sec" in metrics else "n/a"),
         ("wall time", f"{seconds:.0f} s"),

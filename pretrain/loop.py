@@ -28,7 +28,7 @@ class RunInfo:
     train_url: str  # "" = the embedded default dataset
     tracking_uri: str  # "" = no MLflow logging
     mlflow_run_id: str
-    interactive: bool  # a terminal is attached to the driver: show a progress bar
+    progress_queue: Any = None  # a ray.util.queue.Queue when the driver shows a progress bar
     resume_from: str = ""  # a checkpoint directory to start from when Ray has none
 
 
@@ -42,6 +42,16 @@ def configure_logging() -> None:
         if not logger.handlers:
             logger.addHandler(handler)
         logger.propagate = False
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report at INFO (on a logger named after its file path)."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # other Ray versions: only noise is at stake
+        pass
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -107,7 +117,7 @@ def _all_mean(values: dict[str, float], device: torch.device) -> dict[str, float
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
+    return dict(zip(keys, t.tolist(), strict=True))
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -121,9 +131,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from pretrain import checkpoint
     from pretrain.backbone import build_backbone
     from pretrain.engine import build_engine, global_batch, training_dtype
+    from pretrain.progress import push
     from pretrain.tracking import RunLogger
 
     configure_logging()
+    _quiet_ray_train_reports()
     cfg: PretrainConfig = loop_config["cfg"]
     info: RunInfo = loop_config["info"]
     ctx = ray.train.get_context()
@@ -178,13 +190,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         else:
             logger.set_tags({"pretrain.resumed_at_step": str(step)})
 
-    bar = None
-    if rank == 0 and info.interactive:
-        from ray.experimental import tqdm_ray
-
-        bar = tqdm_ray.tqdm(total=t.max_steps, desc=f"{cfg.objective.name} train")
-        bar.update(step)
-
     fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
     first_loss: float | None = None
     images_per_step = global_batch(t)
@@ -212,8 +217,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if grad_norm is not None:
             step_metrics["grad_norm"] = grad_norm
         meter.add(step_metrics, images_per_step, time.perf_counter() - tic)
-        if bar is not None:
-            bar.update(1)
+        if rank == 0:
+            push(
+                info.progress_queue,
+                step,
+                step_metrics["loss"],
+                images_per_step / max(meter.seconds / meter.count, 1e-9),
+            )
 
         log_now = step % t.log_every == 0 or step == t.max_steps
         save_now = step % t.checkpoint_every == 0 or step == t.max_steps
@@ -229,10 +239,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if logger is not None:
             logger.log_metrics(metrics, step)
             logger.flush()
-        if rank == 0 and bar is None:
+        if rank == 0 and info.progress_queue is None:
             log.info(
                 "step %d/%d loss %.4f lr %.3g %.1f img/s",
-                step, t.max_steps, metrics["loss"], lr, metrics["images_per_sec"],
+                step,
+                t.max_steps,
+                metrics["loss"],
+                lr,
+                metrics["images_per_sec"],
             )
         report = {"step": step, "loss_first": first_loss, **metrics}
         if save_now:
@@ -247,8 +261,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             ray.train.report(report)
         if fault_step and step == fault_step and start_step < fault_step:
             raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV})")
-    if bar is not None:
-        bar.close()
     loader.close()
     if rank == 0:
         log.info("rank 0 finished %d steps (%d this attempt)", step, step - start_step)

@@ -10,7 +10,6 @@ before torch, Ray or MLflow are imported.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 USAGE = __doc__ or ""
@@ -27,7 +26,9 @@ def _parse(argv: list[str]) -> tuple[str | None, bool, list[str]]:
         elif arg.startswith("--cfg="):
             show = arg.split("=", 1)[1]
         elif arg.startswith("-"):
-            raise SystemExit(f"error: unknown option {arg!r}; options: --cfg job, --help (everything else is key=value)")
+            raise SystemExit(
+                f"error: unknown option {arg!r}; options: --cfg job, --help (everything else is key=value)"
+            )
         else:
             overrides.append(arg)
     return show, help_, overrides
@@ -62,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             place = place_for(OmegaConf.to_object(cfg))
             record = read_run_record(place, OmegaConf.to_container(cfg.data.storage_options))
             if record is None:
-                raise ConfigError("resume", f"no run at {place.run_dir} (no pretrain_run.json there); check the name and trainer.storage_path")
+                raise ConfigError(
+                    "resume",
+                    f"no run at {place.run_dir} (no pretrain_run.json there); check the name and trainer.storage_path",
+                )
             cfg = resume_config(record["config"], overrides)
             cfg.resume = place.run_dir
     except ConfigError as exc:

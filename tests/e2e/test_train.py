@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+
 from pretrain.loop import FAULT_ENV
 from pretrain.run import main
 
@@ -17,8 +18,16 @@ STAGE0_LOSSES: dict[str, list[float]] = {}
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_two_workers_each_zero_stage(stage: int, ray_local: None, runs, tmp_path: Path) -> None:
     name = f"zero{stage}"
-    rc = main([*runs.tiny, f"deepspeed.zero_stage={stage}", "trainer.max_steps=3", "trainer.checkpoint_every=3",
-               f"trainer.storage_path={tmp_path}", f"name={name}"])
+    rc = main(
+        [
+            *runs.tiny,
+            f"deepspeed.zero_stage={stage}",
+            "trainer.max_steps=3",
+            "trainer.checkpoint_every=3",
+            f"trainer.storage_path={tmp_path}",
+            f"name={name}",
+        ]
+    )
     assert rc == 0
     record = runs.record(tmp_path, name)
     losses = runs.history(record, "loss")
@@ -46,8 +55,16 @@ def test_two_workers_each_zero_stage(stage: int, ray_local: None, runs, tmp_path
 
 
 def test_bf16_under_zero3(ray_local: None, runs, tmp_path: Path) -> None:
-    rc = main([*runs.tiny, "deepspeed.zero_stage=3", "deepspeed.precision=bf16", "trainer.max_steps=2",
-               f"trainer.storage_path={tmp_path}", "name=bf16"])
+    rc = main(
+        [
+            *runs.tiny,
+            "deepspeed.zero_stage=3",
+            "deepspeed.precision=bf16",
+            "trainer.max_steps=2",
+            f"trainer.storage_path={tmp_path}",
+            "name=bf16",
+        ]
+    )
     assert rc == 0
     losses = runs.history(runs.record(tmp_path, "bf16"), "loss")
     assert len(losses) == 2 and all(math.isfinite(v) for _, v in losses)
@@ -59,7 +76,9 @@ def resume_args(runs) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def straight_losses(ray_local: None, runs, resume_args: list[str], tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int, float]]:
+def straight_losses(
+    ray_local: None, runs, resume_args: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> list[tuple[int, float]]:
     storage = tmp_path_factory.mktemp("straight")
     assert main([*resume_args, f"trainer.storage_path={storage}", "name=straight"]) == 0
     losses = runs.history(runs.record(storage, "straight"), "loss")
@@ -68,7 +87,10 @@ def straight_losses(ray_local: None, runs, resume_args: list[str], tmp_path_fact
 
 
 def test_ray_failure_retry_resumes_exactly(
-    straight_losses: list[tuple[int, float]], runs, resume_args: list[str], tmp_path: Path,
+    straight_losses: list[tuple[int, float]],
+    runs,
+    resume_args: list[str],
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(FAULT_ENV, "3")  # every worker raises after the step-3 checkpoint
@@ -81,7 +103,10 @@ def test_ray_failure_retry_resumes_exactly(
 
 
 def test_resume_command_continues_same_mlflow_run_exactly(
-    straight_losses: list[tuple[int, float]], runs, resume_args: list[str], tmp_path: Path,
+    straight_losses: list[tuple[int, float]],
+    runs,
+    resume_args: list[str],
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(FAULT_ENV, "3")

@@ -75,7 +75,9 @@ def test_sincos_table_matches_formula() -> None:
 
 def small_mae() -> MAE:
     torch.manual_seed(0)
-    backbone = build_backbone(ModelConfig(arch="vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2))
+    backbone = build_backbone(
+        ModelConfig(arch="vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    )
     return MAE(MAEConfig(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2), backbone)
 
 

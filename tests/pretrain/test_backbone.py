@@ -10,7 +10,9 @@ from pretrain.config import ModelConfig
 
 def tiny_backbone():
     torch.manual_seed(0)
-    return build_backbone(ModelConfig(arch="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)).eval()
+    return build_backbone(
+        ModelConfig(arch="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+    ).eval()
 
 
 def test_full_forward_equals_timm_forward_features() -> None:

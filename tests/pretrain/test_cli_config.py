@@ -47,7 +47,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["objective.decoder_num_heads=3"], "objective.decoder_num_heads: 3 does not divide decoder_embed_dim=128"),
         (["bare_word"], "bare_word: expected key=value"),
         (["--bogus"], "unknown option '--bogus'"),
-        (["resume=no-such-run", "trainer.storage_path=/nonexistent/runs"], "resume: no run at /nonexistent/runs/no-such-run"),
+        (
+            ["resume=no-such-run", "trainer.storage_path=/nonexistent/runs"],
+            "resume: no run at /nonexistent/runs/no-such-run",
+        ),
     ],
 )
 def test_bad_config_is_one_line_exit_2_and_starts_nothing(args: list[str], expected: str) -> None:

@@ -29,7 +29,12 @@ def test_no_weight_decay_for_norms_biases_and_tokens() -> None:
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in decay["params"]} == {"proj.weight"}
     assert {names[id(p)] for p in no_decay["params"]} == {
-        "pos_embed", "cls_token", "mask_token", "proj.bias", "norm.weight", "norm.bias",
+        "pos_embed",
+        "cls_token",
+        "mask_token",
+        "proj.bias",
+        "norm.weight",
+        "norm.bias",
     }
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
 
@@ -38,7 +43,9 @@ def test_lr_scaled_by_global_batch_over_256() -> None:
     trainer = TrainerConfig(num_workers=4, batch_size=32, grad_accum=2)
     assert global_batch(trainer) == 256
     assert peak_lr(OptimConfig(base_lr=1.5e-4), trainer) == pytest.approx(1.5e-4)
-    assert peak_lr(OptimConfig(base_lr=1.5e-4), TrainerConfig(num_workers=8, batch_size=512)) == pytest.approx(1.5e-4 * 16)
+    assert peak_lr(OptimConfig(base_lr=1.5e-4), TrainerConfig(num_workers=8, batch_size=512)) == pytest.approx(
+        1.5e-4 * 16
+    )
     assert peak_lr(OptimConfig(base_lr=1.5e-4, lr=3e-3), trainer) == 3e-3
 
 
@@ -49,7 +56,9 @@ def test_warmup_then_half_cosine() -> None:
     assert lrs[2] == pytest.approx(1.0)  # progress 0
     assert lrs[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
     assert warmup_cosine(10, total=10, warmup=2, peak=1.0, floor=0.1) == pytest.approx(0.1)
-    factor = lr_schedule(OptimConfig(base_lr=None, lr=2.0, min_lr=0.2, warmup_fraction=0.2), TrainerConfig(max_steps=10))
+    factor = lr_schedule(
+        OptimConfig(base_lr=None, lr=2.0, min_lr=0.2, warmup_fraction=0.2), TrainerConfig(max_steps=10)
+    )
     assert [factor(s) * 2.0 for s in range(10)] == pytest.approx(
         [warmup_cosine(s, total=10, warmup=2, peak=2.0, floor=0.2) for s in range(10)]
     )

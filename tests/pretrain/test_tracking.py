@@ -7,8 +7,15 @@ from pretrain.tracking import REDACTED, flatten, redact
 
 def test_redact_hides_credentials_at_any_depth() -> None:
     tree = {
-        "data": {"storage_options": {"key": "AKIA", "secret": "s3cr3t", "client_kwargs": {"endpoint_url": "http://x"},
-                                     "aws_access_key_id": "AKIA2", "session_token": "tok"}},
+        "data": {
+            "storage_options": {
+                "key": "AKIA",
+                "secret": "s3cr3t",
+                "client_kwargs": {"endpoint_url": "http://x"},
+                "aws_access_key_id": "AKIA2",
+                "session_token": "tok",
+            }
+        },
         "tracking": {"uri": "http://127.0.0.1:5000", "password": "pw"},
     }
     safe = redact(tree)
@@ -21,4 +28,9 @@ def test_redact_hides_credentials_at_any_depth() -> None:
 
 
 def test_flatten() -> None:
-    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": {}, "e": None}) == {"a.b": "1", "a.c": "[1, 2]", "d": "{}", "e": "None"}
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": {}, "e": None}) == {
+        "a.b": "1",
+        "a.c": "[1, 2]",
+        "d": "{}",
+        "e": "None",
+    }
