@@ -60,9 +60,18 @@ class Objective(nn.Module):
     def after_step(self, step: int) -> None:
         """Hook after each optimizer step (EMA, momentum, codebook updates)."""
 
+    def attach_frozen(self, name: str, module: nn.Module) -> None:
+        """Hold a frozen teacher/tokenizer without registering it as a submodule.
+
+        It then stays out of `parameters()`/`state_dict()`, so DeepSpeed neither
+        partitions nor checkpoints it; the training loop moves it to the device.
+        """
+        frozen = self.__dict__.setdefault("_frozen", {})
+        frozen[name] = module.eval().requires_grad_(False)
+
     def frozen_modules(self) -> dict[str, nn.Module]:
         """Frozen teachers/tokenizers: kept outside the DeepSpeed-wrapped module."""
-        return {}
+        return dict(self.__dict__.get("_frozen", {}))
 
     def encoder(self) -> nn.Module:
         """The module exported as the pretrained encoder (a timm model)."""

@@ -29,7 +29,6 @@ class RunInfo:
     tracking_uri: str  # "" = no MLflow logging
     mlflow_run_id: str
     progress_queue: Any = None  # a ray.util.queue.Queue when the driver shows a progress bar
-    resume_from: str = ""  # a checkpoint directory to start from when Ray has none
 
 
 def configure_logging() -> None:
@@ -120,6 +119,32 @@ def _all_mean(values: dict[str, float], device: torch.device) -> dict[str, float
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def train_step(
+    engine: Any, batches: Any, *, step: int, seed: int, rank: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, float]:
+    """One optimizer step (all micro-steps of gradient accumulation); returns its metrics."""
+    accum = engine.gradient_accumulation_steps()
+    losses: list[float] = []
+    extra: dict[str, float] = {}
+    grad_norm = None
+    for micro in range(accum):
+        batch = _to_device(next(batches), device, dtype)
+        torch.manual_seed(step_seed(seed, step, micro, rank))
+        out = engine(batch)
+        engine.backward(out.loss)
+        losses.append(float(out.loss.detach()))
+        for key, value in out.metrics.items():
+            extra[key] = extra.get(key, 0.0) + float(value) / accum
+        if micro == accum - 1:  # gradients are complete (and reduced) before the update
+            grad_norm = _grad_norm(engine)
+        engine.step()
+    engine.module.after_step(step)
+    metrics = {"loss": sum(losses) / accum, "lr": engine.get_lr()[0], **extra}
+    if grad_norm is not None:
+        metrics["grad_norm"] = grad_norm
+    return metrics
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point on each worker."""
     import ray.train
@@ -170,13 +195,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     )
 
     step = 0
-    resume_dir = ray.train.get_checkpoint()
-    if resume_dir is not None:
-        with resume_dir.as_directory() as path:
+    # Ray Train hands back the latest reported checkpoint after a failure or when a
+    # run with the same name and storage path starts again (resume=).
+    latest = ray.train.get_checkpoint()
+    if latest is not None:
+        with latest.as_directory() as path:
             step, data_state = checkpoint.restore(engine, Path(path), rank=rank)
-    elif info.resume_from:
-        step, data_state = checkpoint.restore(engine, Path(info.resume_from), rank=rank)
-    if step:
         loader.load_state_dict(data_state)
         log.info("rank %d: resumed at step %d", rank, step)
 
@@ -198,24 +222,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     start_step = step
     while step < t.max_steps:
         tic = time.perf_counter()
-        losses, extra = [], {}
-        for micro in range(t.grad_accum):
-            batch = _to_device(next(batches), device, dtype)
-            torch.manual_seed(step_seed(cfg.seed, step, micro, rank))
-            out = engine(batch)
-            engine.backward(out.loss)
-            losses.append(float(out.loss.detach()))
-            for key, value in out.metrics.items():
-                extra[key] = extra.get(key, 0.0) + float(value) / t.grad_accum
-            if micro == t.grad_accum - 1:
-                grad_norm = _grad_norm(engine)
-            engine.step()
-        engine.module.after_step(step)
+        step_metrics = train_step(engine, batches, step=step, seed=cfg.seed, rank=rank, device=device, dtype=dtype)
         step += 1
-        lr = engine.get_lr()[0]
-        step_metrics = {"loss": sum(losses) / len(losses), "lr": lr, **extra}
-        if grad_norm is not None:
-            step_metrics["grad_norm"] = grad_norm
+        lr = step_metrics["lr"]
         meter.add(step_metrics, images_per_step, time.perf_counter() - tic)
         if rank == 0:
             push(

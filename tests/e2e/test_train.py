@@ -54,12 +54,13 @@ def test_two_workers_each_zero_stage(stage: int, ray_local: None, runs, tmp_path
         assert values == pytest.approx(STAGE0_LOSSES["fp32"], rel=1e-4)
 
 
-def test_bf16_under_zero3(ray_local: None, runs, tmp_path: Path) -> None:
+def test_bf16_with_grad_accumulation_under_zero3(ray_local: None, runs, tmp_path: Path) -> None:
     rc = main(
         [
             *runs.tiny,
             "deepspeed.zero_stage=3",
             "deepspeed.precision=bf16",
+            "trainer.grad_accum=2",
             "trainer.max_steps=2",
             f"trainer.storage_path={tmp_path}",
             "name=bf16",

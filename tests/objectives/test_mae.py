@@ -115,3 +115,13 @@ def test_encoder_pos_embed_fixed_and_loss_falls_when_overfitting_one_batch() -> 
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.75 * losses[0]
+
+
+def test_frozen_modules_stay_out_of_parameters_and_state_dict() -> None:
+    mae = small_mae()
+    teacher = torch.nn.Linear(4, 4)
+    mae.attach_frozen("teacher", teacher)
+    assert mae.frozen_modules() == {"teacher": teacher}
+    assert not any(p is teacher.weight for p in mae.parameters())
+    assert not any(k.startswith("teacher") for k in mae.state_dict())
+    assert not teacher.weight.requires_grad and not teacher.training
