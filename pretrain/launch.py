@@ -207,6 +207,9 @@ def print_summary(
 
     metrics = (result.metrics if result is not None else None) or {}
     ckpt = result.checkpoint.path if result is not None and result.checkpoint is not None else "see run directory"
+    scheme = url_scheme(place.storage_path)
+    if scheme != "file" and "://" not in ckpt and ckpt != "see run directory":
+        ckpt = f"{scheme}://{ckpt}"
     rows = [
         ("status", "FAILED" if error is not None else "finished"),
         ("objective", cfg.objective.name),
