@@ -103,11 +103,26 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-class _ShardWriter:
-    """Writes numbered shards of at most `shard_size` samples, each via a temp name."""
+def tar_member_bytes(size: int) -> int:
+    """Bytes one member takes in a tar: a 512-byte header plus data padded to 512."""
+    return tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, prefix: str, shard_size: int) -> None:
+
+def tar_archive_bytes(payload: int) -> int:
+    """Size of a finished tar stream: members + two zero blocks, padded to a 10 KiB record."""
+    return -(-(payload + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+class _ShardWriter:
+    """Writes numbered shards of at most `shard_size` samples (and, if set, at most
+    `shard_bytes` bytes unless a single sample is larger), each via a temp name."""
+
+    def __init__(
+        self, fs: fsspec.AbstractFileSystem, root: str, prefix: str, shard_size: int, shard_bytes: int | None = None
+    ) -> None:
         self.fs, self.root, self.prefix, self.shard_size = fs, root, prefix, shard_size
+        self.shard_bytes = shard_bytes
+        self._payload = 0  # tar bytes of the members added to the open shard
         self.shards: list[ShardInfo] = []
         self._tar: tarfile.TarFile | None = None
         self._file: BinaryIO | None = None
@@ -117,6 +132,14 @@ class _ShardWriter:
         self._keys: set[str] = set()
 
     def add(self, members: list[tuple[str, bytes]], key: str) -> None:
+        size = sum(tar_member_bytes(len(data)) for _, data in members)
+        if (
+            self._tar is not None
+            and self.shard_bytes is not None
+            and self._count > 0
+            and tar_archive_bytes(self._payload + size) > self.shard_bytes
+        ):
+            self.finish()
         if self._tar is None:
             self._open()
         if key in self._keys:
@@ -125,6 +148,7 @@ class _ShardWriter:
         assert self._tar is not None
         for name, data in members:
             self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+        self._payload += size
         self._count += 1
         if self._count == self.shard_size:
             self.finish()
@@ -136,7 +160,7 @@ class _ShardWriter:
         self._hasher = _HashingWriter(self._file)
         # "w|": a pure stream, so remote stores get one sequential upload.
         self._tar = tarfile.open(fileobj=self._hasher, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - closed in finish()/abort()
-        self._count, self._keys = 0, set()
+        self._count, self._keys, self._payload = 0, set(), 0
 
     def finish(self) -> None:
         """Close the open shard (if any) and move it under its final name."""
@@ -171,17 +195,20 @@ def write_shards(
     *,
     prefix: str,
     shard_size: int,
+    shard_bytes: int | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write `samples` as `out_url/{prefix}-NNNNNN.tar` shards plus `out_url/{prefix}.manifest.json`."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if shard_bytes is not None and shard_bytes < tarfile.RECORDSIZE:
+        raise ValueError(f"shard_bytes must be >= {tarfile.RECORDSIZE} (one tar record), got {shard_bytes}")
     if not prefix or "/" in prefix or "." in prefix:
         raise ValueError(f"prefix {prefix!r} must be a non-empty name without '/' or '.'")
     fs, root = fsspec.core.url_to_fs(out_url, **(storage_options or {}))
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
-    writer = _ShardWriter(fs, root, prefix, shard_size)
+    writer = _ShardWriter(fs, root, prefix, shard_size, shard_bytes)
     extensions: set[str] = set()
     try:
         for position, sample in enumerate(samples):

@@ -1,0 +1,128 @@
+"""A real S3 endpoint on 127.0.0.1 for the tests: scripts/s3_endpoint.py run as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "s3_endpoint.py"
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 20.0
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie counts as gone: it runs no code)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return True
+    return state != "Z"
+
+
+@dataclass
+class S3EndpointProcess:
+    """`python scripts/s3_endpoint.py --bucket B` running, with what it printed."""
+
+    bucket: str = "pretrain"
+    process: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # the exported AWS_* variables
+    moto_pid: int = 0
+
+    @property
+    def endpoint_url(self) -> str:
+        return self.env["AWS_ENDPOINT_URL"]
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return {
+            "client_kwargs": {"endpoint_url": self.endpoint_url},
+            "key": self.env["AWS_ACCESS_KEY_ID"],
+            "secret": self.env["AWS_SECRET_ACCESS_KEY"],
+        }
+
+    def start(self) -> S3EndpointProcess:
+        """Start the script (on a free port) and return once it printed its exports."""
+        self.process = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--bucket", self.bucket], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+        )
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        deadline, pending = time.monotonic() + START_TIMEOUT_S, b""
+        # Raw os.read, not readline: a buffered reader can hold lines that select() no longer sees.
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while not self.moto_pid:
+                if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                    self.stop()
+                    raise TimeoutError(f"{SCRIPT.name} printed no exports within {START_TIMEOUT_S:.0f} s")
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    code = self.process.wait()
+                    raise RuntimeError(f"{SCRIPT.name} exited with code {code} before printing its exports")
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in (raw.decode() for raw in lines):
+                    if line.startswith("export "):
+                        name, _, value = line.removeprefix("export ").partition("=")
+                        self.env[name] = value
+                    elif "moto_server pid" in line:
+                        self.moto_pid = int(line.rsplit("pid", 1)[1].split(";")[0])
+        return self
+
+    def moto_alive(self) -> bool:
+        """Whether the moto_server the script started still runs."""
+        return pid_alive(self.moto_pid)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Send `sig` to the script, wait for it, and return its exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            code = self.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        finally:
+            if self.process.stdout is not None:
+                self.process.stdout.close()
+        return code
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[S3EndpointProcess]:
+    """A moto S3 endpoint with bucket `pretrain`, its AWS_* variables set in os.environ for the session."""
+    endpoint = S3EndpointProcess().start()
+    saved = {name: os.environ.get(name) for name in endpoint.env}
+    os.environ.update(endpoint.env)
+    try:
+        yield endpoint
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        code = endpoint.stop()
+        assert code == 0, f"{SCRIPT.name} exited with code {code} on SIGTERM"
+        assert not endpoint.moto_alive(), f"moto_server (pid {endpoint.moto_pid}) outlived {SCRIPT.name}"
+
+
+@pytest.fixture(scope="session")
+def s3_launcher() -> type[S3EndpointProcess]:
+    """The launcher class, for tests that start and stop an endpoint of their own."""
+    return S3EndpointProcess

@@ -1,0 +1,193 @@
+"""The shard writer CLI (`python -m data.write`) on local folders: every source kind, errors, re-sharding."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.manifest import read_manifest
+from data.shards import KEY_FIELD, URL_FIELD, iter_shard, manifest_url
+from data.write import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def read_all(manifest: str) -> dict[str, dict[str, bytes]]:
+    """key -> {ext: bytes} of every sample of a written dataset, in manifest order."""
+    out: dict[str, dict[str, bytes]] = {}
+    for url in read_manifest(manifest).shard_urls():
+        for sample in iter_shard(url):
+            key = sample.pop(KEY_FIELD)
+            sample.pop(URL_FIELD)
+            assert key not in out, f"duplicate key {key}"
+            out[key] = sample
+    return out
+
+
+def image_bytes(colour: tuple[int, int, int], fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (9, 7), colour).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def digits_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """sklearn:digits written with --shard-size 500: (manifest URL, the CLI's summary line)."""
+    out = tmp_path_factory.mktemp("digits")
+    capture = io.StringIO()
+    stdout, sys.stdout = sys.stdout, capture
+    try:
+        assert main(["sklearn:digits", str(out), "--shard-size", "500", "--prefix", "digits"]) == 0
+    finally:
+        sys.stdout = stdout
+    return manifest_url(str(out), "digits"), capture.getvalue().strip()
+
+
+def test_digits_counts_labels_and_pixels(digits_dataset: tuple[str, str]) -> None:
+    from sklearn.datasets import load_digits
+
+    url, summary = digits_dataset
+    manifest = read_manifest(url)
+    assert manifest.total_samples == 1797
+    assert [s.num_samples for s in manifest.shards] == [500, 500, 500, 297]
+    assert manifest.extensions == ("cls", "png")
+    assert summary == (
+        f"wrote 4 shards, 1797 samples, {sum(s.bytes for s in manifest.shards)} bytes; "
+        f"manifest {url} (hash {manifest.manifest_hash})"
+    )
+
+    digits = load_digits()
+    samples = read_all(url)
+    assert len(samples) == 1797
+    for index in (0, 7, 1000, 1796):
+        sample = samples[f"digits-{index:05d}"]
+        assert int(sample["cls"]) == digits.target[index]
+        pixels = np.asarray(Image.open(io.BytesIO(sample["png"])))  # (32, 32, 3)
+        assert pixels.shape == (32, 32, 3)
+        # Each digit pixel v in 0..16 is a uniform 4x4 block of grey round(v / 16 * 255).
+        expected = np.repeat(np.repeat(np.round(digits.images[index] / 16 * 255), 4, axis=0), 4, axis=1)
+        for channel in range(3):
+            np.testing.assert_array_equal(pixels[..., channel], expected)
+
+
+def test_reshard_keeps_keys_and_bytes(digits_dataset: tuple[str, str], tmp_path: Path) -> None:
+    url, _ = digits_dataset
+    original = read_all(url)
+
+    assert main([url, str(tmp_path / "by_manifest"), "--shard-size", "700"]) == 0
+    resharded = read_manifest(manifest_url(str(tmp_path / "by_manifest"), "train"))
+    assert [s.num_samples for s in resharded.shards] == [700, 700, 397]
+    again = read_all(resharded.url)
+    assert list(again) == list(original)  # same keys, same order
+    assert again == original  # every field's bytes
+
+    root = url.rsplit("/", 1)[0]
+    pattern = f"{root}/digits-{{000001..000002}}.tar"
+    assert main([pattern, str(tmp_path / "by_pattern"), "--shard-size", "300", "--limit", "750"]) == 0
+    partial = read_all(manifest_url(str(tmp_path / "by_pattern"), "train"))
+    assert list(partial) == [f"digits-{i:05d}" for i in range(500, 1250)]
+    assert all(partial[key] == original[key] for key in partial)
+
+    # Onto its own names it would overwrite shards before reading them: refused, nothing touched.
+    assert main([url, root, "--prefix", "digits", "--shard-size", "100"]) == 2
+    assert read_all(url) == original
+
+
+def test_folder_labels_by_sorted_class_name(tmp_path: Path) -> None:
+    src = tmp_path / "images"
+    # Created in non-sorted order; labels must follow the sorted names: ant=0, zebra=1.
+    files = {
+        "zebra/b.png": image_bytes((200, 10, 10), "PNG"),
+        "zebra/a.jpg": image_bytes((10, 200, 10), "JPEG"),
+        "ant/nested/c.png": image_bytes((10, 10, 200), "PNG"),
+    }
+    for name, data in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+    (src / "zebra" / "notes.txt").write_text("not an image")
+
+    assert main([str(src), str(tmp_path / "out"), "--shard-size", "2"]) == 0
+    samples = read_all(manifest_url(str(tmp_path / "out"), "train"))
+    got = sorted((int(s["cls"]), ext, s[ext]) for s in samples.values() for ext in s if ext != "cls")
+    expected = sorted(
+        [(1, "png", files["zebra/b.png"]), (1, "jpg", files["zebra/a.jpg"]), (0, "png", files["ant/nested/c.png"])]
+    )
+    assert got == expected
+
+
+def test_file_list_without_labels(tmp_path: Path) -> None:
+    (tmp_path / "imgs").mkdir()
+    first, second = image_bytes((1, 2, 3), "PNG"), image_bytes((4, 5, 6), "JPEG")
+    (tmp_path / "imgs" / "one.png").write_bytes(first)
+    (tmp_path / "two.jpeg").write_bytes(second)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# images\nimgs/one.png\n\n{tmp_path / 'two.jpeg'}\n")
+
+    assert main([f"@{listing}", str(tmp_path / "out")]) == 0
+    samples = read_all(manifest_url(str(tmp_path / "out"), "train"))
+    assert list(samples.values()) == [{"png": first}, {"jpeg": second}]
+
+
+@pytest.mark.parametrize(
+    ("source", "named"),
+    [
+        ("nope:3", "'nope'"),
+        ("/no/such/folder", "'/no/such/folder'"),
+        ("sklearn:iris", "'sklearn:iris'"),
+        ("synthetic:0", "'synthetic:0'"),
+        ("/no/such/train.manifest.json", "/no/such/train.manifest.json"),
+    ],
+)
+def test_bad_source_is_one_line_exit_2(
+    source: str, named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([source, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert named in err and "sklearn:digits" in err  # the bad value and the valid kinds
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_source_exit_code_from_the_shell(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "data.write", "imagenet:1k", str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown source kind 'imagenet'"), result.stderr
+
+
+def test_shard_bytes_bound_matches_the_files(digits_dataset: tuple[str, str], tmp_path: Path) -> None:
+    import tarfile
+
+    from data.shards import tar_archive_bytes, tar_member_bytes
+
+    # Hand-computed tar sizes: header 512 + data padded to 512; archive + 1024, padded to 10240.
+    assert tar_member_bytes(1) == 1024 and tar_member_bytes(512) == 1024 and tar_member_bytes(513) == 1536
+    assert tar_archive_bytes(0) == 10240 and tar_archive_bytes(9216) == 10240 and tar_archive_bytes(9217) == 20480
+
+    url, _ = digits_dataset
+    original = read_all(url)
+    limit = 40 * 1024
+    assert main([url, str(tmp_path / "by_bytes"), "--shard-bytes", str(limit), "--shard-size", "100000"]) == 0
+    manifest = read_manifest(manifest_url(str(tmp_path / "by_bytes"), "train"))
+    assert len(manifest.shards) > 1 and sum(s.num_samples for s in manifest.shards) == len(original)
+    for shard in manifest.shards:
+        path = tmp_path / "by_bytes" / shard.name
+        assert shard.bytes == path.stat().st_size <= limit
+        with tarfile.open(path) as tar:
+            payload = sum(tar_member_bytes(m.size) for m in tar.getmembers())
+        assert tar_archive_bytes(payload) == shard.bytes
+    assert read_all(manifest.url) == original
+    assert main([url, str(tmp_path / "x"), "--shard-bytes", "100"]) == 2
