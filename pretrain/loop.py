@@ -238,10 +238,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         save_now = step % t.checkpoint_every == 0 or step == t.max_steps
         if not (log_now or save_now):
             continue
-        metrics = _all_mean(meter.means(), device)
+        metrics = _all_mean({**meter.means(), "data/skipped": float(loader.skipped)}, device)
+        metrics["data/skipped"] = float(round(metrics["data/skipped"] * world))  # a total over ranks
         metrics["lr"] = lr  # same on every rank; not an average over the window
         metrics["images_per_sec"] = meter.images / max(meter.seconds, 1e-9)
-        metrics["data/skipped"] = float(loader.skipped)
         metrics["data/epoch"] = float(loader.epoch)
         meter = _Meter()
         first_loss = metrics["loss"] if first_loss is None else first_loss
