@@ -62,13 +62,18 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Tensors (and lists of tensors, e.g. views) to the device; floating ones to the training dtype."""
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device, non_blocking=True)
+        return t.to(dtype) if t.is_floating_point() else t
+
     moved: dict[str, Any] = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            moved[key] = value.to(dtype) if value.is_floating_point() else value
+            moved[key] = move(value)
         elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
-            moved[key] = [_to_device({"x": v}, device, dtype)["x"] for v in value]
+            moved[key] = [move(v) for v in value]
         else:
             moved[key] = value
     return moved

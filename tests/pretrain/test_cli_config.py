@@ -86,4 +86,4 @@ def test_every_objective_yaml_has_a_registered_class_and_back() -> None:
 
     assert group_options("objective") == available()
     for name in available():
-        assert load_config([f"objective={name}", "--cfg"] if False else [f"objective={name}"]).objective.name == name
+        assert load_config([f"objective={name}"]).objective.name == name
