@@ -1,4 +1,13 @@
-"""Image bytes -> 8-bit RGB PIL image, whatever the file's mode."""
+"""Image bytes -> 8-bit RGB PIL image, whatever the file's mode; JPEGs optionally decoded at reduced scale.
+
+Fast path: libjpeg can decode a JPEG directly at 1/2, 1/4 or 1/8 of its size by
+scaling in the DCT domain (PIL's `Image.draft`): the inverse DCT, upsampling and
+colour conversion shrink with the output, the entropy decoding of every coefficient
+does not, so the saving is below the pixel ratio. `decode_rgb(data, min_size=m)`
+picks the largest such reduction that keeps both sides >= m (`draft_factor`);
+`data.views.draft_min_size` gives the m for which no RandomResizedCrop loses
+resolution.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,7 @@ import io
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 # Member extensions read as the sample's image, in order of preference.
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
@@ -45,8 +54,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to an 8-bit RGB image; raises one of DECODE_ERRORS if unreadable."""
+def draft_factor(width: int, height: int, min_size: int) -> int:
+    """Largest f in (8, 4, 2) with ceil(width / f) and ceil(height / f) both >= min_size (and f <= both); else 1."""
+    for factor in (8, 4, 2):
+        # f <= both sides only matters for min_size 1; PIL's draft never reduces below that.
+        if min(width, height) >= factor and -(-width // factor) >= min_size and -(-height // factor) >= min_size:
+            return factor
+    return 1
+
+
+def decode_rgb(data: bytes, *, min_size: int | None = None) -> Image.Image:
+    """Decode encoded image bytes to an 8-bit RGB image; raises one of DECODE_ERRORS if unreadable.
+
+    min_size: for a JPEG, decode at 1 / draft_factor(W, H, min_size) of its size
+    (libjpeg's DCT scaling; a side becomes ceil(side / f)), so both sides stay
+    >= min_size. None, and any other format: full size.
+    """
     with Image.open(io.BytesIO(data)) as image:
+        if min_size is not None and isinstance(image, JpegImagePlugin.JpegImageFile):
+            factor = draft_factor(image.width, image.height, min_size)
+            if factor > 1:
+                # PIL's draft picks the largest f in (8, 4, 2, 1) with f <= min(W // w, H // h)
+                # for a requested (w, h); (W // f, H // f) makes that exactly `factor`.
+                # Grey and CMYK files keep their mode (only "L"/"YCbCr" requests change it).
+                image.draft("RGB", (image.width // factor, image.height // factor))
         image.load()
         return to_rgb(image)

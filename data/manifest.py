@@ -32,6 +32,8 @@ from typing import Any
 
 import fsspec
 
+from data.retry import Backoff, is_transient
+
 MANIFEST_FORMAT = "webdataset-manifest"
 MANIFEST_VERSION = 1
 MANIFEST_SUFFIX = ".manifest.json"
@@ -104,15 +106,29 @@ def manifest_to_json(manifest: Manifest) -> str:
     return json.dumps(content, indent=2, sort_keys=True) + "\n"
 
 
-def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
-    """Read and verify a manifest written by `data.shards.write_shards`."""
-    try:
-        with fsspec.open(url, "rt", **(storage_options or {})) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no manifest at {url!r}; write one with data.shards.write_shards") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"manifest {url!r} is not valid JSON ({e})") from None
+def read_manifest(
+    url: str, storage_options: dict[str, Any] | None = None, *, retries: int = 6, retry_wait_s: float = 0.5
+) -> Manifest:
+    """Read and verify a manifest written by `data.shards.write_shards`.
+
+    Transient storage errors are retried as in `data.shards.iter_shard` (up to
+    `retries` times, waiting `retry_wait_s` doubling up to 30 s), then OSError.
+    """
+    backoff = Backoff(f"manifest {url}", retries, retry_wait_s)
+    while True:
+        try:
+            with fsspec.open(url, "rt", **(storage_options or {})) as f:
+                raw = json.load(f)
+            break
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no manifest at {url!r}; write one with data.shards.write_shards") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"manifest {url!r} is not valid JSON ({e})") from None
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            if not backoff.wait(e):
+                raise OSError(backoff.give_up_message(e)) from e
     if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{url!r} is not a shard manifest (expected format={MANIFEST_FORMAT!r})")
     if raw.get("version") != MANIFEST_VERSION:

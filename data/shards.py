@@ -26,16 +26,18 @@ from typing import Any, BinaryIO
 import fsspec
 
 from data.manifest import MANIFEST_SUFFIX, Manifest, ShardInfo, make_manifest, manifest_to_json
+from data.retry import Backoff, is_transient, one_line
 
 logger = logging.getLogger(__name__)
 
 KEY_FIELD = "__key__"
 URL_FIELD = "__url__"  # set by iter_shard: the shard a sample came from
+ERROR_FIELD = "__error__"  # set by iter_shard on the one marker that ends a damaged shard
 SHARD_NAME_DIGITS = 6
 
 
 class ShardReadError(RuntimeError):
-    """A shard could not be opened or is not a readable tar stream."""
+    """A shard is missing or unreadable, or storage stayed unavailable past the retries."""
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -238,35 +240,132 @@ def write_shards(
     return manifest
 
 
-def iter_shard(
-    url: str, storage_options: dict[str, Any] | None = None, *, keep: Iterable[str] | None = None
-) -> Iterator[dict[str, Any]]:
-    """Stream the samples of one tar shard as `{"__key__", "__url__", ext: bytes}` dicts.
+class _HeaderTrackingTarInfo(tarfile.TarInfo):
+    """Records on its `_ShardTar` why reading a member header failed."""
 
-    keep: extensions whose bytes to read (None = all); other members are skipped
-    unread, but a sample whose members were all skipped is still yielded (keyed,
-    without fields) so the caller can count it.
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as e:
+            if isinstance(tar, _ShardTar):
+                tar.header_error = e
+            raise
+
+
+class _ShardTar(tarfile.TarFile):
+    """A tar stream that can tell a real end (a zero block) from a cut one.
+
+    tarfile ends iteration silently when the next header is missing, cut short or
+    garbage; only an all-zero block is the end-of-archive marker.
     """
-    wanted = None if keep is None else frozenset(keep)
+
+    tarinfo = _HeaderTrackingTarInfo
+    header_error: tarfile.HeaderError | None = None
+
+    def ended_cleanly(self) -> bool:
+        return isinstance(self.header_error, tarfile.EOFHeaderError)
+
+
+_END_REASONS = {
+    tarfile.EmptyHeaderError: "ends without the end-of-archive marker (truncated at a member boundary)",
+    tarfile.TruncatedHeaderError: "truncated inside a member header",
+    tarfile.InvalidHeaderError: "has a corrupt member header",
+}
+
+
+class _Cursor:
+    """Where a shard read stands: `resume` = tar members before the first member of
+    the sample being assembled (all earlier samples were yielded)."""
+
+    def __init__(self) -> None:
+        self.resume = 0
+
+
+def _read_samples(url: str, f: BinaryIO, wanted: frozenset[str] | None, cursor: _Cursor) -> Iterator[dict[str, Any]]:
+    """One pass over an opened shard from member `cursor.resume`; damage ends it with one error marker."""
     current: dict[str, Any] | None = None
     try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
+        with _ShardTar.open(fileobj=f, mode="r|*") as tar:
+            for index, member in enumerate(tar):
+                if index < cursor.resume or not member.isfile():
                     continue
                 key, ext = split_member_name(member.name)
                 if current is not None and current[KEY_FIELD] != key:
-                    yield current
-                    current = None
+                    # A header of the next sample was read whole: `current` is complete.
+                    done, current, cursor.resume = current, None, index
+                    yield done
                 if current is None:
                     current = {KEY_FIELD: key, URL_FIELD: url}
                 if wanted is None or ext in wanted:
                     data = tar.extractfile(member)
                     assert data is not None  # regular file
                     current[ext] = data.read()
+            if not tar.ended_cleanly():
+                reason = _END_REASONS.get(type(tar.header_error), f"stopped early ({tar.header_error})")
+                yield _error_marker(url, current, f"shard {reason}")
+                return
     except (tarfile.TarError, EOFError) as e:
-        raise ShardReadError(f"shard {url!r} is not a readable tar stream ({e}); rewrite or remove it") from e
-    except FileNotFoundError as e:
-        raise ShardReadError(f"shard {url!r} does not exist; check data.urls or the manifest") from e
+        if is_transient(e):  # asyncio.IncompleteReadError is an EOFError
+            raise
+        where = "is not a readable tar stream" if cursor.resume == 0 and current is None else "is truncated or corrupt"
+        yield _error_marker(url, current, f"shard {where} ({e})")
+        return
     if current is not None:
         yield current
+
+
+def _error_marker(url: str, damaged: dict[str, Any] | None, reason: str) -> dict[str, Any]:
+    return {KEY_FIELD: "" if damaged is None else damaged[KEY_FIELD], URL_FIELD: url, ERROR_FIELD: reason}
+
+
+def iter_shard(
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    keep: Iterable[str] | None = None,
+    retries: int = 6,
+    retry_wait_s: float = 0.5,
+) -> Iterator[dict[str, Any]]:
+    """Stream the samples of one tar shard as `{"__key__", "__url__", ext: bytes}` dicts.
+
+    Every yielded dict has KEY_FIELD and URL_FIELD. A dict with ERROR_FIELD is a
+    bad sample the caller must skip and count: a truncated, empty or non-tar shard
+    yields its complete samples, then one such marker (key of the damaged sample,
+    "" if unknown), and ends. A sample is complete only once the next sample's
+    header or the end-of-archive marker was read, so a cut-off sample is never
+    yielded as whole.
+
+    keep: extensions whose bytes to read (None = all); other members are skipped
+    unread, but a sample whose members were all skipped is still yielded (keyed,
+    without fields) so the caller can count it.
+
+    Transient storage errors (see `data.retry.is_transient`) are retried up to
+    `retries` times in a row, waiting `retry_wait_s` doubling up to 30 s; each
+    retry re-opens the shard and resumes at the first sample not yet yielded (by
+    skipping the members before it), and a yielded sample refills the budget.
+    Then ShardReadError. So the yielded sequence is a deterministic function of
+    the shard's bytes, retries included: callers may index samples by position.
+    A missing shard or another storage error raises ShardReadError at once.
+    """
+    wanted = None if keep is None else frozenset(keep)
+    backoff = Backoff(f"shard {url}", retries, retry_wait_s)
+    cursor = _Cursor()
+    while True:
+        resume_at = cursor.resume
+        try:
+            with fsspec.open(url, "rb", **(storage_options or {})) as f:
+                for sample in _read_samples(url, f, wanted, cursor):
+                    if cursor.resume != resume_at:
+                        backoff.reset()
+                    yield sample
+            return
+        except FileNotFoundError as e:
+            raise ShardReadError(f"shard {url!r} does not exist; check data.urls or the manifest") from e
+        except Exception as e:
+            if not is_transient(e):
+                if isinstance(e, OSError):
+                    raise ShardReadError(f"shard {url!r} cannot be read: {one_line(e)}") from e
+                raise
+            if not backoff.wait(e):
+                raise ShardReadError(backoff.give_up_message(e)) from e

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from data.decode import IMAGE_EXTENSIONS
-from data.shards import URL_FIELD, iter_shard
+from data.shards import ERROR_FIELD, KEY_FIELD, URL_FIELD, iter_shard
 
 logger = logging.getLogger(__name__)
 
@@ -193,10 +193,17 @@ def _shards(spec: str, storage_options: dict[str, Any]) -> Source:
             raise _bad(f"{len(missing)} of {len(urls)} shards of {spec!r} do not exist, e.g. {missing[0]!r}")
 
     def iterate() -> Iterator[dict[str, Any]]:
+        damaged = 0
         for url in urls:
             for sample in iter_shard(url, storage_options):
+                if ERROR_FIELD in sample:  # a truncated/empty/non-tar shard ends with one marker
+                    damaged += 1
+                    logger.warning("not copying sample %r of %s: %s", sample[KEY_FIELD], url, sample[ERROR_FIELD])
+                    continue
                 del sample[URL_FIELD]  # where it was read from; the new shard is its home now
                 yield sample
+        if damaged:
+            logger.warning("re-sharding left out %d damaged sample(s); the warnings above name them", damaged)
 
     return Source(f"{len(urls)} shards of {spec}", iterate, shard_urls=urls)
 

@@ -13,9 +13,9 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from objectives.base import LossOutput, Objective
+from objectives.base import DataNeeds, LossOutput, MaskSpec, Objective
 from objectives.configs import MAEConfig
-from objectives.masking import random_masking
+from objectives.masking import masking_from_mask, random_masking
 from objectives.pos_embed import sincos_2d
 from objectives.registry import register
 from pretrain.backbone import VitBackbone
@@ -57,6 +57,11 @@ class MAE(Objective):
 
     name = "mae"
     config_class = MAEConfig
+
+    @classmethod
+    def data_needs(cls, cfg: MAEConfig) -> DataNeeds:
+        """One crop and a uniform random mask of `mask_ratio`, drawn in the loader workers."""
+        return DataNeeds(views=1, mask=MaskSpec("random", cfg.mask_ratio))
 
     def __init__(self, cfg: MAEConfig, backbone: VitBackbone) -> None:
         super().__init__(cfg, backbone)
@@ -105,7 +110,10 @@ class MAE(Objective):
     def forward(self, batch: dict[str, Any]) -> LossOutput:
         images = batch["views"][0]  # (B, 3, H, W), normalised
         tokens = self.backbone.embed_patches(images)  # (B, N, D)
-        masking = random_masking(tokens.shape[0], tokens.shape[1], self.cfg.mask_ratio, device=tokens.device)
+        if "mask" in batch:  # drawn by the data pipeline, off the training thread
+            masking = masking_from_mask(batch["mask"])
+        else:
+            masking = random_masking(tokens.shape[0], tokens.shape[1], self.cfg.mask_ratio, device=tokens.device)
         latent = self.backbone.encode(tokens, keep_idx=masking.keep_idx).tokens  # (B, 1 + K, D)
         pred = self.forward_decoder(latent, masking.restore_idx)
         target = patchify(images, self.backbone.patch_size)

@@ -107,20 +107,43 @@ def save(engine: Any, directory: Path, *, rank: int, step: int, data_state: dict
     os.replace(tmp, directory / f"rank_{rank}.pt")  # never a half-written file under the final name
 
 
-def restore(engine: Any, directory: Path, *, rank: int) -> tuple[int, dict[str, Any]]:
-    """All ranks: load DeepSpeed state and this rank's extras; returns (step, data_state)."""
-    extra_path = directory / f"rank_{rank}.pt"
-    if not extra_path.exists():
+def _rank_files(directory: Path) -> list[Path]:
+    """rank_0.pt ... rank_<n-1>.pt of a checkpoint, in rank order (refuses gaps)."""
+    found = {int(p.stem.split("_", 1)[1]): p for p in directory.glob("rank_*.pt") if p.stem.split("_", 1)[1].isdigit()}
+    if not found or sorted(found) != list(range(len(found))):
         raise FileNotFoundError(
-            f"checkpoint {directory} has no {extra_path.name}: it was written by a different number of workers "
-            "(resume with the same trainer.num_workers)"
+            f"checkpoint {directory} has no complete set of rank_<r>.pt files (found {sorted(found)})"
+        )
+    return [found[r] for r in range(len(found))]
+
+
+def restore(engine: Any, directory: Path, *, rank: int, world_size: int) -> tuple[int, list[dict[str, Any]]]:
+    """All ranks: load DeepSpeed state and the extras; returns (step, data states of every saved rank).
+
+    The data states of all saved ranks come back so that the loader can re-lay out
+    the data position when the number of workers changed. DeepSpeed's partitioned
+    optimizer states (ZeRO >= 1) are tied to the number of ranks that wrote them,
+    so a changed worker count is refused for those stages.
+    """
+    files = _rank_files(directory)
+    stage = int(engine.zero_optimization_stage())
+    if len(files) != world_size and stage >= 1:
+        raise RuntimeError(
+            f"checkpoint {directory} was written by {len(files)} workers with ZeRO stage {stage}, whose optimizer "
+            f"state is split per worker; resume with trainer.num_workers={len(files)} (the data position can "
+            "change its worker count, the ZeRO >= 1 optimizer state cannot)"
         )
     load_path, client_state = engine.load_checkpoint(str(directory), tag=TAG)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
-    extra = safe_load(extra_path)
-    if extra["step"] != client_state.get("step"):
-        raise RuntimeError(f"checkpoint {directory} is inconsistent: rank file step {extra['step']} != {client_state}")
-    set_rng_state(extra["rng"])
-    log.info("rank %d restored step %d from %s", rank, extra["step"], directory)
-    return int(extra["step"]), extra["data"]
+    extras = [safe_load(path) for path in files]
+    steps = {int(extra["step"]) for extra in extras}
+    if steps != {client_state.get("step")}:
+        raise RuntimeError(
+            f"checkpoint {directory} is inconsistent: rank files at steps {sorted(steps)} != {client_state}"
+        )
+    if rank < len(extras):
+        set_rng_state(extras[rank]["rng"])
+    step = int(extras[0]["step"])
+    log.info("rank %d restored step %d from %s (written by %d workers)", rank, step, directory, len(files))
+    return step, [extra["data"] for extra in extras]

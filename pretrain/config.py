@@ -9,12 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from data.config import DataConfig
+from data.config import DATA_SCHEMES, STORAGE_SCHEMES, DataConfig, unsupported_scheme
+from data.config import url_scheme as url_scheme  # re-exported: launch.py uses it
 from objectives.configs import ObjectiveConfig
 
-# Schemes accepted for shard URLs and the checkpoint storage path (fsspec protocols).
-DATA_SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfs", "http", "https", "hf")
-STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfs")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -113,12 +111,6 @@ class PretrainConfig:
     resume: str = ""
 
 
-def url_scheme(url: str) -> str:
-    """fsspec protocol of a URL; plain paths are "file"."""
-    head, sep, _ = url.partition("://")
-    return head.lower() if sep else "file"
-
-
 def find_problems(cfg: Any) -> list[tuple[str, str]]:
     """All config mistakes that can be found without torch: (key, message) pairs."""
     t, m, d, ds, o = cfg.trainer, cfg.model, cfg.data, cfg.deepspeed, cfg.optim
@@ -142,12 +134,8 @@ def find_problems(cfg: Any) -> list[tuple[str, str]]:
         "trainer.gpus_per_worker",
         f"must be > 0 with trainer.use_gpu=true, got {t.gpus_per_worker}",
     )
-    scheme = url_scheme(t.storage_path) if t.storage_path else "file"
-    need(
-        scheme in STORAGE_SCHEMES,
-        "trainer.storage_path",
-        f"unsupported scheme {scheme!r} in {t.storage_path!r}; valid schemes: {', '.join(STORAGE_SCHEMES)}",
-    )
+    bad_storage = unsupported_scheme(t.storage_path, STORAGE_SCHEMES) if t.storage_path else None
+    need(bad_storage is None, "trainer.storage_path", bad_storage or "")
 
     need(m.img_size >= 1, "model.img_size", f"must be >= 1, got {m.img_size}")
     need(m.patch_size >= 1, "model.patch_size", f"must be >= 1, got {m.patch_size}")
@@ -167,17 +155,19 @@ def find_problems(cfg: Any) -> list[tuple[str, str]]:
 
     for key in ("urls", "eval_urls"):
         url = getattr(d, key)
-        if url:
-            scheme = url_scheme(url)
-            need(
-                scheme in DATA_SCHEMES,
-                f"data.{key}",
-                f"unsupported scheme {scheme!r} in {url!r}; valid schemes: {', '.join(DATA_SCHEMES)}",
-            )
+        bad_url = unsupported_scheme(url, DATA_SCHEMES) if url else None
+        need(bad_url is None, f"data.{key}", bad_url or "")
     need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     need(d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}")
     need(0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min", f"must be in (0, 1], got {d.crop_scale_min}")
     need(len(d.mean) == 3 and len(d.std) == 3, "data.mean", "data.mean and data.std need 3 values (RGB)")
+    need(d.io_retries >= 0, "data.io_retries", f"must be >= 0, got {d.io_retries}")
+    need(d.io_retry_wait_s >= 0, "data.io_retry_wait_s", f"must be >= 0, got {d.io_retry_wait_s}")
+    need(
+        0.0 <= d.max_skipped_fraction <= 1.0,
+        "data.max_skipped_fraction",
+        f"must be in [0, 1], got {d.max_skipped_fraction}",
+    )
     need(d.default_shard_size >= 1, "data.default_shard_size", f"must be >= 1, got {d.default_shard_size}")
 
     need(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be one of 0, 1, 2, 3; got {ds.zero_stage}")

@@ -191,12 +191,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     loader = build_train_loader(
         cfg.data,
         objective_cls.data_needs(cfg.objective),
-        urls=resolve_urls(train_url, cfg.data.storage_options),
+        urls=resolve_urls(
+            train_url, cfg.data.storage_options, retries=cfg.data.io_retries, retry_wait_s=cfg.data.io_retry_wait_s
+        ),
         img_size=cfg.model.img_size,
         batch_size=t.batch_size,
         rank=rank,
         world_size=world,
         seed=cfg.seed,
+        patch_size=cfg.model.patch_size,
     )
 
     step = 0
@@ -205,8 +208,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     latest = ray.train.get_checkpoint()
     if latest is not None:
         with latest.as_directory() as path:
-            step, data_state = checkpoint.restore(engine, Path(path), rank=rank)
-        loader.load_state_dict(data_state)
+            step, data_states = checkpoint.restore(engine, Path(path), rank=rank, world_size=world)
+        loader.load_state_dict(data_states)
         log.info("rank %d: resumed at step %d", rank, step)
 
     logger = None
@@ -243,8 +246,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         save_now = step % t.checkpoint_every == 0 or step == t.max_steps
         if not (log_now or save_now):
             continue
-        metrics = _all_mean({**meter.means(), "data/skipped": float(loader.skipped)}, device)
-        metrics["data/skipped"] = float(round(metrics["data/skipped"] * world))  # a total over ranks
+        counts = {"data/skipped": float(loader.skipped), "data/samples": float(loader.samples_seen)}
+        metrics = _all_mean({**meter.means(), **counts}, device)
+        for key in counts:  # totals over ranks
+            metrics[key] = float(round(metrics[key] * world))
         metrics["lr"] = lr  # same on every rank; not an average over the window
         metrics["images_per_sec"] = meter.images / max(meter.seconds, 1e-9)
         metrics["data/epoch"] = float(loader.epoch)

@@ -191,3 +191,24 @@ def test_shard_bytes_bound_matches_the_files(digits_dataset: tuple[str, str], tm
         assert tar_archive_bytes(payload) == shard.bytes
     assert read_all(manifest.url) == original
     assert main([url, str(tmp_path / "x"), "--shard-bytes", "100"]) == 2
+
+
+def test_reshard_leaves_out_the_damaged_sample_of_a_truncated_shard(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import tarfile
+
+    from data.shards import write_shards
+
+    samples = [{"__key__": f"k{i}", "png": image_bytes((i, 2 * i, 3 * i), "PNG"), "cls": i} for i in range(5)]
+    write_shards(samples, str(tmp_path / "src"), prefix="src", shard_size=10)
+    shard = tmp_path / "src" / "src-000000.tar"
+    with tarfile.open(shard) as tar:
+        member = tar.getmember("k3.png")
+    shard.write_bytes(shard.read_bytes()[: member.offset_data + 10])  # cut inside k3's image
+    with caplog.at_level("WARNING", logger="data.sources"):
+        assert main([str(shard), str(tmp_path / "out"), "--prefix", "out"]) == 0
+    copied = read_all(manifest_url(str(tmp_path / "out"), "out"))
+    assert sorted(copied) == ["k0", "k1", "k2"]  # k3 damaged, k4 unreadable behind it
+    assert all(set(fields) == {"cls", "png"} for fields in copied.values())  # no marker member written
+    assert "'k3'" in caplog.text and "left out 1 damaged sample" in caplog.text
