@@ -66,8 +66,9 @@ class DataConfig:
     # counted (data/skipped) and logged; the run aborts once more than this fraction
     # of the samples read by a rank were bad (checked once 1000 samples were read).
     max_skipped_fraction: float = 0.05
-    # JPEG fast path: PIL draft mode (DCT-domain downscale) when an image is so large
-    # that every possible crop is still >= img_size pixels after it (no quality loss).
+    # JPEG fast path: decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when an
+    # image is so large that every possible crop still has >= img_size pixels on each
+    # side (no resolution loss; see docs/data.md).
     fast_decode: bool = True
     default_train_samples: int = 4096
     default_eval_samples: int = 1024

@@ -7,6 +7,11 @@ does not, so the saving is below the pixel ratio. `decode_rgb(data, min_size=m)`
 picks the largest such reduction that keeps both sides >= m (`draft_factor`);
 `data.views.draft_min_size` gives the m for which no RandomResizedCrop loses
 resolution.
+
+`decode_pixels` is what the loader uses: the same RGB pixels as a uint8 tensor,
+decoding baseline/progressive RGB and grey JPEGs with simplejpeg (libjpeg-turbo's
+TurboJPEG API: no PIL image object, no extra copy) and everything else - CMYK
+JPEGs, PNG, WebP, ... - with PIL.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import io
 from typing import Any
 
 import numpy as np
+import simplejpeg
+import torch
 from PIL import Image, JpegImagePlugin
 
 # Member extensions read as the sample's image, in order of preference.
@@ -80,3 +87,43 @@ def decode_rgb(data: bytes, *, min_size: int | None = None) -> Image.Image:
                 image.draft("RGB", (image.width // factor, image.height // factor))
         image.load()
         return to_rgb(image)
+
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+# JPEG colour spaces simplejpeg turns into RGB itself; CMYK/YCCK go through PIL.
+_TURBO_COLORSPACES = frozenset({"YCbCr", "Gray", "RGB"})
+
+
+def _decode_turbo(data: bytes, min_size: int | None) -> np.ndarray | None:
+    """(H, W, 3) uint8 via simplejpeg, or None where PIL should decode instead."""
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None  # PIL gives the error message (or reads what libjpeg's header check refuses)
+    if colorspace not in _TURBO_COLORSPACES:
+        return None
+    # PIL refuses more than twice MAX_IMAGE_PIXELS at open; the same bound here.
+    if Image.MAX_IMAGE_PIXELS and width * height > 2 * Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(
+            f"image size ({width * height} pixels) exceeds limit of {2 * Image.MAX_IMAGE_PIXELS} pixels"
+        )
+    factor = 1 if min_size is None else draft_factor(width, height, min_size)
+    # min_factor=f with minimum sides ceil(side / f): TurboJPEG's only scale choice is 1/f, as PIL's draft.
+    return simplejpeg.decode_jpeg(
+        data,
+        colorspace="RGB",
+        min_height=-(-height // factor),
+        min_width=-(-width // factor),
+        min_factor=factor,
+    )
+
+
+def decode_pixels(data: bytes, *, min_size: int | None = None) -> torch.Tensor:
+    """Encoded image bytes -> (3, H, W) uint8 RGB tensor (channels-last memory); as `decode_rgb`, faster for JPEGs.
+
+    Raises one of DECODE_ERRORS if the bytes are unreadable.
+    """
+    pixels = _decode_turbo(data, min_size) if data.startswith(_JPEG_MAGIC) else None
+    if pixels is None:
+        pixels = np.array(decode_rgb(data, min_size=min_size))  # a writable copy: torch wants one
+    return torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W), HWC strides

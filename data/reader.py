@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
-from data.decode import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_rgb, image_extension
+from data.decode import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_pixels, image_extension
 from data.shards import ERROR_FIELD, KEY_FIELD, URL_FIELD, iter_shard
 from data.views import make_views
 
@@ -163,7 +163,7 @@ class ReaderStream(IterableDataset):
             logger.warning("skipping sample %r in %s: no image field (%s)", key, url, "/".join(IMAGE_EXTENSIONS))
             return None
         try:
-            return decode_rgb(sample[ext], min_size=self.min_decode_size)
+            return decode_pixels(sample[ext], min_size=self.min_decode_size)
         except DECODE_ERRORS as e:
             logger.warning("skipping sample %r in %s: cannot decode its .%s (%s)", key, url, ext, e)
             return None

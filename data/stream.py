@@ -61,7 +61,7 @@ from data.reader import (
     reader_shards,
 )
 from data.shards import KEY_FIELD
-from data.views import build_view_transform, draft_min_size
+from data.views import ToNormalizedFloat, build_view_transform, draft_min_size
 
 if TYPE_CHECKING:
     from objectives.base import DataNeeds
@@ -243,6 +243,7 @@ class ResumableLoader:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.mask, self.abort_min_samples = mask, abort_min_samples
         self._transform = build_view_transform(cfg, img_size)
+        self._normalize = ToNormalizedFloat(list(cfg.mean), list(cfg.std))
         self._readers = [_ReaderPosition() for _ in range(self.num_readers)]
         self._excluded: Excluded = {}
         self._next_reader = 0
@@ -351,7 +352,8 @@ class ResumableLoader:
         for batch in self._loader():
             self._account(batch)
             self._check_skipped()
-            out = {"views": batch["views"], KEY_FIELD: batch[KEY_FIELD], EPOCH_FIELD: batch[EPOCH_FIELD]}
+            views = [self._normalize(v) for v in batch["views"]]  # uint8 from the workers -> normalised float
+            out = {"views": views, KEY_FIELD: batch[KEY_FIELD], EPOCH_FIELD: batch[EPOCH_FIELD]}
             if "mask" in batch:
                 out["mask"] = batch["mask"]
             yield out

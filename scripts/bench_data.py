@@ -7,10 +7,11 @@ Generates ~500x375 JPEGs (quality 90, ~60 KB: data.synthetic shapes upscaled wit
 band-limited texture), then measures, each for --seconds:
 
     (a)  bare decode: PIL decode of the JPEG bytes from memory (data.decode.decode_rgb), nothing else
-    (b)  plain PIL: decode_rgb + one view (RandomResizedCrop bicubic, flip, normalise; data.views)
-    (c)  the fast path: decode_rgb(min_size=draft_min_size(...)) + the same view
+    (b)  plain PIL: decode_rgb + one uint8 view (RandomResizedCrop bicubic, flip; data.views); the stream
+         normalises whole batches to float in the main process, which (d) and (e) include
+    (a*) bare decode as the loader does it: data.decode.decode_pixels (simplejpeg for JPEGs)
+    (c)  the loader's path: decode_pixels(min_size=draft_min_size(...)) + the same view
     (b') (c') the same at --small-img-size, where draft mode pays on 500x375 images
-    (a*) (c*) (a) and (c) with simplejpeg instead of PIL, only if simplejpeg is installed
     (d)  the full stream: shards on local disk (file://) through data.stream.build_train_loader,
          one loader worker process (which decodes), batches of --batch-size
     (e)  the same shards on an S3 endpoint (scripts/s3_endpoint.py, moto on 127.0.0.1,
@@ -46,11 +47,9 @@ import numpy as np
 import psutil
 import torch
 from PIL import Image
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from data.config import DataConfig
-from data.decode import decode_rgb, draft_factor
+from data.decode import decode_pixels, decode_rgb
 from data.shards import write_shards
 from data.synthetic import render_sample
 from data.views import build_view_transform, draft_min_size, make_views
@@ -271,35 +270,6 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _simplejpeg_stages(transform: v2.Compose, min_size: int) -> dict[str, Callable[[bytes, int], object]]:
-    """Rows (a*) and (c*): simplejpeg (libjpeg-turbo straight to numpy) where installed, else none.
-
-    Not a dependency: (c*) was 1.26-1.44x (c) over several runs on the 2-core reference
-    machine, not clearly above the 1.3x that would justify one; these rows keep the
-    comparison at hand (`pip install simplejpeg` to see them).
-    """
-    try:
-        import simplejpeg
-    except ImportError:
-        return {}
-
-    def decode(jpeg: bytes, min_size: int | None = None) -> np.ndarray:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
-        f = 1 if min_size is None else draft_factor(width, height, min_size)
-        # min_factor f with minimum sides ceil(side / f): libjpeg-turbo's only choice is 1/f, as PIL's draft.
-        return simplejpeg.decode_jpeg(
-            jpeg, colorspace="RGB", min_height=-(-height // f), min_width=-(-width // f), min_factor=f
-        )
-
-    def view(jpeg: bytes, seed: int) -> torch.Tensor:
-        pixels = tv_tensors.Image(torch.from_numpy(decode(jpeg, min_size)).permute(2, 0, 1))  # (3, H, W)
-        with torch.random.fork_rng(devices=[]):  # as data.views.make_views
-            torch.default_generator.manual_seed(seed)
-            return transform(pixels).as_subclass(torch.Tensor)
-
-    return {"a*": lambda jpeg, i: decode(jpeg), "c*": view}
-
-
 def _table(rows: list[tuple[str, Measure, str]], base: Measure) -> str:
     lines = [
         "| stage | images/s | per core | cores busy | vs (a) | vs (d) |",
@@ -351,15 +321,18 @@ def main(argv: list[str] | None = None) -> int:
     bounds = {size: draft_min_size(size, cfg.crop_scale_min) for size in sizes}
 
     def view(size: int, fast: bool) -> Callable[[bytes, int], object]:
-        min_size = bounds[size] if fast else None
-        return lambda jpeg, i: make_views(decode_rgb(jpeg, min_size=min_size), transforms[size], 1, i)
+        if fast:  # what the loader does
+            return lambda jpeg, i: make_views(decode_pixels(jpeg, min_size=bounds[size]), transforms[size], 1, i)
+        return lambda jpeg, i: make_views(decode_rgb(jpeg), transforms[size], 1, i)
 
-    stages: dict[str, Callable[[bytes, int], object]] = {"a": lambda jpeg, i: decode_rgb(jpeg)}
-    labels = {"a": "(a) decode only: PIL, full size"}
-    optional = _simplejpeg_stages(transforms[args.img_size], bounds[args.img_size])
-    if "a*" in optional:
-        stages["a*"] = optional["a*"]
-        labels["a*"] = "(a*) decode only: simplejpeg to numpy (optional, not a dependency)"
+    stages: dict[str, Callable[[bytes, int], object]] = {
+        "a": lambda jpeg, i: decode_rgb(jpeg),
+        "a*": lambda jpeg, i: decode_pixels(jpeg),
+    }
+    labels = {
+        "a": "(a) decode only: PIL, full size",
+        "a*": "(a*) decode only: decode_pixels (simplejpeg), full size",
+    }
     for size, tag in zip(sizes, ("", "'"), strict=False):
         drafted = decode_rgb(data[0], min_size=bounds[size]).size
         stages[f"b{tag}"] = view(size, fast=False)
@@ -368,9 +341,6 @@ def main(argv: list[str] | None = None) -> int:
         labels[f"c{tag}"] = (
             f"(c{tag}) decode + view {size} px: fast path (min_size {bounds[size]} -> {drafted[0]}x{drafted[1]})"
         )
-        if not tag and "c*" in optional:
-            stages["c*"] = optional["c*"]
-            labels["c*"] = "(c*) as (c) with simplejpeg decoding to numpy (optional; same pixels)"
     print(f"in-process stages {', '.join(stages)}: {args.seconds:.0f} s each", file=sys.stderr)
     results = run_in_process(stages, data, args.seconds)
 

@@ -13,7 +13,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from data.config import DataConfig
-from data.decode import decode_rgb, draft_factor
+from data.decode import DECODE_ERRORS, decode_pixels, decode_rgb, draft_factor
 from data.views import CROP_RATIO, ToNormalizedFloat, build_view_transform, draft_min_size, make_views
 
 
@@ -164,12 +164,13 @@ def test_make_views_is_a_pure_function_of_the_seed() -> None:
     again = make_views(image, transform, 3, seed=7)
     other = make_views(image, transform, 3, seed=8)
     for a, b in zip(first, again, strict=True):
-        assert a.shape == (3, 64, 64) and a.dtype == torch.float32 and a.is_contiguous()
+        assert a.shape == (3, 64, 64) and a.dtype == torch.uint8
         assert torch.equal(a, b)
     assert not torch.equal(first[0], first[1])  # views of one image differ
     assert not torch.equal(first[0], other[0])
 
-    # Same values as the plain torchvision recipe drawing from the same RNG stream.
+    # Normalised (as the stream does per batch): the same values as the plain torchvision
+    # recipe drawing from the same RNG stream.
     cfg = DataConfig()
     plain = v2.Compose(
         [
@@ -182,5 +183,47 @@ def test_make_views_is_a_pure_function_of_the_seed() -> None:
     torch.default_generator.manual_seed(7)
     pixels = tv_tensors.Image(v2.functional.pil_to_tensor(image))
     reference = [plain(pixels).as_subclass(torch.Tensor) for _ in range(3)]
-    for a, b in zip(first, reference, strict=True):
+    normalise = ToNormalizedFloat(cfg.mean, cfg.std)
+    batch = normalise(torch.stack(first))  # (3 views, 3, 64, 64) at once
+    for a, b in zip(batch, reference, strict=True):
         assert torch.equal(a, b)
+
+
+def _pil_pixels(data: bytes, min_size: int | None = None) -> torch.Tensor:
+    return torch.from_numpy(np.array(decode_rgb(data, min_size=min_size))).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("mode", "kwargs"),
+    [("RGB", {}), ("RGB", {"progressive": True}), ("RGB", {"subsampling": 0}), ("L", {}), ("CMYK", {})],
+    ids=["baseline-420", "progressive", "444", "grey", "cmyk-via-pil"],
+)
+@pytest.mark.parametrize("min_size", [None, 100, 50])
+def test_decode_pixels_equals_pil_pixel_for_pixel(mode: str, kwargs: dict, min_size: int | None) -> None:
+    """simplejpeg (RGB/grey JPEGs) and PIL (the rest) give the same uint8 pixels, drafted or not."""
+    data = _encode(Image.fromarray(_smooth_rgb(420, 300)).convert(mode), **kwargs)
+    got = decode_pixels(data, min_size=min_size)
+    want = _pil_pixels(data, min_size)
+    assert got.dtype == torch.uint8 and got.shape == want.shape and got.shape[0] == 3
+    if min_size is not None:  # drafted by 1/2 (>= 100) and 1/4 (>= 50): ceil(side / f)
+        factor = draft_factor(420, 300, min_size)
+        assert factor == {100: 2, 50: 4}[min_size]
+        assert got.shape[1:] == (-(-300 // factor), -(-420 // factor))
+    assert torch.equal(got, want)
+
+
+def test_decode_pixels_non_jpeg_and_bad_bytes() -> None:
+    png = _encode(Image.fromarray(_smooth_rgb(40, 30)).convert("LA"), "PNG")
+    assert torch.equal(decode_pixels(png), _pil_pixels(png))
+    with pytest.raises(DECODE_ERRORS):
+        decode_pixels(b"\xff\xd8\xff\xe0 not a jpeg at all")
+    with pytest.raises(DECODE_ERRORS):
+        decode_pixels(b"")
+
+
+def test_decode_pixels_refuses_a_jpeg_bomb_before_decoding() -> None:
+    data = bytearray(_encode(Image.fromarray(_smooth_rgb(64, 48))))
+    sof = data.index(b"\xff\xc0")  # baseline start-of-frame: length(2) precision(1) height(2) width(2)
+    data[sof + 5 : sof + 9] = (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big")
+    with pytest.raises(Image.DecompressionBombError):
+        decode_pixels(bytes(data))
