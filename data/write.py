@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("botocore", "aiobotocore", "s3fs"):  # credential/endpoint discovery chatter at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
     if args.shard_size < 1:
         return _error(f"--shard-size must be >= 1, got {args.shard_size}", 2)
     if args.shard_bytes is not None and args.shard_bytes < 10240:

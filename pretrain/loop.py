@@ -41,6 +41,9 @@ def configure_logging() -> None:
         if not logger.handlers:
             logger.addHandler(handler)
         logger.propagate = False
+    # botocore says at INFO where it found credentials and the endpoint, per client.
+    for name in ("botocore", "aiobotocore", "s3fs"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _quiet_ray_train_reports() -> None:
