@@ -8,7 +8,8 @@ the paper's recipe at paper scale; CPU presets live in `pretrain/conf/preset/`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -51,5 +52,64 @@ class MAEConfig(ObjectiveConfig):
                     "objective.decoder_num_heads",
                     f"{self.decoder_num_heads} does not divide decoder_embed_dim={self.decoder_embed_dim}",
                 )
+            )
+        return found
+
+
+# Where a teacher's weights come from (see objectives/teacher.py).
+TEACHER_SCHEMES = ("timm:", "models:/", "runs:/")
+TEACHER_FILE_SUFFIXES = (".safetensors", ".pt", ".pth")
+TEACHER_NORMALIZE = ("none", "layer_norm")
+
+
+@dataclass
+class TeacherConfig:
+    """A frozen network whose features are the targets of VQ-KD, MaskDistill and SemAIM*.
+
+    Loaded by `objectives.teacher.load_teacher`; objectives hold one as a field
+    (`objective.teacher`) and validate it with `problems("objective.teacher")`.
+    """
+
+    # "timm:<name>" (timm pretrained weights, needs the network), an MLflow model URI
+    # ("models:/<name>@<alias>", "models:/<name>/<version>", "runs:/<run_id>/<path>"), or a
+    # local file (.safetensors, .pt, .pth) or directory in the `save_teacher` layout.
+    # Default: the CLIP ViT-B/16 teacher of BEiT v2 (Sec. 2.1; unilm beit2 TOKENIZER.md)
+    # and MaskDistill ("A Unified View of Masked Image Modeling", Sec. 4).
+    source: str = "timm:vit_base_patch16_clip_224.openai"
+    # timm architecture; needed when the weights file has no sibling teacher.json.
+    arch: str = ""
+    # Extra `timm.create_model` kwargs (img_size, patch_size, embed_dim, depth, num_heads, ...).
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Which features: -1 = final tokens after the last norm; k >= 0 = output of block k (0-based).
+    layer: int = -1
+    # "none" | "layer_norm": LayerNorm without affine over D, the MaskDistill target.
+    normalize: str = "none"
+    # Also return the teacher's CLS feature (SemAIM* orders patches by CLS-patch similarity).
+    return_cls: bool = False
+    # Apply the model's head to every final token: BEiT v2's CLIP teacher regresses
+    # `encode_image(x, return_all_tokens=True) @ visual.proj` (unilm beit2 modeling_vqkd.py).
+    project: bool = False
+
+    def problems(self, prefix: str = "objective.teacher") -> list[tuple[str, str]]:
+        """Checks that need no torch: (key, problem) pairs; empty when valid."""
+        found = []
+        src = self.source
+        if not (src.startswith(TEACHER_SCHEMES) or src.endswith(TEACHER_FILE_SUFFIXES) or "://" not in src):
+            found.append(
+                (
+                    f"{prefix}.source",
+                    f"unknown scheme in {src!r}; use timm:<name>, models:/<name>@<alias>, runs:/<id>/<path>, "
+                    f"or a local {'/'.join(TEACHER_FILE_SUFFIXES)} file or directory",
+                )
+            )
+        if src.startswith("timm:") and not src.removeprefix("timm:"):
+            found.append((f"{prefix}.source", "timm: needs a model name, e.g. timm:vit_base_patch16_clip_224.openai"))
+        if self.layer < -1:
+            found.append((f"{prefix}.layer", f"must be -1 (final, normed) or a block index >= 0, got {self.layer}"))
+        if self.normalize not in TEACHER_NORMALIZE:
+            found.append((f"{prefix}.normalize", f"must be one of {TEACHER_NORMALIZE}, got {self.normalize!r}"))
+        if self.project and self.layer != -1:
+            found.append(
+                (f"{prefix}.project", f"the head applies to final tokens only (layer=-1), got layer={self.layer}")
             )
         return found

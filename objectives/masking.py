@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -71,9 +72,92 @@ def random_patch_mask(grid: tuple[int, int], generator: torch.Generator, *, rati
     return mask
 
 
+# BEiT's block-wise masking (BEiT v2 masking_generator.py, PRETRAINING.md): 75 of 196
+# patches, blocks of at least 16 patches, aspect ratio in [0.3, 1 / 0.3].
+BLOCK_MIN_PATCHES_AT_196 = 16
+BLOCK_MIN_ASPECT = 0.3
+# Draws per block before the block loop gives up and tops up with single patches.
+_BLOCK_TRIES = 10
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+def _randint(generator: torch.Generator, high: int) -> int:
+    """Uniform int in [0, high]."""
+    return int(torch.randint(high + 1, (), generator=generator))
+
+
+def block_patch_mask_with_blocks(
+    grid: tuple[int, int],
+    generator: torch.Generator,
+    *,
+    ratio: float,
+    min_patches: int | None = None,
+    min_aspect: float = BLOCK_MIN_ASPECT,
+) -> tuple[torch.Tensor, list[tuple[int, int, int, int]], int]:
+    """Block-wise mask: (mask (N,) bool, blocks [(top, left, h, w)], patches added by the top-up).
+
+    Exactly round(N * ratio) patches are masked. Rectangles are added while they
+    fit: target area uniform in [min_patches, still missing], aspect h / w
+    log-uniform in [min_aspect, 1 / min_aspect]; a rectangle is kept only if its
+    rounded h x w has >= min_patches patches, its aspect is within the bounds, and
+    it masks between 1 and the missing count of new patches. When no rectangle
+    fits in `_BLOCK_TRIES` draws, the rest is topped up with random single patches
+    (as the BEiT v2 generator does to hit the exact count). min_patches defaults
+    to 16 at a 14 x 14 grid, scaled with the grid area (at least 1).
+    """
+    height, width = grid
+    n = height * width
+    target = round(n * ratio)
+    if not 0 < target < n:
+        raise ValueError(f"block mask ratio {ratio} masks {target} of {n} patches; need 0 < count < {n}")
+    if min_patches is None:
+        min_patches = max(1, round(BLOCK_MIN_PATCHES_AT_196 * n / 196))
+    if not 0 < min_aspect <= 1:
+        raise ValueError(f"min_aspect must be in (0, 1], got {min_aspect}")
+    max_aspect = 1 / min_aspect
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    blocks: list[tuple[int, int, int, int]] = []
+    count = 0
+    while count < target:
+        missing = target - count
+        placed = False
+        for _ in range(_BLOCK_TRIES):
+            area = _uniform(generator, min_patches, max(min_patches, missing))
+            aspect = math.exp(_uniform(generator, math.log(min_aspect), math.log(max_aspect)))
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if not (1 <= h <= height and 1 <= w <= width and h * w >= min_patches):
+                continue
+            if not min_aspect <= h / w <= max_aspect:
+                continue
+            top, left = _randint(generator, height - h), _randint(generator, width - w)
+            new = h * w - int(mask[top : top + h, left : left + w].sum())
+            if 0 < new <= missing:
+                mask[top : top + h, left : left + w] = True
+                blocks.append((top, left, h, w))
+                count += new
+                placed = True
+                break
+        if not placed:
+            break
+    topped_up = target - count
+    if topped_up:
+        free = (~mask).flatten().nonzero().squeeze(1)
+        chosen = free[torch.randperm(free.numel(), generator=generator)[:topped_up]]
+        mask.view(-1)[chosen] = True
+    return mask.flatten(), blocks, topped_up
+
+
+def block_patch_mask(grid: tuple[int, int], generator: torch.Generator, *, ratio: float) -> torch.Tensor:
+    """(N,) bool, True = masked: BEiT's block-wise mask of exactly round(N * ratio) patches."""
+    return block_patch_mask_with_blocks(grid, generator, ratio=ratio)[0]
+
+
 # kind -> generator(grid, generator, *, ratio) -> (N,) bool. Module-level functions, so
 # that the partials built from them pickle into DataLoader worker processes.
-MASK_GENERATORS: dict[str, Callable[..., torch.Tensor]] = {"random": random_patch_mask}
+MASK_GENERATORS: dict[str, Callable[..., torch.Tensor]] = {"random": random_patch_mask, "block": block_patch_mask}
 
 
 def mask_generator(spec: MaskSpec) -> Callable[[tuple[int, int], torch.Generator], torch.Tensor]:
