@@ -113,3 +113,43 @@ class TeacherConfig:
                 (f"{prefix}.project", f"the head applies to final tokens only (layer=-1), got layer={self.layer}")
             )
         return found
+
+
+# VQ-KD: the visual tokenizer of BEiT v2 (Peng et al., 2022, Sec. 2.2), trained by
+# distilling a teacher's patch features through a quantised bottleneck. Values from
+# microsoft/unilm beit2 (modeling_vqkd.py, norm_ema_quantizer.py, TOKENIZER.md).
+@dataclass
+class VQKDConfig(ObjectiveConfig):
+    """VQ-KD tokenizer training: encoder -> 32-d codes -> decoder regressing teacher features."""
+
+    name: str = "vqkd"
+    # Whose features the decoder regresses (paper: CLIP ViT-B/16, projected).
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(project=True))
+    # Codebook: 8192 codes of 32 dims, l2-normalised, EMA decay 0.99, k-means init.
+    num_codes: int = 8192
+    code_dim: int = 32
+    decay: float = 0.99
+    kmeans_init: bool = True
+    # Re-seed codes unused for `dead_code_window` steps (a remedy for low usage on small data).
+    restart_dead_codes: bool = False
+    dead_code_window: int = 100
+    # Decoder: 3 ViT blocks of width 768 and 12 heads (vqkd_encoder_base_decoder_3x768x12).
+    decoder_embed_dim: int = 768
+    decoder_depth: int = 3
+    decoder_num_heads: int = 12
+    # loss = (1 - cosine) reconstruction + commit_weight * MSE(sg[z_q], z) (beta = 1.0).
+    commit_weight: float = 1.0
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = self.teacher.problems("objective.teacher")
+        for key in ("num_codes", "code_dim", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+            if getattr(self, key) < 1:
+                found.append((f"objective.{key}", f"must be >= 1, got {getattr(self, key)}"))
+        if not 0.0 < self.decay < 1.0:
+            found.append(("objective.decay", f"must be in (0, 1), got {self.decay}"))
+        if self.decoder_embed_dim >= 1 and self.decoder_num_heads >= 1:
+            if self.decoder_embed_dim % self.decoder_num_heads:
+                found.append(("objective.decoder_num_heads", f"must divide decoder_embed_dim={self.decoder_embed_dim}"))
+        if self.commit_weight < 0:
+            found.append(("objective.commit_weight", f"must be >= 0, got {self.commit_weight}"))
+        return found

@@ -1,0 +1,112 @@
+"""VQ-KD: BEiT v2's visual tokenizer, trained by distilling a frozen teacher through a codebook.
+
+The ViT backbone encodes the image; a Linear-Tanh-Linear head maps each patch
+token to a 32-d vector, which `NormEMAQuantizer` snaps to the nearest of 8192
+l2-normalised codes (straight-through gradient, EMA codebook). A shallow ViT
+decoder on the patch grid turns the codes back into features and is trained to
+regress the teacher's patch features with a cosine loss, plus the commitment loss
+(microsoft/unilm beit2 modeling_vqkd.py). After training, `codes(images)` is the
+tokenizer BEiT v2 predicts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from objectives.base import DataNeeds, LossOutput, Objective
+from objectives.configs import VQKDConfig
+from objectives.quantizer import NormEMAQuantizer
+from objectives.registry import register
+from objectives.teacher import Teacher, load_teacher
+from pretrain.backbone import VitBackbone
+
+
+def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of 1 - cos(pred, target); (B, N, D) each."""
+    return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
+
+
+@register
+class VQKD(Objective):
+    """Tokenizer training: encoder -> codes -> decoder regressing the teacher's patch features."""
+
+    name = "vqkd"
+    config_class = VQKDConfig
+
+    def __init__(self, cfg: VQKDConfig, backbone: VitBackbone, teacher: Teacher | None = None) -> None:
+        super().__init__(cfg, backbone)
+        width = backbone.embed_dim
+        # Encoder task layer (modeling_vqkd.py encode_task_layer): Linear, Tanh, Linear to code_dim.
+        self.encode_head = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, cfg.code_dim))
+        self.quantizer = NormEMAQuantizer(
+            num_codes=cfg.num_codes,
+            dim=cfg.code_dim,
+            decay=cfg.decay,
+            kmeans_init=cfg.kmeans_init,
+            restart_dead_codes=cfg.restart_dead_codes,
+            dead_code_window=cfg.dead_code_window,
+        )
+        if teacher is None:
+            teacher = load_teacher(cfg.teacher, img_size=backbone.grid_size[0] * backbone.patch_size)
+        if teacher.grid_size != backbone.grid_size:
+            raise ValueError(
+                f"the teacher's patch grid {teacher.grid_size} differs from the encoder's {backbone.grid_size}; "
+                "use a teacher with the same patch size"
+            )
+        self.attach_frozen("teacher", teacher)
+        dec = cfg.decoder_embed_dim
+        self.decoder_embed = nn.Linear(cfg.code_dim, dec)
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, backbone.num_patches, dec))
+        self.decoder_blocks = nn.ModuleList(
+            Block(dec, cfg.decoder_num_heads, qkv_bias=True) for _ in range(cfg.decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(dec)
+        # Decoder task layer: Linear, Tanh, Linear to the teacher's feature size.
+        self.decode_head = nn.Sequential(nn.Linear(dec, dec), nn.Tanh(), nn.Linear(dec, teacher.feature_dim))
+        nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
+
+    @classmethod
+    def data_needs(cls, cfg: VQKDConfig) -> DataNeeds:
+        """One crop per image, no mask."""
+        return DataNeeds(views=1)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> pre-quantisation vectors (B, N, code_dim)."""
+        tokens = self.backbone.encode(self.backbone.embed_patches(images)).tokens
+        return self.encode_head(tokens[:, self.backbone.num_prefix_tokens :])
+
+    @torch.no_grad()
+    def codes(self, images: torch.Tensor) -> torch.Tensor:
+        """The tokenizer: (B, 3, H, W) -> code ids (B, N); never updates the codebook."""
+        z = F.normalize(self.encode(images).float(), dim=-1)
+        return torch.argmax(z @ self.quantizer.codebook.float().t(), dim=-1)
+
+    def decode(self, z_q: torch.Tensor) -> torch.Tensor:
+        """Quantised vectors (B, N, code_dim) -> predicted teacher features (B, N, D_teacher)."""
+        x = self.decoder_embed(z_q) + self.decoder_pos_embed.to(z_q.dtype)
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decode_head(self.decoder_norm(x))
+
+    def forward(self, batch: dict[str, Any]) -> LossOutput:
+        images = batch["views"][0]
+        teacher = self.frozen_modules()["teacher"]
+        target = teacher(images).patches  # (B, N, D_teacher), no grad
+        z = self.encode(images)
+        # The codebook update runs in float32 whatever the training dtype.
+        quant = self.quantizer(z.float())
+        pred = self.decode(quant.z_q.to(z.dtype))
+        rec = cosine_distance(pred, target)
+        loss = rec + self.cfg.commit_weight * quant.commit_loss
+        stats = self.quantizer.usage_stats(quant.codes)
+        metrics = {
+            "vqkd/rec_loss": rec.detach(),
+            "vqkd/commit_loss": quant.commit_loss.detach(),
+            **{f"vqkd/{k}": v.detach().float() for k, v in stats.items()},
+        }
+        return LossOutput(loss=loss, metrics=metrics)
