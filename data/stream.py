@@ -239,6 +239,7 @@ class ResumableLoader:
                 f"{world_size * self.num_readers} readers; write more/smaller shards or lower data.num_workers"
             )
         self.urls, self.cfg, self.views = list(urls), cfg, views
+        self._shards_id = shards_id(self.urls)  # part of every saved position: hash once
         self.img_size, self.batch_size = img_size, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.mask, self.abort_min_samples = mask, abort_min_samples
@@ -365,7 +366,7 @@ class ResumableLoader:
             "world_size": self.world_size,
             "num_readers": self.num_readers,
             "num_shards": len(self.urls),
-            "shards_id": shards_id(self.urls),
+            "shards_id": self._shards_id,
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -353,30 +353,16 @@ def test_bad_samples_are_skipped_counted_and_logged(
 def test_too_many_bad_samples_abort_with_a_clear_message(bad_shards: tuple[Path, list[str]]) -> None:
     root, _ = bad_shards
     urls = resolve_urls(f"{root}/bad.manifest.json")
+
+    def loader_with(max_fraction: float) -> ResumableLoader:
+        cfg = DataConfig(num_workers=0, max_skipped_fraction=max_fraction)
+        return ResumableLoader(
+            urls, cfg=cfg, views=1, img_size=IMG, batch_size=7, rank=0, world_size=1, seed=0, abort_min_samples=32
+        )
+
     # 2 bad in 16 = 12.5% per epoch.
-    loader = ResumableLoader(
-        urls,
-        cfg=DataConfig(num_workers=0, max_skipped_fraction=0.1),
-        views=1,
-        img_size=IMG,
-        batch_size=7,
-        rank=0,
-        world_size=1,
-        seed=0,
-        abort_min_samples=32,
-    )
     with pytest.raises(DataError, match=r"rank 0: \d+ of \d+ samples read were bad .*data.max_skipped_fraction=0.1"):
-        take(loader, 50)
-    tolerant = ResumableLoader(
-        urls,
-        cfg=DataConfig(num_workers=0, max_skipped_fraction=0.2),
-        views=1,
-        img_size=IMG,
-        batch_size=7,
-        rank=0,
-        world_size=1,
-        seed=0,
-        abort_min_samples=32,
-    )
+        take(loader_with(0.1), 50)
+    tolerant = loader_with(0.2)
     take(tolerant, 20)
     assert tolerant.skipped == 2 * tolerant.epoch or tolerant.skipped == 2 * (tolerant.epoch + 1)
