@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
@@ -38,6 +39,44 @@ class DataNeeds:
     mask: MaskSpec | None = None
 
 
+# ImageNet statistics: the data pipeline's default normalisation.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the run tells an objective besides its own config.
+
+    tracking_uri: the MLflow store of the run ("" = none); teachers and tokenizers
+    given as `models:/`/`runs:/` URIs resolve against it. input_mean/std: the
+    normalisation of the images in a batch. arch/arch_kwargs: the timm call that
+    rebuilds the encoder (written beside exported weights).
+    """
+
+    tracking_uri: str = ""
+    input_mean: tuple[float, ...] = IMAGENET_MEAN
+    input_std: tuple[float, ...] = IMAGENET_STD
+    arch: str = ""
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExportedModel:
+    """A directory an objective wrote at the end of training for a later stage to load.
+
+    name: the logged model's name in the MLflow run (`runs:/<run_id>/<name>`) and the
+    folder under `<run dir>/export/`. registered_name: registry name ("" = not
+    registered); `models:/<registered_name>/latest` is the newest version.
+    """
+
+    name: str
+    path: Path
+    model_type: str
+    registered_name: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+
+
 class LossOutput(NamedTuple):
     """What `Objective.forward` returns: the scalar to minimise and its own metrics.
 
@@ -59,10 +98,11 @@ class Objective(nn.Module):
     name: ClassVar[str]
     config_class: ClassVar[type]
 
-    def __init__(self, cfg: Any, backbone: VitBackbone) -> None:
+    def __init__(self, cfg: Any, backbone: VitBackbone, context: RunContext | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
+        self.context = context or RunContext()
 
     @classmethod
     def data_needs(cls, cfg: Any) -> DataNeeds:
@@ -91,3 +131,21 @@ class Objective(nn.Module):
     def encoder(self) -> nn.Module:
         """The module exported as the pretrained encoder (a timm model)."""
         return self.backbone.vit
+
+    def export(self, out_dir: Path) -> list[ExportedModel]:
+        """Write what later stages load; rank 0, after the last step, with full parameters.
+
+        The default exports the encoder in the teacher layout (timm key names in
+        safetensors + teacher.json), so `objective.teacher.source=runs:/<run_id>/encoder`
+        makes it the teacher of a VQ-KD or MaskDistill run. Objectives that train a
+        tokenizer add it here.
+        """
+        from objectives.teacher import save_teacher
+
+        ctx = self.context
+        if not ctx.arch:
+            return []
+        path = save_teacher(
+            self.encoder(), out_dir / "encoder", ctx.arch, ctx.arch_kwargs, mean=ctx.input_mean, std=ctx.input_std
+        )
+        return [ExportedModel("encoder", path, "pretrain.encoder", params={"arch": ctx.arch})]

@@ -139,6 +139,9 @@ class VQKDConfig(ObjectiveConfig):
     decoder_num_heads: int = 12
     # loss = (1 - cosine) reconstruction + commit_weight * MSE(sg[z_q], z) (beta = 1.0).
     commit_weight: float = 1.0
+    # Registry name of the exported tokenizer; "" = "vqkd-<teacher name>". Each run adds a
+    # version; objective.tokenizer=models:/<name>/latest loads the newest.
+    registered_name: str = ""
 
     def problems(self) -> list[tuple[str, str]]:
         found = self.teacher.problems("objective.teacher")
@@ -152,4 +155,93 @@ class VQKDConfig(ObjectiveConfig):
                 found.append(("objective.decoder_num_heads", f"must divide decoder_embed_dim={self.decoder_embed_dim}"))
         if self.commit_weight < 0:
             found.append(("objective.commit_weight", f"must be >= 0, got {self.commit_weight}"))
+        return found
+
+
+# BEiT v2 MIM stage (Peng et al., 2022, Sec. 2.3): predict the VQ-KD codes of masked patches.
+# Values from microsoft/unilm beit2 (PRETRAINING.md ViT-B/16 300-epoch recipe,
+# modeling_pretrain.py, masking_generator.py, run_beitv2_pretraining.py).
+@dataclass
+class BEiTv2Config(ObjectiveConfig):
+    """BEiT v2: mask-token corruption, CE on the frozen tokenizer's codes, plus the patch-aggregation CE."""
+
+    name: str = "beitv2"
+    # The frozen VQ-KD tokenizer: models:/<name>/latest (or /<version>, @<alias>),
+    # runs:/<run_id>/tokenizer, or a local export/tokenizer directory. Required.
+    tokenizer: str = ""
+    # Block-wise mask of exactly 75 of 196 patches (--num_mask_patches 75); the same
+    # fraction on other grids (round(N * ratio) patches).
+    mask_ratio: float = 0.3827
+    # Patch aggregation: final CLS + the output of block `early_layers` (1-based) -> `head_layers`
+    # blocks -> the shared final norm and LM head (--early_layers 9 --head_layers 2
+    # --shared_lm_head True for ViT-B; 21 for ViT-L). null = max(1, depth - 3): 9 of 12, 21 of 24.
+    early_layers: int | None = None
+    head_layers: int = 2
+    # Weight of the aggregation branch's CE; the paper's loss is the plain sum (1.0).
+    aggregation_weight: float = 1.0
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
+        if not self.tokenizer:
+            found.append(
+                (
+                    "objective.tokenizer",
+                    "required: a VQ-KD tokenizer (models:/<name>/latest, runs:/<run_id>/tokenizer or a directory); "
+                    "train one with `python -m pretrain.run objective=vqkd objective.teacher.source=<teacher>` "
+                    "and pass objective.tokenizer=models:/vqkd-<teacher>/latest",
+                )
+            )
+        elif "://" in self.tokenizer and not self.tokenizer.startswith(("models:/", "runs:/")):
+            found.append(("objective.tokenizer", f"use models:/..., runs:/... or a local path, got {self.tokenizer!r}"))
+        if not 0.0 < self.mask_ratio < 1.0:
+            found.append(("objective.mask_ratio", f"must be in (0, 1), got {self.mask_ratio}"))
+        if self.early_layers is not None and self.early_layers < 1:
+            found.append(
+                ("objective.early_layers", f"must be >= 1 (a 1-based block count) or null, got {self.early_layers}")
+            )
+        if self.head_layers < 0:
+            found.append(("objective.head_layers", f"must be >= 0, got {self.head_layers}"))
+        if self.aggregation_weight < 0:
+            found.append(("objective.aggregation_weight", f"must be >= 0, got {self.aggregation_weight}"))
+        return found
+
+
+# MaskDistill: "A Unified View of Masked Image Modeling" (Peng et al., 2022, arXiv 2210.10615).
+# The official code (microsoft/unilm unimim/) was never released (unimim/README.md; unilm issues
+# #1084, #1579), so values the paper's text does not give come from the public reimplementations
+# drkostas/MaskDistill-PyTorch (configs/pretrain.yaml, which reports reproducing the paper's ViT-B
+# numbers) and bwconrad/masked-distillation; each field says which.
+MASKDISTILL_LOSSES = ("smooth_l1", "mse")
+
+
+@dataclass
+class MaskDistillConfig(ObjectiveConfig):
+    """MaskDistill: regress LayerNorm-ed frozen-teacher patch features at block-masked positions."""
+
+    name: str = "maskdistill"
+    # Teacher for ViT-B: CLIP ViT-B/16 (drkostas configs/pretrain.yaml teacher "ViT-B/16", loaded
+    # with OpenAI's clip). Which output is not in the paper text available here; both
+    # reimplementations regress the unprojected 768-d output of the last
+    # transformer block, before CLIP's ln_post, patch tokens only: layer=11 (last of 12 blocks,
+    # pre-norm), project=False. Another teacher needs layer = its depth - 1. Target
+    # normalisation: LayerNorm without affine ("normalized semantic features", abstract).
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(layer=11, normalize="layer_norm"))
+    # Block-wise (BEiT) masking of 40% of the patches (drkostas configs/pretrain.yaml mask_ratio 0.40,
+    # mask_type block; bwconrad README --data.mask_ratio 0.4). Exact count: round(196 * 0.4) = 78.
+    mask_ratio: float = 0.4
+    # "smooth_l1" (both reimplementations; the paper's Table 1 lists each method's loss, its
+    # MaskDistill row could not be read here) or "mse".
+    loss: str = "smooth_l1"
+    # Smooth-l1 transition point. Not found in the paper text available here; 1.0 is PyTorch's
+    # default and drkostas' reproducing config (bwconrad uses 2.0).
+    smooth_l1_beta: float = 1.0
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = self.teacher.problems("objective.teacher")
+        if not 0.0 < self.mask_ratio < 1.0:
+            found.append(("objective.mask_ratio", f"must be in (0, 1), got {self.mask_ratio}"))
+        if self.loss not in MASKDISTILL_LOSSES:
+            found.append(("objective.loss", f"must be one of {MASKDISTILL_LOSSES}, got {self.loss!r}"))
+        if not self.smooth_l1_beta > 0:
+            found.append(("objective.smooth_l1_beta", f"must be > 0, got {self.smooth_l1_beta}"))
         return found

@@ -13,7 +13,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from objectives.base import DataNeeds, LossOutput, MaskSpec, Objective
+from objectives.base import DataNeeds, LossOutput, MaskSpec, Objective, RunContext
 from objectives.configs import MAEConfig
 from objectives.masking import masking_from_mask, random_masking
 from objectives.pos_embed import sincos_2d
@@ -63,8 +63,8 @@ class MAE(Objective):
         """One crop and a uniform random mask of `mask_ratio`, drawn in the loader workers."""
         return DataNeeds(views=1, mask=MaskSpec("random", cfg.mask_ratio))
 
-    def __init__(self, cfg: MAEConfig, backbone: VitBackbone) -> None:
-        super().__init__(cfg, backbone)
+    def __init__(self, cfg: MAEConfig, backbone: VitBackbone, context: RunContext | None = None) -> None:
+        super().__init__(cfg, backbone, context)
         grid = backbone.grid_size
         # Fixed sin-cos position embeddings in encoder and decoder (paper Sec. A.1).
         backbone.use_fixed_pos_embed(sincos_2d(backbone.embed_dim, *grid))

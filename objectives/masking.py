@@ -165,3 +165,14 @@ def mask_generator(spec: MaskSpec) -> Callable[[tuple[int, int], torch.Generator
     if spec.kind not in MASK_GENERATORS:
         raise ValueError(f"unknown mask kind {spec.kind!r}; known: {', '.join(sorted(MASK_GENERATORS))}")
     return partial(MASK_GENERATORS[spec.kind], ratio=spec.ratio)
+
+
+def draw_masks(spec: MaskSpec, batch: int, grid: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, N) bool masks of `spec` seeded from torch's global RNG.
+
+    For direct calls of an objective without `batch["mask"]`; in training the data
+    pipeline draws them, seeded per sample.
+    """
+    generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+    make = mask_generator(spec)
+    return torch.stack([make(grid, generator) for _ in range(batch)]).to(device)

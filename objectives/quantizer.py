@@ -227,7 +227,7 @@ class NormEMAQuantizer(nn.Module):
             dist.broadcast(seeds, src=0)
         codebook[dead] = seeds
         self.steps_unused.masked_fill_(dead, 0)
-        log.info("restarted %d dead codes", n_dead)
+        log.debug("restarted %d dead codes", n_dead)
 
     @torch.no_grad()
     def usage_stats(self, codes: torch.Tensor, sync: bool = False) -> dict[str, torch.Tensor]:

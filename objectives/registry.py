@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 _REGISTRY: dict[str, type[Objective]] = {}
 # Modules imported on first lookup so that registration happens without the caller
 # knowing which file defines which objective.
-_BUILTIN_MODULES = ("objectives.mae", "objectives.vqkd")
+_BUILTIN_MODULES = ("objectives.mae", "objectives.vqkd", "objectives.beitv2", "objectives.maskdistill")
 
 T = TypeVar("T")
 

@@ -44,6 +44,27 @@ LAYOUT_FORMAT = 1
 NESTED_KEYS = ("model", "state_dict", "teacher")
 
 
+def input_affine(
+    input_mean: Sequence[float] | None,
+    input_std: Sequence[float] | None,
+    model_mean: Sequence[float] | None,
+    model_std: Sequence[float] | None,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """Per-channel (scale, shift) that turn data-normalised images into the model's normalisation.
+
+    x_model = (x * in_std + in_mean - m_mean) / m_std = x * scale + shift; (None, None)
+    when any statistic is unknown or the two normalisations agree.
+    """
+    if None in (input_mean, input_std, model_mean, model_std):
+        return None, None
+    in_mean, in_std = torch.tensor(input_mean, dtype=torch.float32), torch.tensor(input_std, dtype=torch.float32)
+    m_mean, m_std = torch.tensor(model_mean, dtype=torch.float32), torch.tensor(model_std, dtype=torch.float32)
+    scale, shift = in_std / m_std, (in_mean - m_mean) / m_std
+    if torch.equal(scale, torch.ones(3)) and torch.equal(shift, torch.zeros(3)):
+        return None, None
+    return scale, shift
+
+
 class TeacherOutput(NamedTuple):
     """Teacher features of a batch."""
 
@@ -88,13 +109,10 @@ class Teacher(nn.Module):
         self.return_cls = return_cls
         self.project = project
         self.source = source
-        # x_teacher = (x * in_std + in_mean - t_mean) / t_std = x * scale + shift, per channel.
-        scale, shift = torch.ones(3), torch.zeros(3)
-        if None not in (input_mean, input_std, teacher_mean, teacher_std):
-            in_mean, in_std = torch.tensor(input_mean), torch.tensor(input_std)
-            t_mean, t_std = torch.tensor(teacher_mean), torch.tensor(teacher_std)
-            scale, shift = in_std / t_std, (in_mean - t_mean) / t_std
-        self.renormalize = not (torch.equal(scale, torch.ones(3)) and torch.equal(shift, torch.zeros(3)))
+        scale, shift = input_affine(input_mean, input_std, teacher_mean, teacher_std)
+        self.renormalize = scale is not None
+        scale = torch.ones(3) if scale is None else scale
+        shift = torch.zeros(3) if shift is None else shift
         self.register_buffer("in_scale", scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("in_shift", shift.view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
@@ -157,6 +175,11 @@ class Teacher(nn.Module):
 # --- saving ----------------------------------------------------------------------
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu()
+    return (t.float() if t.is_floating_point() else t).contiguous().clone()
+
+
 def save_teacher(
     model: nn.Module,
     path: str | Path,
@@ -177,7 +200,8 @@ def save_teacher(
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     # contiguous clones: safetensors refuses tensors that share storage (tied or sliced weights).
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    # fp32 whatever the training precision (bf16/fp16 parameters are widened).
+    state = {k: _plain(v) for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
     meta = {
         "format": LAYOUT_FORMAT,
@@ -206,36 +230,22 @@ def log_teacher_to_mlflow(
 
     No MLmodel flavor and no pickle: the model's files are just the layout. The run then
     resolves `runs:/<run_id>/<name>`; with `registered_name` a new registry version is made
-    and `models:/<registered_name>/<version>` returned, else `models:/<model_id>`.
+    and `models:/<registered_name>/<version>` returned, else `runs:/<run_id>/<name>`.
     """
-    from mlflow import MlflowClient
-    from mlflow.entities import LoggedModelStatus
-    from mlflow.exceptions import MlflowException
+    from pretrain.registry import log_model_dir
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    run = client.get_run(run_id)
-    logged = client.create_logged_model(
-        run.info.experiment_id,
-        name=name,
-        source_run_id=run_id,
-        model_type="pretrain.teacher",
-        params={"arch": arch, **{f"arch_kwargs.{k}": str(v) for k, v in (arch_kwargs or {}).items()}},
-    )
+    params = {"arch": arch, **{f"arch_kwargs.{k}": str(v) for k, v in (arch_kwargs or {}).items()}}
     with tempfile.TemporaryDirectory() as tmp:
         save_teacher(model, tmp, arch, arch_kwargs, mean=mean, std=std)
-        client.log_model_artifacts(logged.model_id, tmp)
-    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    if not registered_name:
-        return f"models:/{logged.model_id}"
-    try:
-        client.create_registered_model(registered_name)
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    version = client.create_model_version(
-        registered_name, source=f"models:/{logged.model_id}", run_id=run_id, model_id=logged.model_id
-    )
-    return f"models:/{registered_name}/{version.version}"
+        return log_model_dir(
+            tmp,
+            run_id=run_id,
+            tracking_uri=tracking_uri,
+            name=name,
+            model_type="pretrain.teacher",
+            params=params,
+            registered_name=registered_name,
+        )
 
 
 # --- loading ---------------------------------------------------------------------
@@ -304,14 +314,10 @@ def _from_timm(name: str, cfg: TeacherConfig, img_size: int | None) -> tuple[nn.
 def _from_mlflow(
     uri: str, cfg: TeacherConfig, img_size: int | None, tracking_uri: str | None
 ) -> tuple[nn.Module, Stats, Stats]:
-    import mlflow.artifacts
+    from pretrain.registry import download_model_dir
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
-            )
-        )
+        local = download_model_dir(uri, tmp, tracking_uri=tracking_uri)
         if not (local / WEIGHTS_FILE).is_file():
             found = sorted(p.name for p in local.iterdir()) if local.is_dir() else [local.name]
             raise FileNotFoundError(

@@ -11,6 +11,7 @@ tokenizer BEiT v2 predicts.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,12 +19,14 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from objectives.base import DataNeeds, LossOutput, Objective
+from objectives.base import DataNeeds, ExportedModel, LossOutput, Objective, RunContext
 from objectives.configs import VQKDConfig
 from objectives.quantizer import NormEMAQuantizer
 from objectives.registry import register
 from objectives.teacher import Teacher, load_teacher
+from objectives.tokenizer import encode_head, save_tokenizer, tokenize
 from pretrain.backbone import VitBackbone
+from pretrain.registry import registry_name
 
 
 def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -38,11 +41,17 @@ class VQKD(Objective):
     name = "vqkd"
     config_class = VQKDConfig
 
-    def __init__(self, cfg: VQKDConfig, backbone: VitBackbone, teacher: Teacher | None = None) -> None:
-        super().__init__(cfg, backbone)
-        width = backbone.embed_dim
+    def __init__(
+        self,
+        cfg: VQKDConfig,
+        backbone: VitBackbone,
+        context: RunContext | None = None,
+        *,
+        teacher: Teacher | None = None,
+    ) -> None:
+        super().__init__(cfg, backbone, context)
         # Encoder task layer (modeling_vqkd.py encode_task_layer): Linear, Tanh, Linear to code_dim.
-        self.encode_head = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, cfg.code_dim))
+        self.encode_head = encode_head(backbone.embed_dim, cfg.code_dim)
         self.quantizer = NormEMAQuantizer(
             num_codes=cfg.num_codes,
             dim=cfg.code_dim,
@@ -52,7 +61,13 @@ class VQKD(Objective):
             dead_code_window=cfg.dead_code_window,
         )
         if teacher is None:
-            teacher = load_teacher(cfg.teacher, img_size=backbone.grid_size[0] * backbone.patch_size)
+            teacher = load_teacher(
+                cfg.teacher,
+                img_size=backbone.grid_size[0] * backbone.patch_size,
+                input_mean=self.context.input_mean,
+                input_std=self.context.input_std,
+                tracking_uri=self.context.tracking_uri or None,
+            )
         if teacher.grid_size != backbone.grid_size:
             raise ValueError(
                 f"the teacher's patch grid {teacher.grid_size} differs from the encoder's {backbone.grid_size}; "
@@ -83,8 +98,53 @@ class VQKD(Objective):
     @torch.no_grad()
     def codes(self, images: torch.Tensor) -> torch.Tensor:
         """The tokenizer: (B, 3, H, W) -> code ids (B, N); never updates the codebook."""
-        z = F.normalize(self.encode(images).float(), dim=-1)
-        return torch.argmax(z @ self.quantizer.codebook.float().t(), dim=-1)
+        return tokenize(self.backbone, self.encode_head, self.quantizer.codebook, images)
+
+    def registered_name(self) -> str:
+        """`objective.registered_name`, else "vqkd-<teacher>" (e.g. vqkd-vit_base_patch16_clip_224.openai)."""
+        if self.cfg.registered_name:
+            return self.cfg.registered_name
+        source = self.cfg.teacher.source
+        if source.startswith("runs:/"):  # runs:/<run_id>/encoder -> that run's name
+            leaf = self._run_name(source.removeprefix("runs:/").split("/")[0])
+        elif source.startswith("models:/"):  # models:/<name>@<alias> or /<version> -> <name>
+            leaf = source.removeprefix("models:/").split("@")[0].split("/")[0]
+        else:  # timm:<name> -> <name>; <run dir>/export/encoder -> <run name>; other paths -> last part
+            parts = Path(source.removeprefix("timm:").rstrip("/")).parts or ("teacher",)
+            leaf = parts[-3] if len(parts) >= 3 and parts[-2] == "export" else parts[-1]
+        return registry_name(f"vqkd-{leaf}")
+
+    def _run_name(self, run_id: str) -> str:
+        """The MLflow run's name, else "run-<first 8 characters of the id>"."""
+        if self.context.tracking_uri:
+            from mlflow import MlflowClient
+            from mlflow.exceptions import MlflowException
+
+            try:
+                return MlflowClient(self.context.tracking_uri).get_run(run_id).info.run_name or f"run-{run_id[:8]}"
+            except MlflowException:
+                pass
+        return f"run-{run_id[:8]}"
+
+    def export(self, out_dir: Path) -> list[ExportedModel]:
+        """The encoder (teacher layout) and the tokenizer, registered as `registered_name()`."""
+        exported = super().export(out_dir)
+        ctx = self.context
+        if not ctx.arch:
+            return exported
+        path = save_tokenizer(
+            self.backbone,
+            self.encode_head,
+            self.quantizer.codebook,
+            out_dir / "tokenizer",
+            arch=ctx.arch,
+            arch_kwargs=ctx.arch_kwargs,
+            mean=ctx.input_mean,
+            std=ctx.input_std,
+            extra={"teacher": self.cfg.teacher.source},
+        )
+        params = {"teacher": self.cfg.teacher.source, "num_codes": str(self.cfg.num_codes), "arch": ctx.arch}
+        return [*exported, ExportedModel("tokenizer", path, "pretrain.tokenizer", self.registered_name(), params)]
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         """Quantised vectors (B, N, code_dim) -> predicted teacher features (B, N, D_teacher)."""

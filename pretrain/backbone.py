@@ -70,9 +70,25 @@ class VitBackbone(nn.Module):
         pos.requires_grad_(False)
 
     # --- forward pieces ------------------------------------------------------
-    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> patch tokens with position embedding, no prefix: (B, N, D)."""
+    def embed_patches(
+        self,
+        images: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, 3, H, W) -> patch tokens with position embedding, no prefix: (B, N, D).
+
+        With `mask` (B, N) bool (True = masked) and `mask_token` (1, 1, D), the embedding
+        of each masked patch is replaced by the mask token before the position embedding
+        is added (BEiT-style corruption: the encoder sees every position).
+        """
         x = self.vit.patch_embed(images)
+        if mask is not None:
+            if mask_token is None:
+                raise ValueError("embed_patches: a mask needs a mask_token")
+            w = mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
+            x = x * (1 - w) + mask_token.to(x.dtype) * w
         return x + self._patch_pos_embed()
 
     def encode(
@@ -106,21 +122,21 @@ class VitBackbone(nn.Module):
         return self.encode(self.embed_patches(images)).tokens
 
 
-def build_backbone(cfg: ModelConfig) -> VitBackbone:
-    """Create the timm model named by `cfg.arch` with the config's overrides."""
-    import timm  # slow import (~5 s): only where a model is built
-
-    kwargs: dict[str, object] = {
-        "pretrained": cfg.pretrained,
-        "num_classes": 0,
-        "img_size": cfg.img_size,
-        "patch_size": cfg.patch_size,
-        "drop_path_rate": cfg.drop_path_rate,
-    }
+def arch_kwargs(cfg: ModelConfig) -> dict[str, object]:
+    """The `timm.create_model(cfg.arch, **kwargs)` arguments that fix the architecture (no weights, no drop path)."""
+    kwargs: dict[str, object] = {"num_classes": 0, "img_size": cfg.img_size, "patch_size": cfg.patch_size}
     for key in ("embed_dim", "depth", "num_heads"):
         value = getattr(cfg, key)
         if value is not None:
             kwargs[key] = value
+    return kwargs
+
+
+def build_backbone(cfg: ModelConfig) -> VitBackbone:
+    """Create the timm model named by `cfg.arch` with the config's overrides."""
+    import timm  # slow import (~5 s): only where a model is built
+
     if not timm.is_model(cfg.arch):
         raise ValueError(f"model.arch: unknown timm model {cfg.arch!r}; see timm.list_models('vit_*')")
+    kwargs = {**arch_kwargs(cfg), "pretrained": cfg.pretrained, "drop_path_rate": cfg.drop_path_rate}
     return VitBackbone(timm.create_model(cfg.arch, **kwargs))

@@ -165,6 +165,7 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) 
         train_url=cfg.data.urls,
         tracking_uri=uri,
         mlflow_run_id=run_id,
+        run_dir=place.run_dir,
     )
     error: BaseException | None = None
     result = None
@@ -182,9 +183,18 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) 
         error = exc
     except KeyboardInterrupt as exc:
         error = exc
+    exports: dict[str, str] = {}
     if run_id:
         tracking.close_run(uri, run_id, failed=error is not None)
-    print_summary(cfg, place, result, error, uri, run_id, time.perf_counter() - started)
+        if error is None:
+            from pretrain.export import exports_of_run
+
+            exports = exports_of_run(uri, run_id)
+    elif error is None:
+        from pretrain.export import exports_in_dir
+
+        exports = exports_in_dir(place.run_dir, cfg.data.storage_options)
+    print_summary(cfg, place, result, error, uri, run_id, time.perf_counter() - started, exports)
     return 1 if error is not None else 0
 
 
@@ -192,6 +202,12 @@ def _last_line(error: BaseException) -> str:
     """The line of a (possibly multi-worker) error that says what went wrong."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else repr(error)
+
+
+def objective_rows(objective: str, metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """The objective's own metrics of the last report (e.g. vqkd/codebook_usage), 4 significant digits."""
+    prefix = f"{objective}/"
+    return [(key, f"{value:.4g}") for key, value in sorted(metrics.items()) if key.startswith(prefix)]
 
 
 def print_summary(
@@ -202,6 +218,7 @@ def print_summary(
     uri: str,
     run_id: str,
     seconds: float,
+    exports: dict[str, str] | None = None,
 ) -> None:
     from pretrain.tracking import run_url
 
@@ -222,8 +239,10 @@ def print_summary(
         ),
         ("images/s", f"{metrics['images_per_sec']:.1f}" if "images_per_sec" in metrics else "n/a"),
         ("wall time", f"{seconds:.0f} s"),
+        *objective_rows(cfg.objective.name, metrics),
         ("mlflow run", run_url(uri, run_id) if run_id else "tracking disabled"),
         ("checkpoint", ckpt),
+        *((f"export {name}", where) for name, where in (exports or {}).items()),
         ("resume with", f"python -m pretrain.run resume={place.run_dir}"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -28,6 +28,7 @@ class RunInfo:
     train_url: str  # "" = the embedded default dataset
     tracking_uri: str  # "" = no MLflow logging
     mlflow_run_id: str
+    run_dir: str = ""  # <storage_path>/<name>: exports go to <run_dir>/export/
     progress_queue: Any = None  # a ray.util.queue.Queue when the driver shows a progress bar
 
 
@@ -160,9 +161,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     from data.default import ensure_default_dataset
     from data.stream import build_train_loader, resolve_urls
+    from objectives.base import RunContext
     from objectives.registry import get_objective_class
     from pretrain import checkpoint
-    from pretrain.backbone import build_backbone
+    from pretrain.backbone import arch_kwargs, build_backbone
     from pretrain.engine import build_engine, global_batch, training_dtype
     from pretrain.progress import push
     from pretrain.tracking import RunLogger
@@ -184,7 +186,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # Same initial weights on every rank (DeepSpeed also broadcasts rank 0's).
     torch.manual_seed(cfg.seed)
     objective_cls = get_objective_class(cfg.objective.name)
-    objective = objective_cls(cfg.objective, build_backbone(cfg.model))
+    context = RunContext(
+        tracking_uri=info.tracking_uri,
+        input_mean=tuple(cfg.data.mean),
+        input_std=tuple(cfg.data.std),
+        arch=cfg.model.arch,
+        arch_kwargs=arch_kwargs(cfg.model),
+    )
+    objective = objective_cls(cfg.objective, build_backbone(cfg.model), context)
     for frozen in objective.frozen_modules().values():
         frozen.to(device).eval().requires_grad_(False)
     engine = build_engine(objective, cfg.optim, t, cfg.deepspeed)
@@ -286,3 +295,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     loader.close()
     if rank == 0:
         log.info("rank 0 finished %d steps (%d this attempt)", step, step - start_step)
+    if info.run_dir:
+        from pretrain.export import export_models
+
+        export_models(
+            engine,
+            rank=rank,
+            zero_stage=cfg.deepspeed.zero_stage,
+            run_dir=info.run_dir,
+            storage_options=cfg.data.storage_options,
+            tracking_uri=info.tracking_uri,
+            run_id=info.mlflow_run_id,
+        )

@@ -12,6 +12,7 @@ import torch
 from objectives.base import Objective
 from objectives.configs import TeacherConfig
 from objectives.teacher import load_teacher, log_teacher_to_mlflow, save_teacher
+from pretrain.registry import download_model_dir
 
 ARCH = "vit_tiny_patch16_224"
 KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 0}
@@ -64,7 +65,8 @@ def test_mlflow_registered_and_runs_uri(tmp_path: Path, monkeypatch, vit, images
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # No MLFLOW_TRACKING_URI in the environment: every call gets the store explicitly.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     client = mlflow.MlflowClient(uri, uri)
     exp = client.create_experiment("teachers", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id
@@ -74,11 +76,11 @@ def test_mlflow_registered_and_runs_uri(tmp_path: Path, monkeypatch, vit, images
     assert model_uri == "models:/tiny-teacher/1"
     client.set_registered_model_alias("tiny-teacher", "best", "1")
     expected = by_hand(vit, images, -1)[:, 1:]
-    for source in (model_uri, "models:/tiny-teacher@best", f"runs:/{run_id}/teacher"):
+    for source in (model_uri, "models:/tiny-teacher/latest", "models:/tiny-teacher@best", f"runs:/{run_id}/teacher"):
         teacher = load_teacher(TeacherConfig(source=source), tracking_uri=uri)
         torch.testing.assert_close(teacher(images).patches, expected)
     # The logged files are the plain layout: no MLmodel, no pickle.
-    files = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "dl"), tracking_uri=uri)
+    files = download_model_dir(model_uri, tmp_path / "dl", tracking_uri=uri)
     assert sorted(os.listdir(files)) == ["teacher.json", "teacher.safetensors"]
 
 

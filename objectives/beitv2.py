@@ -1,0 +1,133 @@
+"""BEiT v2: masked image modeling with a VQ-KD visual tokenizer (Peng et al., 2022).
+
+The frozen tokenizer maps the uncorrupted image to one code per patch. The encoder
+sees the image with block-wise-masked patches replaced by a learned mask token and
+predicts the codes of the masked patches through an LM head (cross-entropy). A
+patch-aggregation branch concatenates the final CLS token with the patch tokens of
+an earlier block, runs two more blocks, and predicts the same codes through the
+same norm and LM head, so the CLS token must gather the image's content; the loss
+is the sum of the two cross-entropies (microsoft/unilm beit2 modeling_pretrain.py,
+engine_for_pretraining.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from objectives.base import DataNeeds, LossOutput, MaskSpec, Objective, RunContext
+from objectives.configs import BEiTv2Config
+from objectives.masking import draw_masks
+from objectives.registry import register
+from objectives.tokenizer import VQTokenizer, load_tokenizer
+from pretrain.backbone import VitBackbone
+
+
+def masked_targets(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Codes (B, N) of the masked positions (mask (B, N) bool), in row-major order: (M,)."""
+    return codes[mask]
+
+
+@register
+class BEiTv2(Objective):
+    """Mask-token MIM on tokenizer codes with BEiT v2's patch-aggregation branch."""
+
+    name = "beitv2"
+    config_class = BEiTv2Config
+
+    @classmethod
+    def data_needs(cls, cfg: BEiTv2Config) -> DataNeeds:
+        """One crop and a block-wise mask, drawn in the loader workers."""
+        return DataNeeds(views=1, mask=MaskSpec("block", cfg.mask_ratio))
+
+    def __init__(
+        self,
+        cfg: BEiTv2Config,
+        backbone: VitBackbone,
+        context: RunContext | None = None,
+        *,
+        tokenizer: VQTokenizer | None = None,
+    ) -> None:
+        super().__init__(cfg, backbone, context)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(
+                cfg.tokenizer,
+                tracking_uri=self.context.tracking_uri or None,
+                input_mean=self.context.input_mean,
+                input_std=self.context.input_std,
+            )
+        if tokenizer.grid_size != backbone.grid_size:
+            raise ValueError(
+                f"objective.tokenizer {tokenizer.source}: its patch grid {tokenizer.grid_size} differs from the "
+                f"encoder's {backbone.grid_size}; train the tokenizer with the same model.img_size/patch_size"
+            )
+        self.attach_frozen("tokenizer", tokenizer)
+        width = backbone.embed_dim
+        self.early_layers = max(1, backbone.depth - 3) if cfg.early_layers is None else cfg.early_layers
+        if not 1 <= self.early_layers <= backbone.depth:
+            raise ValueError(f"objective.early_layers={self.early_layers}: the encoder has {backbone.depth} blocks")
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        heads = int(backbone.vit.blocks[0].attn.num_heads)
+        self.aggregation_blocks = nn.ModuleList(Block(width, heads, qkv_bias=True) for _ in range(cfg.head_layers))
+        # One LM head for both branches (--shared_lm_head True), over the tokenizer's vocabulary.
+        self.lm_head = nn.Linear(width, tokenizer.num_codes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # BEiT's initialisation of the new modules: truncated normal (std 0.02), zero biases, unit norms.
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        for module in [self.lm_head, *self.aggregation_blocks.modules()]:
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @torch.no_grad()
+    def targets(self, images: torch.Tensor) -> torch.Tensor:
+        """The tokenizer's codes of the uncorrupted images: (B, N) long."""
+        return self.frozen_modules()["tokenizer"](images)
+
+    def logits(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LM-head logits at the masked positions (M, V): from the final layer and from the aggregation branch."""
+        bb = self.backbone
+        prefix = bb.num_prefix_tokens
+        tokens = bb.embed_patches(images, mask=mask, mask_token=self.mask_token)
+        last = bb.depth - 1
+        out = bb.encode(tokens, return_blocks=(self.early_layers - 1, last))
+        final = out.tokens[:, prefix:][mask]  # normed final patch tokens at masked positions: (M, D)
+        # Aggregation input: the final CLS (before the norm) + block `early_layers`' patch tokens.
+        x = torch.cat([out.block_outputs[last][:, :1], out.block_outputs[self.early_layers - 1][:, prefix:]], dim=1)
+        for block in self.aggregation_blocks:
+            x = block(x)
+        aggregated = bb.vit.norm(x)[:, 1:][mask]  # the shared final norm: (M, D)
+        return self.lm_head(final), self.lm_head(aggregated)
+
+    def forward(self, batch: dict[str, Any]) -> LossOutput:
+        images = batch["views"][0]
+        mask = batch.get("mask")
+        if mask is None:
+            mask = draw_masks(self.data_needs(self.cfg).mask, images.shape[0], self.backbone.grid_size, images.device)
+        mask = mask.bool()
+        labels = masked_targets(self.targets(images), mask)  # (M,)
+        final_logits, agg_logits = self.logits(images, mask)
+        mim = F.cross_entropy(final_logits.float(), labels)
+        agg = F.cross_entropy(agg_logits.float(), labels)
+        loss = mim + self.cfg.aggregation_weight * agg
+        with torch.no_grad():
+            metrics = {
+                "beitv2/mim_loss": mim.detach(),
+                "beitv2/agg_loss": agg.detach(),
+                "beitv2/mim_acc": (final_logits.argmax(-1) == labels).float().mean(),
+                "beitv2/agg_acc": (agg_logits.argmax(-1) == labels).float().mean(),
+                "beitv2/mask_ratio": mask.float().mean(),
+                # Distinct target codes in this batch, as a fraction of the vocabulary.
+                "beitv2/target_codes": torch.unique(labels).numel() / torch.tensor(float(self.lm_head.out_features)),
+            }
+        return LossOutput(loss=loss, metrics=metrics)

@@ -1,0 +1,209 @@
+"""A trained VQ-KD tokenizer as a frozen module: images -> code ids (BEiT v2's targets).
+
+`save_tokenizer` writes what `VQKD.export` hands to MLflow; `load_tokenizer` reads it
+back from a local directory, `runs:/<run_id>/tokenizer` or `models:/vqkd-<teacher>/latest`.
+The layout is plain files, loaded with safetensors only:
+
+    <dir>/tokenizer.safetensors   backbone.vit.* (timm key names), encode_head.*, codebook
+    <dir>/tokenizer.json          {"format": 1, "kind": "vqkd", "arch", "arch_kwargs",
+                                   "code_dim", "num_codes", "mean", "std", "teacher", "usage"}
+
+The encoder path is VQ-KD's own (`VitBackbone` -> Linear-Tanh-Linear -> l2-normalise ->
+nearest code), so a loaded tokenizer gives exactly the codes the training run assigned.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from objectives.quantizer import nearest_code
+from objectives.teacher import input_affine
+from pretrain.backbone import VitBackbone
+
+WEIGHTS_FILE = "tokenizer.safetensors"
+META_FILE = "tokenizer.json"
+LAYOUT_FORMAT = 1
+KIND = "vqkd"
+
+
+def encode_head(width: int, code_dim: int) -> nn.Sequential:
+    """VQ-KD's encoder task layer (unilm beit2 modeling_vqkd.py): Linear, Tanh, Linear to code_dim."""
+    return nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, code_dim))
+
+
+def tokenize(backbone: VitBackbone, head: nn.Module, codebook: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> ids of the nearest codes (B, N): the one code path of training and export."""
+    tokens = backbone.encode(backbone.embed_patches(images)).tokens[:, backbone.num_prefix_tokens :]
+    z = F.normalize(head(tokens).float(), dim=-1)  # (B, N, code_dim)
+    b, n, d = z.shape
+    return nearest_code(z.reshape(b * n, d), codebook.float()).view(b, n)
+
+
+class VQTokenizer(nn.Module):
+    """Frozen tokenizer: `forward(images)` -> code ids (B, N), long; always in eval mode."""
+
+    def __init__(
+        self,
+        backbone: VitBackbone,
+        head: nn.Module,
+        codebook: torch.Tensor,
+        *,
+        input_mean: Sequence[float] | None = None,
+        input_std: Sequence[float] | None = None,
+        tokenizer_mean: Sequence[float] | None = None,
+        tokenizer_std: Sequence[float] | None = None,
+        source: str = "",
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.encode_head = head
+        self.register_buffer("codebook", codebook.float().clone())
+        self.source = source
+        scale, shift = input_affine(input_mean, input_std, tokenizer_mean, tokenizer_std)
+        self.renormalize = scale is not None
+        self.register_buffer("in_scale", torch.ones(3) if scale is None else scale, persistent=False)
+        self.register_buffer("in_shift", torch.zeros(3) if shift is None else shift, persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> VQTokenizer:
+        return super().train(False)
+
+    @property
+    def num_codes(self) -> int:
+        return int(self.codebook.shape[0])
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.backbone.grid_size
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images
+        if self.renormalize:
+            x = x.float() * self.in_scale.view(1, 3, 1, 1) + self.in_shift.view(1, 3, 1, 1)
+        x = x.to(self.backbone.vit.patch_embed.proj.weight.dtype)
+        return tokenize(self.backbone, self.encode_head, self.codebook, x)
+
+
+def save_tokenizer(
+    backbone: VitBackbone,
+    head: nn.Module,
+    codebook: torch.Tensor,
+    path: str | Path,
+    *,
+    arch: str,
+    arch_kwargs: dict[str, Any],
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the layout above into directory `path`; tensors in fp32."""
+    from safetensors.torch import save_file
+
+    def plain(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().cpu()
+        return (t.float() if t.is_floating_point() else t).contiguous().clone()
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {f"backbone.vit.{k}": plain(v) for k, v in backbone.vit.state_dict().items()}
+    state.update({f"encode_head.{k}": plain(v) for k, v in head.state_dict().items()})
+    state["codebook"] = plain(codebook)
+    save_file(state, str(out / WEIGHTS_FILE))
+    meta = {
+        "format": LAYOUT_FORMAT,
+        "kind": KIND,
+        "arch": arch,
+        "arch_kwargs": dict(arch_kwargs),
+        "code_dim": int(codebook.shape[1]),
+        "num_codes": int(codebook.shape[0]),
+        "mean": None if mean is None else [float(m) for m in mean],
+        "std": None if std is None else [float(s) for s in std],
+        **(extra or {}),
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return out
+
+
+def train_hint(img_size: int | None = None, patch_size: int | None = None) -> str:
+    """How to make a tokenizer: the command a missing-tokenizer error prints."""
+    model = f" model.img_size={img_size} model.patch_size={patch_size}" if img_size and patch_size else ""
+    return (
+        "train one with `python -m pretrain.run objective=vqkd objective.teacher.source=<teacher>"
+        f"{model}` and pass objective.tokenizer=models:/vqkd-<teacher>/latest (or its export/tokenizer directory)"
+    )
+
+
+def load_tokenizer(
+    source: str,
+    *,
+    tracking_uri: str | None = None,
+    input_mean: Sequence[float] | None = None,
+    input_std: Sequence[float] | None = None,
+) -> VQTokenizer:
+    """The frozen tokenizer at `source`: a `models:/`/`runs:/` URI or a local directory."""
+    from pretrain.registry import MODEL_URI_SCHEMES, download_model_dir
+
+    if not source:
+        raise ValueError(f"objective.tokenizer is empty; {train_hint()}")
+    if source.startswith(MODEL_URI_SCHEMES):
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = download_model_dir(source, tmp, tracking_uri=tracking_uri)
+            except Exception as err:  # MlflowException, OSError...: one line with the way out
+                first = (str(err).strip().splitlines() or [""])[0][:200]
+                raise FileNotFoundError(
+                    f"objective.tokenizer={source}: not found in the MLflow store {tracking_uri or '(default)'} "
+                    f"({type(err).__name__}: {first}); {train_hint()}"
+                ) from None
+            return _from_dir(local, source, input_mean, input_std)
+    if "://" in source:
+        raise ValueError(
+            f"objective.tokenizer={source}: use models:/<name>@<alias>, runs:/<run_id>/tokenizer or a path"
+        )
+    return _from_dir(Path(source).expanduser(), source, input_mean, input_std)
+
+
+def _from_dir(
+    path: Path, label: str, input_mean: Sequence[float] | None, input_std: Sequence[float] | None
+) -> VQTokenizer:
+    import timm
+    from safetensors.torch import load_file
+
+    if path.is_file() and path.name == WEIGHTS_FILE:
+        path = path.parent
+    weights, meta_path = path / WEIGHTS_FILE, path / META_FILE
+    if not (weights.is_file() and meta_path.is_file()):
+        raise FileNotFoundError(f"objective.tokenizer={label}: no {WEIGHTS_FILE} + {META_FILE} there; {train_hint()}")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("kind") != KIND or meta.get("format") != LAYOUT_FORMAT:
+        raise ValueError(
+            f"objective.tokenizer={label}: kind {meta.get('kind')!r} format {meta.get('format')!r}, "
+            f"expected {KIND!r} format {LAYOUT_FORMAT}"
+        )
+    state = load_file(str(weights), device="cpu")
+    backbone = VitBackbone(timm.create_model(meta["arch"], pretrained=False, **meta["arch_kwargs"]))
+    backbone.vit.load_state_dict(
+        {k.removeprefix("backbone.vit."): v for k, v in state.items() if k.startswith("backbone.vit.")}
+    )
+    head = encode_head(backbone.embed_dim, int(meta["code_dim"]))
+    head.load_state_dict({k.removeprefix("encode_head."): v for k, v in state.items() if k.startswith("encode_head.")})
+    return VQTokenizer(
+        backbone,
+        head,
+        state["codebook"],
+        input_mean=input_mean,
+        input_std=input_std,
+        tokenizer_mean=meta.get("mean"),
+        tokenizer_std=meta.get("std"),
+        source=label,
+    )
