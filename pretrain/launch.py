@@ -98,7 +98,12 @@ def connect_ray(cfg: PretrainConfig) -> str:
 
 def worker_env(cfg: PretrainConfig) -> dict[str, str]:
     """Environment for the training workers."""
-    env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
+    env = {
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+        # Teachers/tokenizers download from MLflow in every worker: no progress bars in the logs.
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
     if not cfg.trainer.use_gpu:
         # CPU training even where a GPU exists: DeepSpeed picks its CPU accelerator + gloo.
         env["DS_ACCELERATOR"] = "cpu"

@@ -72,4 +72,22 @@ def test_vqkd_then_beitv2_through_the_registry(ray_local: None, runs, tmp_path: 
     encoder = load_teacher(TeacherConfig(source=str(tmp_path / "runs" / "mim" / "export" / "encoder")))
     assert sum(p.numel() for p in encoder.parameters()) > 10_000
     tags = MlflowClient(record["tracking_uri"]).get_run(record["mlflow_run_id"]).data.tags
-    assert tags["pretrain.export.encoder"].startswith("models:/")
+    assert tags["pretrain.export.encoder"] == f"runs:/{record['mlflow_run_id']}/encoder"
+
+    # MaskDistill on 1 worker, ZeRO-2, bf16, with that encoder as teacher by its runs:/ URI.
+    rc = main(
+        [
+            *[a for a in common if a != "trainer.num_workers=2"],
+            "trainer.num_workers=1",
+            "objective=maskdistill",
+            f"objective.teacher.source={tags['pretrain.export.encoder']}",
+            "deepspeed.zero_stage=2",
+            "deepspeed.precision=bf16",
+            "name=distill",
+        ]
+    )
+    assert rc == 0
+    record = runs.record(tmp_path / "runs", "distill")
+    for key in ("loss", "maskdistill/cosine"):
+        values = [v for _, v in runs.history(record, key)]
+        assert len(values) == 3 and all(math.isfinite(v) for v in values), key
