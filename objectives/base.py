@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
@@ -114,6 +115,16 @@ class Objective(nn.Module):
 
     def after_step(self, step: int) -> None:
         """Hook after each optimizer step (EMA, momentum, codebook updates)."""
+
+    def prepare(self, batches: Iterator[dict[str, Any]]) -> None:
+        """Hook before the first step of a new run (not on resume), on every rank.
+
+        `batches` is a separate stream of this rank's training batches (same views and
+        masks as training; drawing from it does not advance the training data), for
+        state built from the data before training, e.g. CCViT's k-means centroids. Keep
+        such state in buffers: checkpoints then carry it and a resumed run skips this.
+        Under ZeRO-3 parameters are partitioned here; buffers are not.
+        """
 
     def attach_frozen(self, name: str, module: nn.Module) -> None:
         """Hold a frozen teacher/tokenizer without registering it as a submodule.

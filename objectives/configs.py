@@ -245,3 +245,15 @@ class MaskDistillConfig(ObjectiveConfig):
         if not self.smooth_l1_beta > 0:
             found.append(("objective.smooth_l1_beta", f"must be > 0, got {self.smooth_l1_beta}"))
         return found
+
+
+# === contrastive: simclr, mocov3 ===
+# === end contrastive ===
+
+
+# === ccvit ===
+# === end ccvit ===
+
+
+# === semaim ===
+# === end semaim ===

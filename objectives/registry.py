@@ -9,9 +9,9 @@ if TYPE_CHECKING:
     from objectives.base import Objective
 
 _REGISTRY: dict[str, type[Objective]] = {}
-# Modules imported on first lookup so that registration happens without the caller
-# knowing which file defines which objective.
-_BUILTIN_MODULES = ("objectives.mae", "objectives.vqkd", "objectives.beitv2", "objectives.maskdistill")
+# Every public module of the `objectives` package is imported on first lookup, so an
+# objective registers itself by existing: one new file, no list to edit.
+_loaded = False
 
 T = TypeVar("T")
 
@@ -26,8 +26,17 @@ def register(cls: T) -> T:
 
 
 def _load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
+    global _loaded
+    if _loaded:
+        return
+    import pkgutil
+
+    import objectives
+
+    for info in pkgutil.iter_modules(objectives.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"objectives.{info.name}")
+    _loaded = True
 
 
 def available() -> list[str]:

@@ -161,7 +161,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     from data.default import ensure_default_dataset
     from data.stream import build_train_loader, resolve_urls
-    from objectives.base import RunContext
+    from objectives.base import Objective, RunContext
     from objectives.registry import get_objective_class
     from pretrain import checkpoint
     from pretrain.backbone import arch_kwargs, build_backbone
@@ -223,6 +223,26 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             step, data_states = checkpoint.restore(engine, Path(path), rank=rank, world_size=world)
         loader.load_state_dict(data_states)
         log.info("rank %d: resumed at step %d", rank, step)
+
+    if latest is None and type(objective).prepare is not Objective.prepare:
+        # Its own stream (another seed), so preparing does not advance the training data.
+        prep_loader = build_train_loader(
+            cfg.data,
+            objective_cls.data_needs(cfg.objective),
+            urls=loader.urls,
+            img_size=cfg.model.img_size,
+            batch_size=t.batch_size,
+            rank=rank,
+            world_size=world,
+            seed=cfg.seed + 1,
+            patch_size=cfg.model.patch_size,
+        )
+        tic = time.perf_counter()
+        batches = (_to_device(b, device, dtype) for b in prep_loader)
+        objective.prepare(batches)
+        prep_loader.close()
+        if rank == 0:
+            log.info("objective prepared in %.1f s", time.perf_counter() - tic)
 
     logger = None
     if rank == 0 and info.tracking_uri:
