@@ -52,7 +52,8 @@ class RunContext:
     tracking_uri: the MLflow store of the run ("" = none); teachers and tokenizers
     given as `models:/`/`runs:/` URIs resolve against it. input_mean/std: the
     normalisation of the images in a batch. arch/arch_kwargs: the timm call that
-    rebuilds the encoder (written beside exported weights).
+    rebuilds the encoder (written beside exported weights). total_steps: the run's
+    optimizer steps.
     """
 
     tracking_uri: str = ""
@@ -60,6 +61,9 @@ class RunContext:
     input_std: tuple[float, ...] = IMAGENET_STD
     arch: str = ""
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Optimizer steps of the whole run (trainer.max_steps): for schedules such as
+    # MoCo v3's momentum; 0 when unknown (direct use outside a run).
+    total_steps: int = 0
 
 
 @dataclass

@@ -192,6 +192,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         input_std=tuple(cfg.data.std),
         arch=cfg.model.arch,
         arch_kwargs=arch_kwargs(cfg.model),
+        total_steps=t.max_steps,
     )
     objective = objective_cls(cfg.objective, build_backbone(cfg.model), context)
     for frozen in objective.frozen_modules().values():
