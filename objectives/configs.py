@@ -248,12 +248,295 @@ class MaskDistillConfig(ObjectiveConfig):
 
 
 # === contrastive: simclr, mocov3 ===
+@dataclass
+class ViewAugmentConfig:
+    """Photometric augmentation of one view, applied per sample in torch (objectives/augment.py).
+
+    The data pipeline already crops (RandomResizedCrop, data.crop_scale_min) and flips. Defaults:
+    BYOL's recipe as in moco-v3 main_moco.py `augmentation1` (ColorJitter(0.4, 0.4, 0.2, 0.1) with
+    p=0.8, grayscale p=0.2, blur p=1.0, no solarisation).
+    """
+
+    # Colour jitter, applied with probability jitter_prob, its four ops in a random order (torchvision
+    # ColorJitter): factors uniform in [1 - x, 1 + x] (brightness, contrast, saturation), hue shift in [-hue, hue].
+    jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_prob: float = 0.2
+    # Gaussian blur, sigma uniform in blur_sigma pixels of a 224-px image, scaled with the image side
+    # (moco-v3 moco/loader.py GaussianBlur([.1, 2.]); SimCLR data_util.py sigma in [0.1, 2.0]).
+    blur_prob: float = 1.0
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # Solarisation (x >= 0.5 -> 1 - x; BYOL, moco-v3 moco/loader.py Solarize).
+    solarize_prob: float = 0.0
+
+    def problems(self, prefix: str) -> list[tuple[str, str]]:
+        """Checks that need no torch: (key, problem) pairs; empty when valid."""
+        found = []
+        for key in ("jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                found.append((f"{prefix}.{key}", f"a probability in [0, 1], got {value}"))
+        for key in ("brightness", "contrast", "saturation"):
+            value = getattr(self, key)
+            if value < 0:
+                found.append((f"{prefix}.{key}", f"must be >= 0, got {value}"))
+        if not 0.0 <= self.hue <= 0.5:
+            found.append((f"{prefix}.hue", f"must be in [0, 0.5], got {self.hue}"))
+        sigma = list(self.blur_sigma)
+        if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
+            found.append((f"{prefix}.blur_sigma", f"need [low, high] with 0 < low <= high, got {sigma}"))
+        return found
+
+
+# SimCLR: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
+# Representations" (ICML 2020); google-research/simclr (README.md, tf2/run.py flags, objective.py,
+# model.py, data_util.py). The paper trains ResNets; ViT choices are noted per field.
+@dataclass
+class SimCLRConfig(ObjectiveConfig):
+    """SimCLR: two views, encoder -> projection MLP -> NT-Xent over the gathered batch."""
+
+    name: str = "simclr"
+    # NT-Xent temperature: 0.1 with batch 4096 (tf2/run.py --temperature default, README ImageNet command).
+    # The README's small-batch CIFAR-10 command uses 0.5.
+    temperature: float = 0.1
+    # Projection head (tf2/run.py --num_proj_layers 3 --proj_out_dim 128; model.py ProjectionHead: hidden
+    # layers as wide as the encoder output, BN + ReLU, last layer with BN): on the CLS token of the
+    # final normed tokens (timm's global_pool="token", as MoCo v3's ViT). null = the encoder width.
+    proj_layers: int = 3
+    proj_hidden_dim: int | None = None
+    proj_dim: int = 128
+    # Both views: colour distortion of strength 1.0 (data_util.py color_jitter: brightness, contrast,
+    # saturation 0.8 s, hue 0.2 s, p=0.8; grayscale p=0.2) and blur p=0.5, no solarisation.
+    augment: ViewAugmentConfig = field(
+        default_factory=lambda: ViewAugmentConfig(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_prob=0.5)
+    )
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = self.augment.problems("objective.augment")
+        if not self.temperature > 0:
+            found.append(("objective.temperature", f"must be > 0, got {self.temperature}"))
+        for key in ("proj_layers", "proj_dim"):
+            if getattr(self, key) < 1:
+                found.append((f"objective.{key}", f"must be >= 1, got {getattr(self, key)}"))
+        if self.proj_hidden_dim is not None and self.proj_hidden_dim < 1:
+            found.append(
+                ("objective.proj_hidden_dim", f"must be >= 1 or null (= encoder width), got {self.proj_hidden_dim}")
+            )
+        return found
+
+
+# MoCo v3: Chen, Xie, He, "An Empirical Study of Training Self-Supervised Vision Transformers" (ICCV 2021);
+# facebookresearch/moco-v3 (main_moco.py, moco/builder.py MoCo_ViT, vits.py, CONFIG.md ViT recipes).
+@dataclass
+class MoCoV3Config(ObjectiveConfig):
+    """MoCo v3: query encoder + projector + predictor vs a momentum key encoder, symmetric InfoNCE x 2T."""
+
+    name: str = "mocov3"
+    # Softmax temperature (CONFIG.md ViT: --moco-t=.2); the loss is CE x 2T (builder.py contrastive_loss).
+    temperature: float = 0.2
+    # Projector: 3-layer MLP, hidden 4096, output 256; predictor: 2-layer, 4096 -> 256; BN in every
+    # hidden layer and (without affine) after the last (--moco-mlp-dim 4096 --moco-dim 256, MoCo_ViT).
+    dim: int = 256
+    mlp_dim: int = 4096
+    # Momentum of the key encoder, from `momentum` to 1 with a half-cosine over training
+    # (--moco-m 0.99 --moco-m-cos, adjust_moco_momentum); false = constant.
+    momentum: float = 0.99
+    momentum_cosine: bool = True
+    # Optimizer steps of the cosine schedule; 0 = the run's length (trainer.max_steps, RunContext.total_steps).
+    total_steps: int = 0
+    # Frozen random patch projection (--stop-grad-conv1 in every ViT recipe of CONFIG.md; vits.py re-inits it
+    # xavier-uniform and sets requires_grad=False), and fixed 2-D sin-cos position embeddings (vits.py).
+    freeze_patch_embed: bool = True
+    fixed_pos_embed: bool = True
+    # Asymmetric views (main_moco.py, BYOL's recipe): view 1 blur p=1.0; view 2 blur p=0.1 + solarise p=0.2.
+    view1: ViewAugmentConfig = field(default_factory=ViewAugmentConfig)
+    view2: ViewAugmentConfig = field(default_factory=lambda: ViewAugmentConfig(blur_prob=0.1, solarize_prob=0.2))
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = self.view1.problems("objective.view1") + self.view2.problems("objective.view2")
+        if not self.temperature > 0:
+            found.append(("objective.temperature", f"must be > 0, got {self.temperature}"))
+        for key in ("dim", "mlp_dim"):
+            if getattr(self, key) < 1:
+                found.append((f"objective.{key}", f"must be >= 1, got {getattr(self, key)}"))
+        if not 0.0 <= self.momentum < 1.0:
+            found.append(("objective.momentum", f"must be in [0, 1), got {self.momentum}"))
+        if self.total_steps < 0:
+            found.append(("objective.total_steps", f"must be >= 0 (0 = trainer.max_steps), got {self.total_steps}"))
+        return found
+
+
 # === end contrastive ===
 
 
 # === ccvit ===
+# CCViT: "Centroid-centered Modeling for Efficient Vision Transformer Pre-training" (Yan et al.,
+# 2023, arXiv 2303.04664). Values from the official code Cakeyan/CCViT_Public: README.md (ViT-B
+# pre-training command), train_faiss_kmeans.py, run_ccvit_pretraining.py, datasets.py,
+# engine_for_pretraining.py (--use_dual_loss True), modeling_pretrain.py.
+KMEANS_INIT_CHOICES = ("random", "kmeans++")
+
+
+@dataclass
+class CCViTConfig(ObjectiveConfig):
+    """CCViT: k-means centroids of pixel patches as tokens; mask + centroid replacement; CE on ids + pixel MSE."""
+
+    name: str = "ccvit"
+    # Existing centroids to reuse: models:/ccvit-centroids-<k>x<patch>/latest (or /<version>),
+    # runs:/<run_id>/centroids, an export/centroids directory, or the official script's
+    # <exp>_centroids.npy. "" = build them by k-means on this run's data before step 1.
+    tokenizer: str = ""
+    # k-means over raw patches in [0, 1]: 8192 centroids, 20 iterations, seed 1 (train_faiss_kmeans.py
+    # --k 8192 --n_iter 20, clus.seed = 1; faiss's init: k random sample points).
+    num_centroids: int = 8192
+    kmeans_iters: int = 20
+    kmeans_init: str = "random"
+    kmeans_seed: int = 1
+    # Patches sampled for k-means over all ranks: all 196 patches of 50 images x 1000 classes
+    # (--sample 50) = 9.8M. Taken from the training stream (augmented crops), whole images first.
+    kmeans_samples: int = 9_800_000
+    # Block-wise mask of exactly 75 of 196 patches (--num_mask_patches 75); round(N * ratio) elsewhere.
+    mask_ratio: float = 0.3827
+    # Of the unmasked patches, round(N * ratio) drawn uniformly get their centroid's pixels
+    # (--num_replaced_patches 20 of 196; datasets.py DataAugmentationForCCViT).
+    replace_ratio: float = 0.102
+    # Pixel branch: final CLS + patch tokens of block `early_layers` (1-based) -> `head_layers`
+    # blocks -> its own norm and Linear to p*p*3 pixels (--early_layers 9 --head_layers 2
+    # --shared_lm_head False for ViT-B; 21 for ViT-L). null = max(1, depth - 3).
+    early_layers: int | None = None
+    head_layers: int = 2
+    # loss = CE(centroid ids) + pixel_weight * MSE(per-patch normalised pixels) (loss_1 + loss_2).
+    pixel_weight: float = 1.0
+    # Registry name of the exported centroids; "" = "ccvit-centroids-<k>x<patch size>".
+    registered_name: str = ""
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
+        if "://" in self.tokenizer and not self.tokenizer.startswith(("models:/", "runs:/")):
+            found.append(
+                (
+                    "objective.tokenizer",
+                    f"use models:/..., runs:/<run_id>/centroids, a local directory or .npy, or '' to build "
+                    f"centroids by k-means; got {self.tokenizer!r}",
+                )
+            )
+        if self.num_centroids < 2:
+            found.append(("objective.num_centroids", f"must be >= 2, got {self.num_centroids}"))
+        if self.kmeans_iters < 1:
+            found.append(("objective.kmeans_iters", f"must be >= 1, got {self.kmeans_iters}"))
+        if self.kmeans_init not in KMEANS_INIT_CHOICES:
+            found.append(("objective.kmeans_init", f"must be one of {KMEANS_INIT_CHOICES}, got {self.kmeans_init!r}"))
+        if not self.tokenizer and self.kmeans_samples < self.num_centroids:
+            found.append(
+                (
+                    "objective.kmeans_samples",
+                    f"{self.kmeans_samples} patches cannot make {self.num_centroids} centroids; sample at least "
+                    f"objective.num_centroids (the paper: ~1200 per centroid)",
+                )
+            )
+        if not 0.0 < self.mask_ratio < 1.0:
+            found.append(("objective.mask_ratio", f"must be in (0, 1), got {self.mask_ratio}"))
+        if not 0.0 <= self.replace_ratio < 1.0:
+            found.append(("objective.replace_ratio", f"must be in [0, 1), got {self.replace_ratio}"))
+        elif 0.0 < self.mask_ratio < 1.0 and self.mask_ratio + self.replace_ratio >= 1.0:
+            found.append(
+                (
+                    "objective.replace_ratio",
+                    f"mask_ratio + replace_ratio must be < 1 (replaced patches are unmasked ones), "
+                    f"got {self.mask_ratio} + {self.replace_ratio}",
+                )
+            )
+        if self.early_layers is not None and self.early_layers < 1:
+            found.append(
+                ("objective.early_layers", f"must be >= 1 (a 1-based block count) or null, got {self.early_layers}")
+            )
+        if self.head_layers < 0:
+            found.append(("objective.head_layers", f"must be >= 0, got {self.head_layers}"))
+        if self.pixel_weight < 0:
+            found.append(("objective.pixel_weight", f"must be >= 0, got {self.pixel_weight}"))
+        return found
+
+
 # === end ccvit ===
 
 
 # === semaim ===
+# SemAIM: Song et al., "Semantic-Aware Autoregressive Image Modeling for Visual Representation
+# Learning" (AAAI 2024, arXiv 2312.10457). Values from the official skyoux/SemAIM (README.md
+# pre-training command, main_pretrain.py, models/models_semaim.py, engines/engine_pretrain.py).
+SEMAIM_TARGETS = ("pixels", "teacher")
+SEMAIM_ORDERS = ("semantic", "random")
+SEMAIM_ORDER_SOURCES = ("model", "ema")
+
+
+@dataclass
+class SemAIMConfig(ObjectiveConfig):
+    """SemAIM: autoregression from the most CLS-like patch outwards, two-stream (XLNet-style) attention."""
+
+    name: str = "semaim"
+    # "pixels": SemAIM (blurred, per-patch normalised pixels); "teacher": SemAIM*, l2-normalised teacher
+    # patch features with the order from the teacher's CLS-patch similarity (--predict_feature clip).
+    target: str = "pixels"
+    # SemAIM*'s teacher (README: CLIP features, "85.3" with ViT-B): CLIP ViT-B/16's final tokens after
+    # ln_post, projected (engine_pretrain.py forward_features_clip: ln_post(x) @ proj, 512-d). Its CLS
+    # gives the order (return_cls). Used only with target=teacher.
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(project=True, return_cls=True))
+    # "semantic": centre = the patch most similar to CLS, then by grid distance to it
+    # (--permutation_type attention_center --attention_type cls); "random": SAIM's stochastic order.
+    order: str = "semantic"
+    # Whose similarity map orders the patches (target=pixels): "model" = the current encoder, no grad,
+    # in eval mode (README command: no --use_ema_model); "ema" = an EMA copy (--use_ema_model).
+    order_source: str = "model"
+    # Tie-break between equidistant patches: + U(0, 1) * 1e-3 (generate_attention_distance_center_permutation).
+    order_noise: float = 1.0e-3
+    # Query-stream blocks, one after every depth / query_depth encoder blocks (--query_depth 12 for
+    # ViT-B's 12); null = the encoder's depth. Separate weights (share_weight=False).
+    query_depth: int | None = None
+    # Gaussian blur of the target image, zero padding (--gaussian_kernel_size 9 --gaussian_sigma 1,
+    # util/blocks.py GaussianConv2d); blur_kernel_size 0 = no blur.
+    blur_kernel_size: int = 9
+    blur_sigma: float = 1.0
+    # Per-patch normalised pixel targets (--norm_pix_loss), L2 over all patches (--loss_type L2).
+    norm_pix_loss: bool = True
+    # EMA of the encoder for order_source=ema (main_pretrain.py ModelEma(decay=0.999), updated every
+    # step; engine_pretrain.py raises the decay linearly to 0.9999 over the first 100 of 800 epochs).
+    ema_decay: float = 0.999
+    ema_decay_end: float = 0.9999
+    ema_ramp_fraction: float = 0.125
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
+        choices = (("target", SEMAIM_TARGETS), ("order", SEMAIM_ORDERS), ("order_source", SEMAIM_ORDER_SOURCES))
+        for key, valid in choices:
+            if getattr(self, key) not in valid:
+                found.append((f"objective.{key}", f"must be one of {valid}, got {getattr(self, key)!r}"))
+        if self.target == "teacher":
+            found += self.teacher.problems("objective.teacher")
+        if self.order_source == "ema" and (self.target == "teacher" or self.order == "random"):
+            found.append(
+                (
+                    "objective.order_source",
+                    "ema orders patches only with target=pixels and order=semantic (the teacher or chance "
+                    "gives the order otherwise); use order_source=model",
+                )
+            )
+        if self.order_noise < 0:
+            found.append(("objective.order_noise", f"must be >= 0, got {self.order_noise}"))
+        if self.query_depth is not None and self.query_depth < 1:
+            found.append(("objective.query_depth", f"must be >= 1 or null (= encoder depth), got {self.query_depth}"))
+        if self.blur_kernel_size < 0 or (self.blur_kernel_size > 0 and self.blur_kernel_size % 2 == 0):
+            found.append(("objective.blur_kernel_size", f"must be odd, or 0 for no blur, got {self.blur_kernel_size}"))
+        if self.blur_kernel_size > 0 and not self.blur_sigma > 0:
+            found.append(("objective.blur_sigma", f"must be > 0, got {self.blur_sigma}"))
+        for key in ("ema_decay", "ema_decay_end"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                found.append((f"objective.{key}", f"must be in [0, 1), got {getattr(self, key)}"))
+        if not 0.0 <= self.ema_ramp_fraction <= 1.0:
+            found.append(("objective.ema_ramp_fraction", f"must be in [0, 1], got {self.ema_ramp_fraction}"))
+        return found
+
+
 # === end semaim ===

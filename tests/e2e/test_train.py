@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 STAGE0_LOSSES: dict[str, list[float]] = {}
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+# Stages 1 and 2 run with other objectives (test_more_objectives.py, test_beitv2_chain.py).
+@pytest.mark.parametrize("stage", [0, 3])
 def test_two_workers_each_zero_stage(stage: int, ray_local: None, runs, tmp_path: Path) -> None:
     name = f"zero{stage}"
     rc = main(

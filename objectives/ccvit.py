@@ -1,0 +1,289 @@
+"""CCViT: masked image modeling on k-means centroids of pixel patches (Yan et al., 2023).
+
+"Centroid-centered Modeling for Efficient Vision Transformer Pre-training"; official
+code Cakeyan/CCViT_Public (datasets.py, engine_for_pretraining.py, modeling_pretrain.py).
+The tokenizer is non-parametric: the token of a patch is its nearest k-means centroid
+of raw [0, 1] patches, built here from the run's own data before step 1 (`prepare`).
+The input is corrupted twice: block-wise masked patches become a learned mask token,
+and some random unmasked patches get their centroid's pixels. At the masked and the
+replaced positions the encoder predicts the centroid ids of the original patches
+(CE through an LM head on the final tokens), and a patch-aggregation branch (final
+CLS + an earlier block's patch tokens -> 2 blocks -> its own norm and Linear)
+regresses the original patches' per-patch normalised pixels (MSE). Loss = CE + MSE.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from objectives.base import DataNeeds, ExportedModel, LossOutput, MaskSpec, Objective, RunContext
+from objectives.configs import CCViTConfig
+from objectives.kmeans import (
+    from_pixels,
+    image_patches,
+    kmeans,
+    load_centroids,
+    nearest_centroid,
+    rank_and_world,
+    save_centroids,
+    to_pixels,
+)
+from objectives.mae import masked_patch_mse, patchify, unpatchify
+from objectives.masking import draw_masks
+from objectives.registry import register
+from pretrain.backbone import VitBackbone
+
+log = logging.getLogger(__name__)
+
+
+def random_unmasked(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, N) bool: `count` positions per row drawn uniformly among the unmasked ones (torch's global RNG)."""
+    if count == 0:
+        return torch.zeros_like(mask)
+    visible = int((~mask).sum(1).min())
+    if visible < count:
+        raise ValueError(f"cannot replace {count} patches: a row has only {visible} unmasked")
+    noise = torch.rand(mask.shape, device=mask.device).masked_fill(mask, 2.0)  # masked positions sort last
+    chosen = noise.topk(count, dim=1, largest=False).indices  # (B, count)
+    return torch.zeros_like(mask).scatter_(1, chosen, True)
+
+
+class Corruption(NamedTuple):
+    """The encoder's input and what the losses need, from `CCViT.corrupt`."""
+
+    images: torch.Tensor  # (B, 3, H, W) normalised, the input's dtype: replaced patches carry centroid pixels
+    codes: torch.Tensor  # (B, N) long: centroid ids of the original patches
+    replaced: torch.Tensor  # (B, N) bool: unmasked patches whose pixels were replaced
+    patches: torch.Tensor  # (B, N, p*p*3) float32: the original patches' pixels in [0, 1]
+
+
+@register
+class CCViT(Objective):
+    """Mask-token + centroid-replacement corruption; CE on centroid ids and MSE on pixels."""
+
+    name = "ccvit"
+    config_class = CCViTConfig
+
+    centroids: torch.Tensor
+    centroid_counts: torch.Tensor
+    centroids_ready: torch.Tensor
+    kmeans_stats: torch.Tensor
+
+    @classmethod
+    def data_needs(cls, cfg: CCViTConfig) -> DataNeeds:
+        """One crop and a block-wise mask, drawn in the loader workers."""
+        return DataNeeds(views=1, mask=MaskSpec("block", cfg.mask_ratio))
+
+    def __init__(
+        self,
+        cfg: CCViTConfig,
+        backbone: VitBackbone,
+        context: RunContext | None = None,
+        *,
+        centroids: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(cfg, backbone, context)
+        patch = backbone.patch_size
+        dim = patch * patch * 3
+        source, counts, meta = "<given>", None, {}
+        if centroids is None and cfg.tokenizer:
+            centroids, counts, meta = load_centroids(cfg.tokenizer, tracking_uri=self.context.tracking_uri or None)
+            source = cfg.tokenizer
+        if centroids is not None and (centroids.ndim != 2 or centroids.shape[1] != dim):
+            raise ValueError(
+                f"objective.tokenizer {source}: centroids of shape {tuple(centroids.shape)}, but the encoder's "
+                f"patches are {patch}x{patch}x3 = {dim} pixels; build centroids with the same model.patch_size"
+            )
+        k = cfg.num_centroids if centroids is None else int(centroids.shape[0])
+        # Buffers: checkpoints carry them (a resumed run skips `prepare`), ZeRO-3 never splits them.
+        self.register_buffer("centroids", torch.zeros(k, dim) if centroids is None else centroids.float().clone())
+        self.register_buffer("centroid_counts", torch.zeros(k) if counts is None else counts.clone())
+        self.register_buffer("centroids_ready", torch.tensor(centroids is not None))
+        # The k-means build that made the centroids (from the file when reused): [seconds,
+        # fraction of centroids owning sample points, mean squared error per pixel].
+        stats = [float(meta.get(key, 0.0)) for key in ("kmeans_seconds", "usage", "mse")]
+        self.register_buffer("kmeans_stats", torch.tensor(stats))
+        self.num_replaced = round(backbone.num_patches * cfg.replace_ratio)
+        width = backbone.embed_dim
+        self.early_layers = max(1, backbone.depth - 3) if cfg.early_layers is None else cfg.early_layers
+        if not 1 <= self.early_layers <= backbone.depth:
+            raise ValueError(f"objective.early_layers={self.early_layers}: the encoder has {backbone.depth} blocks")
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        heads = int(backbone.vit.blocks[0].attn.num_heads)
+        self.aggregation_blocks = nn.ModuleList(Block(width, heads, qkv_bias=True) for _ in range(cfg.head_layers))
+        # --shared_lm_head False: the pixel branch has its own norm and head (modeling_pretrain.py cls_pt_*).
+        self.pixel_norm = nn.LayerNorm(width, eps=1e-6)
+        self.pixel_head = nn.Linear(width, dim)
+        self.lm_head = nn.Linear(width, k)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # BEiT's initialisation of the new modules: truncated normal (std 0.02), zero biases, unit norms.
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        for module in [self.lm_head, self.pixel_head, self.pixel_norm, *self.aggregation_blocks.modules()]:
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @property
+    def num_centroids(self) -> int:
+        return int(self.centroids.shape[0])
+
+    # --- the tokenizer ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def prepare(self, batches: Iterator[dict[str, Any]]) -> None:
+        """Build the centroids by k-means on patches of this rank's stream (all ranks jointly)."""
+        if bool(self.centroids_ready):
+            return
+        rank, world = rank_and_world()
+        want = math.ceil(self.cfg.kmeans_samples / world)  # patches on this rank
+        tic = time.perf_counter()
+        chunks, have = [], 0
+        for batch in batches:
+            pixels = to_pixels(batch["views"][0], self.context.input_mean, self.context.input_std)
+            patches = image_patches(pixels, self.backbone.patch_size)  # (B * N, p*p*3), whole images first
+            chunks.append(patches[: want - have])
+            have += chunks[-1].shape[0]
+            if have >= want:
+                break
+        if not chunks:
+            raise RuntimeError(f"rank {rank}: the data stream gave no batches to build the CCViT centroids from")
+        x = torch.cat(chunks)
+        sampled = time.perf_counter() - tic
+        tic = time.perf_counter()
+        result = kmeans(
+            x, self.num_centroids, self.cfg.kmeans_iters, init=self.cfg.kmeans_init, seed=self.cfg.kmeans_seed
+        )
+        seconds = time.perf_counter() - tic
+        self.set_centroids(result.centroids, result.counts)
+        self.kmeans_stats.copy_(torch.tensor([seconds, result.usage, result.mse]))
+        if rank == 0:
+            log.info(
+                "k-means: %d centroids of %dx%dx3 patches from %d patches x %d ranks (sampled in %.1f s) in %.1f s, "
+                "%d iterations; %.1f%% of centroids used, mse %.3g per pixel, %d empty clusters split",
+                self.num_centroids,
+                self.backbone.patch_size,
+                self.backbone.patch_size,
+                x.shape[0],
+                world,
+                sampled,
+                seconds,
+                self.cfg.kmeans_iters,
+                100 * result.usage,
+                result.mse,
+                result.splits,
+            )
+
+    @torch.no_grad()
+    def set_centroids(self, centroids: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+        """Use these centroids (K, p*p*3) from now on."""
+        self.centroids.copy_(centroids)
+        self.centroid_counts.copy_(torch.zeros(self.num_centroids) if counts is None else counts)
+        self.centroids_ready.fill_(True)
+
+    @torch.no_grad()
+    def corrupt(self, images: torch.Tensor, mask: torch.Tensor) -> Corruption:
+        """Tokenise the original patches and replace `num_replaced` random unmasked patches by their centroid.
+
+        Replacement happens in [0, 1] pixels before normalisation, as utils.kmeans_mask in the
+        official code; the other pixels are passed through untouched.
+        """
+        if not bool(self.centroids_ready):
+            raise RuntimeError(
+                "CCViT centroids are not built: call prepare(batches) (the training loop does before step 1) "
+                "or give objective.tokenizer"
+            )
+        mean, std = self.context.input_mean, self.context.input_std
+        patch, grid = self.backbone.patch_size, self.backbone.grid_size
+        patches = patchify(to_pixels(images, mean, std), patch)  # (B, N, p*p*3) in [0, 1]
+        b, n, d = patches.shape
+        centroids = self.centroids.float()
+        codes = nearest_centroid(patches.reshape(b * n, d), centroids).view(b, n)
+        replaced = random_unmasked(mask, self.num_replaced)
+        centroid_images = from_pixels(unpatchify(centroids[codes], patch, grid), mean, std).to(images.dtype)
+        where = unpatchify(replaced.unsqueeze(-1).expand(b, n, d), patch, grid)  # (B, 3, H, W) bool
+        return Corruption(torch.where(where, centroid_images, images), codes, replaced, patches)
+
+    # --- the model -------------------------------------------------------------------
+
+    def encode(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final normed patch tokens and the pixel branch's normed tokens: both (B, N, D)."""
+        bb = self.backbone
+        prefix = bb.num_prefix_tokens
+        tokens = bb.embed_patches(images, mask=mask, mask_token=self.mask_token)
+        last = bb.depth - 1
+        out = bb.encode(tokens, return_blocks=(self.early_layers - 1, last))
+        # Pixel branch input: the final CLS (before the norm) + block `early_layers`' patch tokens.
+        x = torch.cat([out.block_outputs[last][:, :1], out.block_outputs[self.early_layers - 1][:, prefix:]], dim=1)
+        for block in self.aggregation_blocks:
+            x = block(x)
+        return out.tokens[:, prefix:], self.pixel_norm(x)[:, 1:]
+
+    def forward(self, batch: dict[str, Any]) -> LossOutput:
+        images = batch["views"][0]
+        mask = batch.get("mask")
+        if mask is None:
+            mask = draw_masks(self.data_needs(self.cfg).mask, images.shape[0], self.backbone.grid_size, images.device)
+        mask = mask.bool()
+        c = self.corrupt(images, mask)
+        targets = mask | c.replaced  # (B, N): masked + replaced positions
+        labels = c.codes[targets]  # (T,)
+        final, pixel_tokens = self.encode(c.images, mask)
+        logits = self.lm_head(final[targets])  # (T, K)
+        ce = F.cross_entropy(logits.float(), labels)
+        pix = masked_patch_mse(self.pixel_head(pixel_tokens).float(), c.patches, targets.float(), norm_pix=True)
+        loss = ce + self.cfg.pixel_weight * pix
+        with torch.no_grad():
+            metrics = {
+                "ccvit/ce_loss": ce.detach(),
+                "ccvit/pix_loss": pix.detach(),
+                "ccvit/acc": (logits.argmax(-1) == labels).float().mean(),
+                # Distinct centroids among this batch's targets, as a fraction of all centroids.
+                "ccvit/centroid_usage": torch.unique(labels).numel() / torch.tensor(float(self.num_centroids)),
+                "ccvit/kmeans_seconds": self.kmeans_stats[0].clone(),
+                "ccvit/kmeans_usage": self.kmeans_stats[1].clone(),
+            }
+        return LossOutput(loss=loss, metrics=metrics)
+
+    # --- export ----------------------------------------------------------------------
+
+    def export(self, out_dir: Path) -> list[ExportedModel]:
+        """The encoder, and the centroids as `ccvit-centroids-<k>x<patch>` for later runs to reuse."""
+        items = super().export(out_dir)
+        if not bool(self.centroids_ready):
+            return items
+        patch, k = self.backbone.patch_size, self.num_centroids
+        stats = self.kmeans_stats.tolist()
+        path = save_centroids(
+            out_dir / "centroids",
+            self.centroids,
+            patch_size=patch,
+            counts=self.centroid_counts,
+            extra={
+                "source": self.cfg.tokenizer or "k-means",
+                "kmeans_iters": self.cfg.kmeans_iters,
+                "kmeans_samples": self.cfg.kmeans_samples,
+                "kmeans_seconds": stats[0],
+                "usage": stats[1],
+                "mse": stats[2],
+            },
+        )
+        name = self.cfg.registered_name or f"ccvit-centroids-{k}x{patch}"
+        params = {"num_centroids": str(k), "patch_size": str(patch)}
+        items.append(ExportedModel("centroids", path, "ccvit.centroids", registered_name=name, params=params))
+        return items
