@@ -247,7 +247,6 @@ class MaskDistillConfig(ObjectiveConfig):
         return found
 
 
-# === contrastive: simclr, mocov3 ===
 @dataclass
 class ViewAugmentConfig:
     """Photometric augmentation of one view, applied per sample in torch (objectives/augment.py).
@@ -369,10 +368,6 @@ class MoCoV3Config(ObjectiveConfig):
         return found
 
 
-# === end contrastive ===
-
-
-# === ccvit ===
 # CCViT: "Centroid-centered Modeling for Efficient Vision Transformer Pre-training" (Yan et al.,
 # 2023, arXiv 2303.04664). Values from the official code Cakeyan/CCViT_Public: README.md (ViT-B
 # pre-training command), train_faiss_kmeans.py, run_ccvit_pretraining.py, datasets.py,
@@ -460,10 +455,6 @@ class CCViTConfig(ObjectiveConfig):
         return found
 
 
-# === end ccvit ===
-
-
-# === semaim ===
 # SemAIM: Song et al., "Semantic-Aware Autoregressive Image Modeling for Visual Representation
 # Learning" (AAAI 2024, arXiv 2312.10457). Values from the official skyoux/SemAIM (README.md
 # pre-training command, main_pretrain.py, models/models_semaim.py, engines/engine_pretrain.py).
@@ -537,6 +528,3 @@ class SemAIMConfig(ObjectiveConfig):
         if not 0.0 <= self.ema_ramp_fraction <= 1.0:
             found.append(("objective.ema_ramp_fraction", f"must be in [0, 1], got {self.ema_ramp_fraction}"))
         return found
-
-
-# === end semaim ===
