@@ -19,8 +19,9 @@ CASES = {
     "mocov3": (3, "fp32", ["objective.dim=16", "objective.mlp_dim=32"]),
     # k-means centroids built in prepare() from the stream, exported and registered at the end.
     "ccvit": (2, "bf16", ["objective.num_centroids=32", "objective.kmeans_samples=2048"]),
-    # Order from the EMA encoder, kept in fp32 buffers and updated from ZeRO-3-partitioned parameters.
-    "semaim": (3, "bf16", ["objective.order_source=ema"]),
+    # Order from the EMA encoder, kept in fp32 buffers and updated from ZeRO-3-partitioned
+    # parameters; with gradient accumulation (bf16 + accumulation + ZeRO-3 in one engine).
+    "semaim": (3, "bf16", ["objective.order_source=ema", "trainer.grad_accum=2"]),
 }
 
 

@@ -32,7 +32,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["objective=nope"], "objective: unknown objective 'nope'; valid choices: beitv2, mae, maskdistill, vqkd"),
+        (
+            ["objective=nope"],
+            "objective: unknown objective 'nope'; valid choices: beitv2, ccvit, mae, maskdistill, mocov3, semaim, simclr, vqkd",
+        ),
         (["model=vit_huge_typo"], "valid choices: vit_base, vit_large, vit_nano, vit_small, vit_tiny"),
         (["trainer.nope=1"], "trainer.nope: unknown key 'nope'; valid keys under trainer:"),
         (["nope=1"], "nope: unknown key 'nope'"),
