@@ -23,6 +23,16 @@ class ObjectiveConfig:
         """Checks that need no torch: (key, problem) pairs; empty when valid."""
         return []
 
+    def upstream(self) -> dict[str, str]:
+        """Models of earlier stages this run uses ({"tokenizer": uri, "teacher": source}): lineage of its export."""
+        found = {}
+        if getattr(self, "tokenizer", ""):
+            found["tokenizer"] = self.tokenizer
+        teacher = getattr(self, "teacher", None)
+        if teacher is not None and teacher.source:
+            found["teacher"] = teacher.source
+        return found
+
 
 @dataclass
 class MAEConfig(ObjectiveConfig):
@@ -497,6 +507,13 @@ class SemAIMConfig(ObjectiveConfig):
     ema_decay: float = 0.999
     ema_decay_end: float = 0.9999
     ema_ramp_fraction: float = 0.125
+
+    def upstream(self) -> dict[str, str]:
+        """The teacher only for SemAIM* (target=teacher)."""
+        found = super().upstream()
+        if self.target != "teacher":
+            found.pop("teacher", None)
+        return found
 
     def problems(self) -> list[tuple[str, str]]:
         found = []

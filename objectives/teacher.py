@@ -405,3 +405,26 @@ def _build(arch: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor], la
         )
     vit.load_state_dict(state)
     return vit
+
+
+def load_exported_vit(source: str, *, tracking_uri: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The timm ViT of a `save_teacher` layout (an exported encoder) and its teacher.json.
+
+    source: `models:/...`, `runs:/...` or a local directory/file. The weights must fit
+    the recorded architecture exactly (strict load), from safetensors or weights_only.
+    """
+    cfg = TeacherConfig(source=source)
+    with tempfile.TemporaryDirectory() as tmp:
+        if source.startswith(("models:/", "runs:/")):
+            from pretrain.registry import download_model_dir
+
+            path, label = download_model_dir(source, tmp, tracking_uri=tracking_uri), source
+        else:
+            path, label = Path(source), source
+        weights = path / WEIGHTS_FILE if path.is_dir() else path
+        meta_path = weights.with_suffix(".json")
+        if not weights.is_file():
+            raise FileNotFoundError(f"{label}: no {WEIGHTS_FILE} there; is it an exported encoder?")
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        vit, _, _ = _from_path(weights, cfg, None, label=label)
+    return vit.eval(), meta

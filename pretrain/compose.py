@@ -16,11 +16,13 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from objectives import configs as objective_configs
-from pretrain.config import PretrainConfig, find_problems
+from pretrain.config import EvaluateConfig, PretrainConfig, evaluate_problems, find_problems
 
 CONF_MODULE = "pretrain.conf"
 # Groups whose options are YAML files in pretrain/conf/<group>/.
-GROUPS = ("objective", "model", "data", "trainer", "tracking", "optim", "preset")
+GROUPS = ("objective", "model", "data", "trainer", "tracking", "eval", "optim", "preset")
+# Groups of `python -m pretrain.evaluate` (pretrain/conf/evaluate.yaml).
+EVALUATE_GROUPS = ("eval", "data", "tracking")
 
 
 class ConfigError(ValueError):
@@ -34,6 +36,7 @@ class ConfigError(ValueError):
 def _register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
     for cls in vars(objective_configs).values():
         if isinstance(cls, type) and issubclass(cls, objective_configs.ObjectiveConfig):
             if cls is not objective_configs.ObjectiveConfig:
@@ -56,7 +59,7 @@ def _group_of_missing(message: str) -> tuple[str, str] | None:
     return None
 
 
-def _explain(exc: Exception, overrides: list[str]) -> ConfigError:
+def _explain(exc: Exception, overrides: list[str], config_name: str = "config") -> ConfigError:
     """Turn Hydra/OmegaConf's exception into a one-line ConfigError."""
     if exc.__cause__ is not None and "Error merging override" in str(exc):
         exc = exc.__cause__  # the OmegaConf error names the key and the type
@@ -83,7 +86,7 @@ def _explain(exc: Exception, overrides: list[str]) -> ConfigError:
     key = full_key.group(1) if full_key else (key_match.group(1) if key_match else "config")
     if "not in" in str(exc) or "Could not override" in str(exc) or "Key '" in str(exc):
         parent, _, leaf = key.rpartition(".")
-        valid = _valid_keys(parent, overrides)
+        valid = _valid_keys(parent, overrides, config_name)
         if valid:
             hint = f"; valid keys under {parent or 'the root'}: {', '.join(valid)}"
             return ConfigError(key, f"unknown key {leaf!r}{hint}")
@@ -93,12 +96,13 @@ def _explain(exc: Exception, overrides: list[str]) -> ConfigError:
     return ConfigError(key, message)
 
 
-def _valid_keys(parent: str, overrides: list[str]) -> list[str]:
+def _valid_keys(parent: str, overrides: list[str], config_name: str = "config") -> list[str]:
     """Keys of the node `parent` in the config composed without the bad override."""
     try:
-        base = _compose([o for o in overrides if "=" in o and not _override_key(o).startswith(parent + ".")])
+        kept = [o for o in overrides if "=" in o and not _override_key(o).startswith(parent + ".")]
+        base = _compose(kept, config_name)
     except Exception:  # noqa: BLE001 - only used to improve a message; the caller reports the original
-        base = _compose([])
+        base = _compose([], config_name)
     node = OmegaConf.select(base, parent) if parent else base
     return sorted(node.keys()) if isinstance(node, DictConfig) else []
 
@@ -107,10 +111,10 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def _compose(overrides: list[str]) -> DictConfig:
+def _compose(overrides: list[str], config_name: str = "config") -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name=config_name, overrides=overrides)
 
 
 def quote_urls(override: str) -> str:
@@ -125,19 +129,23 @@ def quote_urls(override: str) -> str:
     return f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def load_config(overrides: list[str]) -> DictConfig:
-    """Compose, type-check and validate; raise ConfigError naming the first bad key."""
+def load_config(overrides: list[str], config_name: str = "config") -> DictConfig:
+    """Compose, type-check and validate; raise ConfigError naming the first bad key.
+
+    config_name: "config" (pretrain.run) or "evaluate" (pretrain.evaluate).
+    """
     _register_schemas()
     overrides = [quote_urls(o) for o in overrides]
     try:
-        cfg = _compose(list(overrides))
+        cfg = _compose(list(overrides), config_name)
         # Resolves interpolations and checks every value against its dataclass type.
         OmegaConf.to_object(cfg)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf raise many types; all become one line
-        raise _explain(exc, list(overrides)) from None
-    problems = find_problems(OmegaConf.to_object(cfg))
+        raise _explain(exc, list(overrides), config_name) from None
+    check = evaluate_problems if config_name == "evaluate" else find_problems
+    problems = check(OmegaConf.to_object(cfg))
     if problems:
         key, message = problems[0]
         raise ConfigError(key, message)

@@ -20,6 +20,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 class ModelConfig:
     """A timm ViT and the overrides applied when creating it."""
 
+    # Short name of this model option (the registry name is <objective>-<name>).
+    name: str = ""
     # timm model name (timm.list_models("vit_*")).
     arch: str = "vit_base_patch16_224"
     img_size: int = 224
@@ -91,6 +93,59 @@ class TrackingConfig:
     uri: str = ""
     experiment: str = "pretrain"
     enabled: bool = True
+    # Register the encoder at the end of a run in the MLflow model registry.
+    register: bool = True
+    # Registered-model name ("" = <objective>-<model.name>, e.g. mae-vit_base).
+    registered_model: str = ""
+
+
+EVAL_PROTOCOLS = ("knn", "linear")
+EVAL_FEATURES = ("cls", "mean")
+
+
+@dataclass
+class EvalConfig:
+    """Frozen-feature evaluation of an encoder: weighted kNN and a linear probe (the `eval` group).
+
+    Fit on labelled shards (`fit_urls`), accuracy on held-out ones (`test_urls`); both
+    empty = the embedded default (fit on its train split, test on its held-out eval split).
+    """
+
+    # At the end of pretraining (pretrain.run); pretrain.evaluate always evaluates.
+    enabled: bool = True
+    # Also every N optimizer steps, as a Ray task beside training (0 = only at the end).
+    every_steps: int = 0
+    protocols: list[str] = field(default_factory=lambda: ["knn", "linear"])
+    # Labelled shards (.cls): manifest URL or brace pattern. "" = see the class docstring.
+    fit_urls: str = ""
+    # "" = data.eval_urls, else the embedded default's eval split. When fit_urls is ""
+    # but test_urls is not, a deterministic `holdout_fraction` of it (by sample key) is
+    # tested and the rest fitted.
+    test_urls: str = ""
+    holdout_fraction: float = 0.2
+    # Caps on the samples read (0 = all), taken in shard order.
+    max_fit_samples: int = 0
+    max_test_samples: int = 0
+    # kNN: cosine on l2-normalised features, k neighbours, votes exp(sim / T) (DINO, Caron et al. 2021).
+    k: int = 20
+    temperature: float = 0.07
+    # Linear probe: standardised features (MAE's BatchNorm without affine) + logistic
+    # regression, weight decay picked on a split of the fit set (CLIP-style sweep).
+    probe_weight_decays: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2])
+    # "cls" token or "mean" of the patch tokens, after the final norm.
+    features: str = "cls"
+    # Eval transform: resize the short side to img_size / crop_pct, centre crop (timm's 0.875).
+    crop_pct: float = 0.875
+    batch_size: int = 256
+    num_workers: int = 1
+    # Also evaluate a randomly initialised encoder of the same architecture.
+    baseline: bool = True
+    # Which result moves the registry alias `best` (only when it beats the holder).
+    select_metric: str = "knn_top1"
+    seed: int = 0
+    # Resources of the evaluation Ray task (pretrain.run).
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
 
 
 @dataclass
@@ -104,6 +159,7 @@ class PretrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     # Ray Train run name ("" = <objective>-<model>-<timestamp>).
     name: str = ""
@@ -199,7 +255,104 @@ def find_problems(cfg: Any) -> list[tuple[str, str]]:
     need(0.0 <= o.warmup_fraction < 1.0, "optim.warmup_fraction", f"must be in [0, 1), got {o.warmup_fraction}")
     need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
 
+    found.extend(eval_problems(cfg.eval))
+    if cfg.eval.every_steps and not cfg.eval.enabled:
+        found.append(("eval.every_steps", "needs eval.enabled=true"))
+
     problems = getattr(cfg.objective, "problems", None)
     if problems is not None:
         found.extend(problems())
+    return found
+
+
+def metric_names(protocols: list[str]) -> list[str]:
+    """Result keys of the evaluation protocols (`knn` -> knn_top1)."""
+    return [f"{p}_top1" for p in protocols]
+
+
+def eval_problems(e: EvalConfig) -> list[tuple[str, str]]:
+    """Mistakes in the `eval` node: (key, message) pairs."""
+    found: list[tuple[str, str]] = []
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            found.append((f"eval.{key}", message))
+
+    unknown = [p for p in e.protocols if p not in EVAL_PROTOCOLS]
+    need(
+        bool(e.protocols) and not unknown,
+        "protocols",
+        f"unknown protocol(s) {unknown or list(e.protocols)}; valid choices: {', '.join(EVAL_PROTOCOLS)}",
+    )
+    need(
+        e.features in EVAL_FEATURES,
+        "features",
+        f"unknown features {e.features!r}; valid choices: {', '.join(EVAL_FEATURES)}",
+    )
+    need(e.every_steps >= 0, "every_steps", f"must be >= 0, got {e.every_steps}")
+    need(e.k >= 1, "k", f"must be >= 1, got {e.k}")
+    need(e.temperature > 0, "temperature", f"must be > 0, got {e.temperature}")
+    need(0.0 < e.holdout_fraction < 1.0, "holdout_fraction", f"must be in (0, 1), got {e.holdout_fraction}")
+    need(0.0 < e.crop_pct <= 1.0, "crop_pct", f"must be in (0, 1], got {e.crop_pct}")
+    need(e.batch_size >= 1, "batch_size", f"must be >= 1, got {e.batch_size}")
+    need(e.num_workers >= 0, "num_workers", f"must be >= 0, got {e.num_workers}")
+    need(e.max_fit_samples >= 0, "max_fit_samples", f"must be >= 0, got {e.max_fit_samples}")
+    need(e.max_test_samples >= 0, "max_test_samples", f"must be >= 0, got {e.max_test_samples}")
+    need(e.num_cpus >= 0 and e.num_gpus >= 0, "num_cpus", "eval.num_cpus and eval.num_gpus must be >= 0")
+    need(
+        bool(e.probe_weight_decays) and all(w >= 0 for w in e.probe_weight_decays),
+        "probe_weight_decays",
+        f"need one or more values >= 0, got {list(e.probe_weight_decays)}",
+    )
+    valid = metric_names([p for p in e.protocols if p in EVAL_PROTOCOLS])
+    need(
+        not valid or e.select_metric in valid,
+        "select_metric",
+        f"{e.select_metric!r} is not measured by eval.protocols; valid choices: {', '.join(valid)}",
+    )
+    for key in ("fit_urls", "test_urls"):
+        url = getattr(e, key)
+        bad = unsupported_scheme(url, DATA_SCHEMES) if url else None
+        need(bad is None, key, bad or "")
+    return found
+
+
+@dataclass
+class EvaluateConfig:
+    """The tree composed by `python -m pretrain.evaluate`."""
+
+    # The encoder: models:/<name>@<alias> | models:/<name>/<version|latest> | runs:/<run_id>/encoder
+    # | a directory written by an export (teacher.safetensors + teacher.json).
+    model_uri: str = ""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Storage options, the embedded default's location and sizes (the shards come from eval.*).
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="evaluate"))
+    # Results as JSON ("" = ./runs/eval/<model>-<time>.json).
+    output: str = ""
+    # "" = cuda when available, else cpu.
+    device: str = ""
+
+
+def evaluate_problems(cfg: Any) -> list[tuple[str, str]]:
+    """Mistakes in a `pretrain.evaluate` config."""
+    found: list[tuple[str, str]] = []
+    uri = cfg.model_uri
+    if not uri:
+        found.append(
+            (
+                "model_uri",
+                "required: models:/<name>@<alias>, models:/<name>/latest, runs:/<run_id>/encoder or a directory",
+            )
+        )
+    elif not uri.startswith(("models:/", "runs:/")) and unsupported_scheme(uri, STORAGE_SCHEMES):
+        found.append(
+            (
+                "model_uri",
+                f"{unsupported_scheme(uri, STORAGE_SCHEMES)}; or use models:/<name>@<alias>, runs:/<run_id>/<path>",
+            )
+        )
+    found.extend(eval_problems(cfg.eval))
+    if cfg.device and cfg.device.split(":")[0] not in ("cpu", "cuda", "xpu", "mps"):
+        found.append(("device", f"unknown device {cfg.device!r}; use cpu, cuda, cuda:N or leave empty"))
     return found

@@ -5,7 +5,8 @@ gathered whole first (a collective), then rank 0 asks the objective to write its
 files, copies each directory to `<run dir>/export/<name>/` (local or object storage),
 and, when tracking is on, logs it as an MLflow logged model of the run and registers
 it where the objective names a registry entry. The run gets a tag
-`pretrain.export.<name>` with the URI to load it from.
+`pretrain.export.<name>` with the URI to load it from. The encoder is the exception:
+after training the driver evaluates, logs and registers it (pretrain.publish).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 EXPORT_TAG = "pretrain.export."
+ENCODER_MODEL_TYPE = "pretrain.encoder"
 
 
 def _gathered(engine: Any, zero_stage: int) -> contextlib.AbstractContextManager[Any]:
@@ -65,7 +67,8 @@ def export_models(
                 dest = f"{run_dir.rstrip('/')}/export/{item.name}"
                 copy_dir(item.path, dest, storage_options)
                 found[item.name] = dest
-                if tracking_uri and run_id:
+                # The encoder is evaluated, logged and registered by the driver (pretrain.publish).
+                if tracking_uri and run_id and item.model_type != ENCODER_MODEL_TYPE:
                     from pretrain.registry import log_model_dir
 
                     found[item.name] = log_model_dir(

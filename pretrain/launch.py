@@ -188,6 +188,14 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) 
         error = exc
     except KeyboardInterrupt as exc:
         error = exc
+    published: dict[str, Any] = {}
+    if error is None:
+        steps = int((result.metrics or {}).get("step", cfg.trainer.max_steps)) if result is not None else 0
+        try:
+            published = publish(cfg, place, uri, run_id, steps)
+        except Exception as exc:  # noqa: BLE001 - training succeeded; say why publishing did not
+            published = {"error": _last_line(exc)}
+            log.error("evaluating/registering the encoder failed: %s", published["error"])
     exports: dict[str, str] = {}
     if run_id:
         tracking.close_run(uri, run_id, failed=error is not None)
@@ -199,8 +207,50 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) 
         from pretrain.export import exports_in_dir
 
         exports = exports_in_dir(place.run_dir, cfg.data.storage_options)
-    print_summary(cfg, place, result, error, uri, run_id, time.perf_counter() - started, exports)
-    return 1 if error is not None else 0
+    print_summary(cfg, place, result, error, uri, run_id, time.perf_counter() - started, exports, published)
+    return 1 if error is not None or "error" in published else 0
+
+
+def publish(cfg: PretrainConfig, place: RunPlace, uri: str, run_id: str, steps: int) -> dict[str, Any]:
+    """Evaluate, log and register the exported encoder in a Ray task (eval.num_cpus/num_gpus); {} if none."""
+    import fsspec
+    import ray
+
+    from pretrain.publish import publish_encoder
+
+    fs, path = fsspec.core.url_to_fs(f"{place.run_dir}/export/encoder", **(cfg.data.storage_options or {}))
+    if not fs.isdir(path):
+        return {}
+    task = ray.remote(publish_encoder).options(
+        num_cpus=cfg.eval.num_cpus,
+        num_gpus=cfg.eval.num_gpus,
+        runtime_env={"env_vars": worker_env(cfg)},
+        max_retries=0,
+    )
+    log.info("evaluating and registering the encoder")
+    ref = task.remote(cfg, run_dir=place.run_dir, run_name=place.name, tracking_uri=uri, run_id=run_id, steps=steps)
+    return ray.get(ref)
+
+
+def publish_rows(published: dict[str, Any]) -> list[tuple[str, str]]:
+    """Summary lines of the evaluation and the registration."""
+    if not published:
+        return []
+    if "error" in published:
+        return [("publish", f"FAILED: {published['error']}")]
+    rows = []
+    result = published.get("result")
+    if result:
+        for key, value in result["encoder"].items():
+            base = result["baseline"].get(key)
+            versus = f" (random init {100 * base:.1f}%, {100 * (value - base):+.1f} points)" if base is not None else ""
+            rows.append((f"eval {key}", f"{100 * value:.1f}%{versus}"))
+        rows.append(("eval data", f"fit {result['fit_samples']}, test {result['test_samples']} held out"))
+    if "registered" in published:
+        best = " (alias best moved here)" if published.get("best") else ""
+        rows.append(("registered", f"{published['uri']}{best}"))
+    rows.append(("model card", published["card"]))
+    return rows
 
 
 def _last_line(error: BaseException) -> str:
@@ -224,6 +274,7 @@ def print_summary(
     run_id: str,
     seconds: float,
     exports: dict[str, str] | None = None,
+    published: dict[str, Any] | None = None,
 ) -> None:
     from pretrain.tracking import run_url
 
@@ -248,6 +299,7 @@ def print_summary(
         ("mlflow run", run_url(uri, run_id) if run_id else "tracking disabled"),
         ("checkpoint", ckpt),
         *((f"export {name}", where) for name, where in (exports or {}).items()),
+        *publish_rows(published or {}),
         ("resume with", f"python -m pretrain.run resume={place.run_dir}"),
     ]
     width = max(len(k) for k, _ in rows)

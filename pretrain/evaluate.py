@@ -1,0 +1,432 @@
+"""`python -m pretrain.evaluate model_uri=<uri> [eval=knn|linear_probe] [key=value ...]`: frozen-feature evaluation.
+
+    python -m pretrain.evaluate model_uri='models:/mae-vit_nano@best'
+    python -m pretrain.evaluate model_uri=runs:/<run_id>/encoder eval=knn
+    python -m pretrain.evaluate model_uri=runs/<run>/export/encoder \\
+        eval.fit_urls=s3://b/in1k/train.manifest.json eval.test_urls=s3://b/in1k/val.manifest.json
+
+Extracts frozen features of the encoder (and of a randomly initialised encoder of the
+same architecture, the baseline) on labelled shards, and reports weighted-kNN and
+linear-probe top-1 accuracy on the held-out set: a table on stdout, a JSON file, and
+an MLflow run (experiment `evaluate`). The same `evaluate_encoder` runs at the end
+of every `pretrain.run` (pretrain/publish.py).
+
+Config mistakes exit with code 2 and one line, before torch is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from data.config import DataConfig
+    from data.labelled import LabelledSource
+    from pretrain.config import EvalConfig, EvaluateConfig
+
+USAGE = __doc__ or ""
+log = logging.getLogger("pretrain.evaluate")
+
+
+@dataclass
+class EvalResult:
+    """Accuracies (fractions) of the encoder and of the random-init baseline, and what they were measured on."""
+
+    model_uri: str
+    arch: str
+    features: str
+    fit_samples: int
+    test_samples: int
+    num_classes: int
+    skipped: int
+    encoder: dict[str, float] = field(default_factory=dict)  # {"knn_top1": ..., "linear_top1": ...}
+    baseline: dict[str, float] = field(default_factory=dict)
+    linear_weight_decay: float | None = None
+    confusion: list[list[int]] = field(default_factory=list)  # kNN (else linear) of the encoder, rows = truth
+    seconds: float = 0.0
+    step: int | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """Flat MLflow metrics: eval/<metric>, eval/baseline_<metric>."""
+        out = {f"eval/{k}": v for k, v in self.encoder.items()}
+        out.update({f"eval/baseline_{k}": v for k, v in self.baseline.items()})
+        return out
+
+
+# --- data ------------------------------------------------------------------------
+
+
+def eval_sources(e: EvalConfig, data: DataConfig) -> tuple[LabelledSource, LabelledSource]:
+    """Fit and test sets of `e`: explicit URLs, a key-hash split of the test URLs, or the embedded default."""
+    from data.default import ensure_default_dataset
+    from data.labelled import LabelledSource
+    from data.stream import resolve_urls
+
+    def urls(pattern: str) -> list[str]:
+        return resolve_urls(pattern, data.storage_options, retries=data.io_retries, retry_wait_s=data.io_retry_wait_s)
+
+    common = {"storage_options": data.storage_options, "io_retries": data.io_retries}
+    test_urls = e.test_urls or data.eval_urls
+    if e.fit_urls:
+        fit = LabelledSource(urls(e.fit_urls), max_samples=e.max_fit_samples, **common)
+        test_pattern = test_urls or e.fit_urls
+        holdout = None if test_urls else (e.holdout_fraction, True, e.seed)
+        if holdout is not None:  # one labelled set: split it
+            fit.holdout = (e.holdout_fraction, False, e.seed)
+        test = LabelledSource(urls(test_pattern), holdout=holdout, max_samples=e.max_test_samples, **common)
+    elif test_urls:
+        shards = urls(test_urls)
+        fit = LabelledSource(
+            shards, holdout=(e.holdout_fraction, False, e.seed), max_samples=e.max_fit_samples, **common
+        )
+        test = LabelledSource(
+            shards, holdout=(e.holdout_fraction, True, e.seed), max_samples=e.max_test_samples, **common
+        )
+    else:  # embedded default: fit on the (labelled) train split, test on the held-out eval split
+        default = ensure_default_dataset(data)
+        fit = LabelledSource(urls(default.train_url), max_samples=e.max_fit_samples, **common)
+        test = LabelledSource(urls(default.eval_url), max_samples=e.max_test_samples, **common)
+    return fit, test
+
+
+# --- models ----------------------------------------------------------------------
+
+
+@dataclass
+class Encoder:
+    """A timm ViT and the input it expects (from the export's teacher.json)."""
+
+    vit: nn.Module
+    arch: str
+    arch_kwargs: dict[str, Any]
+    mean: list[float]
+    std: list[float]
+    source: str
+
+    @property
+    def img_size(self) -> int:
+        size = self.vit.patch_embed.img_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def copy_dir_from(url: str, dst: Path, storage_options: dict[str, Any] | None = None) -> Path:
+    """Copy the files of directory `url` (a local path or fsspec URL) into `dst`; returns `dst`."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"{url}: no such directory")
+    dst.mkdir(parents=True, exist_ok=True)
+    for remote in fs.find(path):
+        local = dst / remote[len(path.rstrip("/")) + 1 :]
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(remote, str(local))
+    return dst
+
+
+def load_encoder(uri: str, *, tracking_uri: str | None, storage_options: dict[str, Any] | None = None) -> Encoder:
+    """The encoder behind a models:/ or runs:/ URI, a local directory, or an fsspec directory URL."""
+    import tempfile
+
+    from data.config import url_scheme
+    from objectives.base import IMAGENET_MEAN, IMAGENET_STD
+    from objectives.teacher import load_exported_vit
+
+    with tempfile.TemporaryDirectory(prefix="encoder-") as tmp:
+        source = uri
+        if not uri.startswith(("models:/", "runs:/")) and url_scheme(uri) != "file":
+            source = str(copy_dir_from(uri, Path(tmp), storage_options))
+        vit, meta = load_exported_vit(source, tracking_uri=tracking_uri)
+    return Encoder(
+        vit=vit,
+        arch=meta.get("arch", ""),
+        arch_kwargs=dict(meta.get("arch_kwargs", {})),
+        mean=list(meta.get("mean") or IMAGENET_MEAN),
+        std=list(meta.get("std") or IMAGENET_STD),
+        source=uri,
+    )
+
+
+def random_init_like(encoder: Encoder, seed: int) -> nn.Module:
+    """A freshly initialised timm model of the same architecture (timm's own init, seeded)."""
+    import timm
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return timm.create_model(encoder.arch, pretrained=False, **encoder.arch_kwargs).eval()
+
+
+def pooled_features(vit: nn.Module, images: torch.Tensor, features: str) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, D): the CLS token or the mean of the patch tokens, after the final norm."""
+    tokens = vit.forward_features(images)  # (B, prefix + N, D)
+    if features == "cls":
+        return tokens[:, 0]
+    return tokens[:, int(getattr(vit, "num_prefix_tokens", 1)) :].mean(dim=1)
+
+
+def extract(
+    models: dict[str, nn.Module],
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor, int]],
+    *,
+    device: torch.device,
+    features: str,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    """One pass over `batches` through every model: ({name: (N, D) float32 features}, labels (N,), skipped)."""
+    import torch
+
+    feats: dict[str, list[torch.Tensor]] = {name: [] for name in models}
+    labels: list[torch.Tensor] = []
+    skipped = 0
+    with torch.inference_mode():
+        for images, y, bad in batches:
+            skipped += bad
+            if not y.numel():
+                continue
+            x = images.to(device)
+            for name, model in models.items():
+                feats[name].append(pooled_features(model, x, features).float().cpu())
+            labels.append(y)
+    if not labels:
+        return {name: torch.empty(0) for name in models}, torch.empty(0, dtype=torch.int64), skipped
+    return {name: torch.cat(f) for name, f in feats.items()}, torch.cat(labels), skipped
+
+
+def pick_device(name: str = "") -> torch.device:
+    """`name`, else CUDA when available, else the CPU."""
+    import torch
+
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def evaluate_encoder(
+    encoder: Encoder,
+    e: EvalConfig,
+    fit: LabelledSource,
+    test: LabelledSource,
+    *,
+    device: torch.device,
+) -> EvalResult:
+    """kNN and/or linear-probe accuracy of `encoder` (and the random-init baseline) on `test`, fitted on `fit`."""
+    with _cpu_threads(device, e.num_workers):
+        return _evaluate(encoder, e, fit, test, device=device)
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device, loader_workers: int) -> Iterator[None]:
+    """On the CPU, leave one core per loader worker: oversubscribed intra-op threads made a
+    2-core evaluation 10x slower (feature extraction beside a decoding worker, and the
+    probe's many small L-BFGS steps)."""
+    import os
+
+    import torch
+
+    if device.type != "cpu":
+        yield
+        return
+    saved = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, min(saved, cores - loader_workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _evaluate(
+    encoder: Encoder, e: EvalConfig, fit: LabelledSource, test: LabelledSource, *, device: torch.device
+) -> EvalResult:
+
+    from data.labelled import empty_message, labelled_batches
+    from pretrain.probe import accuracy, confusion_matrix, knn_predict, linear_probe_predict
+
+    tic = time.perf_counter()
+    models = {"encoder": encoder.vit.to(device).eval()}
+    if e.baseline:
+        models["baseline"] = random_init_like(encoder, e.seed).to(device)
+    read = {
+        "img_size": encoder.img_size,
+        "crop_pct": e.crop_pct,
+        "mean": encoder.mean,
+        "std": encoder.std,
+        "batch_size": e.batch_size,
+        "num_workers": e.num_workers,
+    }
+    fit_feats, fit_labels, fit_bad = extract(models, labelled_batches(fit, **read), device=device, features=e.features)
+    test_feats, test_labels, test_bad = extract(
+        models, labelled_batches(test, **read), device=device, features=e.features
+    )
+    for source, labels, bad in ((fit, fit_labels, fit_bad), (test, test_labels, test_bad)):
+        if not labels.numel():
+            raise ValueError(empty_message(source, bad))
+    num_classes = int(max(fit_labels.max(), test_labels.max())) + 1
+    result = EvalResult(
+        model_uri=encoder.source,
+        arch=encoder.arch,
+        features=e.features,
+        fit_samples=int(fit_labels.numel()),
+        test_samples=int(test_labels.numel()),
+        num_classes=num_classes,
+        skipped=fit_bad + test_bad,
+    )
+    for name in models:
+        scores = result.encoder if name == "encoder" else result.baseline
+        fit_x, test_x = fit_feats[name].to(device), test_feats[name].to(device)
+        fit_y = fit_labels.to(device)
+        predictions: dict[str, torch.Tensor] = {}
+        if "knn" in e.protocols:
+            predictions["knn"] = knn_predict(fit_x, fit_y, test_x, num_classes, k=e.k, temperature=e.temperature)
+        if "linear" in e.protocols:
+            probe = linear_probe_predict(
+                fit_x, fit_y, test_x, num_classes, weight_decays=list(e.probe_weight_decays), seed=e.seed
+            )
+            predictions["linear"] = probe.predictions
+            if name == "encoder":
+                result.linear_weight_decay = probe.weight_decay
+        for protocol, pred in predictions.items():
+            scores[f"{protocol}_top1"] = accuracy(pred.cpu(), test_labels)
+        if name == "encoder":
+            first = next(iter(predictions.values()))
+            result.confusion = confusion_matrix(test_labels, first.cpu(), num_classes).tolist()
+    result.seconds = time.perf_counter() - tic
+    return result
+
+
+# --- reporting ---------------------------------------------------------------------
+
+
+def result_table(result: EvalResult) -> list[str]:
+    """Lines of the stdout table: protocol | encoder | random init | gain (points)."""
+    names = {"knn_top1": "kNN top-1", "linear_top1": "linear probe top-1"}
+    lines = [
+        f"model     {result.model_uri} ({result.arch}, {result.features} features)",
+        f"data      fit {result.fit_samples}, test {result.test_samples} held out, "
+        f"{result.num_classes} classes, {result.skipped} bad samples skipped",
+        f"{'protocol':<20}{'encoder':>10}{'random init':>14}{'gain':>10}",
+    ]
+    for key, value in result.encoder.items():
+        base = result.baseline.get(key)
+        base_text = f"{100 * base:.1f}%" if base is not None else "-"
+        gain = f"{100 * (value - base):+.1f}" if base is not None else "-"
+        lines.append(f"{names.get(key, key):<20}{100 * value:>9.1f}%{base_text:>14}{gain:>10}")
+    return lines
+
+
+def log_result(result: EvalResult, *, tracking_uri: str, run_id: str, step: int | None = None) -> None:
+    """Metrics, the JSON and the confusion-matrix picture into MLflow run `run_id`."""
+    import numpy as np
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, step or 0) for k, v in result.metrics().items()]
+    client.log_batch(run_id, metrics=metrics)
+    suffix = f"-step{step:08d}" if step is not None else ""
+    client.log_text(run_id, json.dumps(asdict(result), indent=2), f"eval/results{suffix}.json")
+    if result.confusion:
+        from objectives.pictures import confusion_image
+
+        client.log_image(run_id, confusion_image(np.array(result.confusion)), f"eval/confusion{suffix}.png")
+
+
+# --- CLI -----------------------------------------------------------------------------
+
+
+def _default_output(uri: str) -> Path:
+    from pretrain.registry import registry_name
+
+    stem = registry_name(uri.removeprefix("models:/").removeprefix("runs:/"))
+    return Path("runs") / "eval" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def run_evaluation(cfg: EvaluateConfig) -> EvalResult:
+    """Load, evaluate, print, write JSON and log to MLflow (the CLI's body)."""
+    from pretrain.tracking import default_tracking_uri, run_url
+
+    tracking_uri = cfg.tracking.uri or default_tracking_uri(Path("runs").resolve())
+    encoder = load_encoder(cfg.model_uri, tracking_uri=tracking_uri, storage_options=cfg.data.storage_options)
+    fit, test = eval_sources(cfg.eval, cfg.data)
+    result = evaluate_encoder(encoder, cfg.eval, fit, test, device=pick_device(cfg.device))
+    print("\n== pretrain evaluate ==")
+    for line in result_table(result):
+        print(line)
+    output = Path(cfg.output) if cfg.output else _default_output(cfg.model_uri)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    print(f"json      {output}")
+    if cfg.tracking.enabled:
+        from pretrain.tracking import _client
+
+        client = _client(tracking_uri)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+        run = client.create_run(exp_id, run_name=f"eval {cfg.model_uri}", tags={"pretrain.model_uri": cfg.model_uri})
+        from mlflow.entities import Param
+
+        params = {
+            "model_uri": cfg.model_uri,
+            "arch": encoder.arch,
+            **{f"eval.{k}": v for k, v in asdict(cfg.eval).items()},
+        }
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        log_result(result, tracking_uri=tracking_uri, run_id=run.info.run_id)
+        client.set_terminated(run.info.run_id)
+        print(f"mlflow    {run_url(tracking_uri, run.info.run_id)}")
+    print(f"time      {result.seconds:.1f} s")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from omegaconf import OmegaConf
+
+    from pretrain.compose import EVALUATE_GROUPS, ConfigError, group_options, load_config
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        for group in EVALUATE_GROUPS:
+            print(f"  {group:<10} {', '.join(group_options(group))}")
+        return 0
+    show = "--cfg" in argv or any(a.startswith("--cfg=") for a in argv)
+    overrides = [a for a in argv if not a.startswith("--cfg") and a != "job"]
+    try:
+        for item in overrides:
+            if item.startswith("-"):
+                raise ConfigError(item, "unknown option; options: --cfg job, --help (everything else is key=value)")
+            if "=" not in item:
+                raise ConfigError(item, "expected key=value (e.g. model_uri=models:/mae-vit_nano@best)")
+        cfg = load_config(overrides, "evaluate")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if show:
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        return 0
+    from pretrain.loop import configure_logging
+
+    configure_logging()
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run_evaluation(OmegaConf.to_object(cfg))
+    except (FileNotFoundError, ValueError, MlflowException) as exc:  # a wrong URI or unusable data: one line
+        print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""End of a run: evaluate the exported encoder, write its model card, log it to MLflow and register it.
+
+Runs as a Ray task after training (pretrain.launch), on the files rank 0 exported to
+`<run dir>/export/encoder/` (timm key names, fp32 safetensors; ZeRO-3 gathered):
+
+1. load them into `timm.create_model(arch, **arch_kwargs)` with a strict load;
+2. kNN / linear probe for it and a random-init baseline (pretrain.evaluate), logged
+   to the run as `eval/*` metrics, `eval/results.json` and a confusion-matrix picture;
+3. log the encoder as an MLflow model of the run, loadable with
+   `mlflow.pytorch.load_model` (torch.export `pt2`, input example and signature), with
+   the safetensors weights, teacher.json, README.md (the model card) and eval.json
+   beside it, so `runs:/<run_id>/encoder` also loads as a teacher;
+4. register a version under `<objective>-<model>` (or tracking.registered_model) with
+   lineage tags; `models:/<name>/latest` is the newest (MLflow reserves the alias
+   `latest`), and the alias `best` moves only when eval.select_metric beats its holder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pretrain.config import PretrainConfig
+    from pretrain.evaluate import Encoder, EvalResult
+
+log = logging.getLogger("pretrain.publish")
+
+BEST_ALIAS = "best"
+CARD_FILE = "README.md"
+EVAL_FILE = "eval.json"
+
+
+def registered_name(cfg: PretrainConfig) -> str:
+    """tracking.registered_model, else <objective>-<model.name or arch>."""
+    from pretrain.registry import registry_name
+
+    return registry_name(cfg.tracking.registered_model or f"{cfg.objective.name}-{cfg.model.name or cfg.model.arch}")
+
+
+def resolve_model_uri(uri: str, tracking_uri: str) -> str:
+    """A `models:/name/latest` or `models:/name@alias` as the concrete `models:/name/<version>`; others unchanged."""
+    if not uri.startswith("models:/") or not tracking_uri:
+        return uri
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    rest = uri.removeprefix("models:/")
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
+        name, _, version = rest.partition("/")
+        if version == "latest":
+            versions = client.search_model_versions(f"name='{name}'")
+            return f"models:/{name}/{max(int(v.version) for v in versions)}" if versions else uri
+    except MlflowException:
+        return uri
+    return uri
+
+
+def data_identity(cfg: PretrainConfig) -> str:
+    """The training data's manifest hash (or the hash of its shard names for a brace pattern)."""
+    from data.default import ensure_default_dataset
+    from data.manifest import read_manifest
+    from data.stream import resolve_urls, shards_id
+
+    url = cfg.data.urls or ensure_default_dataset(cfg.data).train_url
+    if url.endswith(".json"):
+        return read_manifest(url, cfg.data.storage_options).manifest_hash
+    return f"shards:{shards_id(resolve_urls(url))}"
+
+
+def lineage(cfg: PretrainConfig, *, run_id: str, run_name: str, steps: int, tracking_uri: str) -> dict[str, str]:
+    """Tags of a registered version: where the encoder came from."""
+    from pretrain.engine import global_batch
+
+    tags = {
+        "pretrain.run_id": run_id,
+        "pretrain.run_name": run_name,
+        "pretrain.objective": cfg.objective.name,
+        "pretrain.arch": cfg.model.arch,
+        "pretrain.model": cfg.model.name or cfg.model.arch,
+        "pretrain.steps": str(steps),
+        "pretrain.global_batch": str(global_batch(cfg.trainer)),
+        "pretrain.data": cfg.data.urls or "embedded default",
+        "pretrain.data_manifest_hash": data_identity(cfg),
+    }
+    # Upstream stages (tokenizer, teacher), pinned to the version this run used.
+    for role, uri in cfg.objective.upstream().items():
+        tags[f"pretrain.{role}"] = resolve_model_uri(uri, tracking_uri)
+    return tags
+
+
+def model_card(
+    cfg: PretrainConfig,
+    encoder: Encoder,
+    result: EvalResult | None,
+    tags: dict[str, str],
+    *,
+    name: str,
+    version: str,
+) -> str:
+    """The markdown model card: architecture, objective, data, lineage, eval metrics, how to load, config."""
+    from omegaconf import OmegaConf
+
+    from pretrain.evaluate import result_table
+    from pretrain.tracking import redact
+
+    params = sum(p.numel() for p in encoder.vit.parameters())
+    title = f"{name} v{version}" if version else name
+    rows = [
+        ("architecture", f"timm `{encoder.arch}` {json.dumps(encoder.arch_kwargs, sort_keys=True)}"),
+        ("parameters", f"{params / 1e6:.2f} M"),
+        (
+            "input",
+            f"3 x {encoder.img_size} x {encoder.img_size}, normalised with mean {encoder.mean}, std {encoder.std}",
+        ),
+        ("objective", f"`{cfg.objective.name}`"),
+        ("steps", f"{tags.get('pretrain.steps', '?')} at global batch {tags.get('pretrain.global_batch', '?')}"),
+        ("data", f"{tags.get('pretrain.data')} (manifest {tags.get('pretrain.data_manifest_hash')})"),
+        ("tokenizer", tags.get("pretrain.tokenizer", "-")),
+        ("teacher", tags.get("pretrain.teacher", "-")),
+        ("MLflow run", f"{tags.get('pretrain.run_name')} (`{tags.get('pretrain.run_id')}`)"),
+    ]
+    lines = [f"# {title}", "", f"A `{cfg.objective.name}` self-supervised ViT encoder trained with `pretrain`.", ""]
+    lines += ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+    lines += ["## Evaluation (frozen features)", ""]
+    if result is None:
+        lines += ["Not evaluated (eval.enabled=false).", ""]
+    else:
+        lines += ["```", *result_table(result), "```", ""]
+        lines += [
+            f"kNN: k={cfg.eval.k}, T={cfg.eval.temperature}; linear probe weight decay "
+            f"{result.linear_weight_decay}. Random init: same architecture, timm's init.",
+            "",
+        ]
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in sorted(encoder.arch_kwargs.items()))
+    lines += [
+        "## Load it",
+        "",
+        "```python",
+        "import timm, safetensors.torch",
+        f"model = timm.create_model({encoder.arch!r}, {kwargs})",
+        'model.load_state_dict(safetensors.torch.load_file("teacher.safetensors"), strict=True)',
+        "```",
+        "",
+        f"or `mlflow.pytorch.load_model('models:/{name}/{version or 'latest'}')` (a torch.export program: "
+        "images (B, 3, H, W) -> CLS features (B, D)), or as a teacher of a later stage: "
+        f"`objective.teacher.source=models:/{name}/{version or 'latest'}`.",
+        "",
+        "## Config",
+        "",
+        "```yaml",
+        OmegaConf.to_yaml(
+            OmegaConf.create(
+                redact({k: asdict(cfg)[k] for k in ("objective", "model", "optim", "deepspeed", "trainer")})
+            )
+        ).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _pip_requirements() -> list[str]:
+    # Given explicitly: MLflow would otherwise infer them by loading the model in a subprocess.
+    from importlib.metadata import version
+
+    return [f"torch=={version('torch')}", f"timm=={version('timm')}", f"safetensors=={version('safetensors')}"]
+
+
+def log_encoder(
+    encoder: Encoder, files: Path, *, run_id: str, tracking_uri: str, name: str = "encoder"
+) -> tuple[str, str]:
+    """Log the encoder as an MLflow pytorch (pt2) model of the run, plus `files`; returns (model_id, runs:/ URI)."""
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    from pretrain.registry import _default_tracking_uri
+
+    vit = encoder.vit.float().cpu().eval()
+    example = np.zeros((2, 3, encoder.img_size, encoder.img_size), dtype=np.float32)
+    with torch.inference_mode():
+        output = vit(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, output)  # batch dimension -1: exported as dynamic
+    with _default_tracking_uri(tracking_uri):
+        info = mlflow.pytorch.log_model(
+            vit,
+            name=name,
+            run_id=run_id,
+            input_example=example,
+            signature=signature,
+            pip_requirements=_pip_requirements(),
+            model_type="pretrain.encoder",
+            params={"arch": encoder.arch, **{f"arch_kwargs.{k}": str(v) for k, v in encoder.arch_kwargs.items()}},
+        )
+    MlflowClient(tracking_uri=tracking_uri).log_model_artifacts(info.model_id, str(files))
+    return info.model_id, f"runs:/{run_id}/{name}"
+
+
+def register(*, name: str, model_id: str, run_id: str, tracking_uri: str, tags: dict[str, str]) -> str:
+    """A new version of registered model `name` for logged model `model_id`, with `tags`; returns the version."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pretrain.registry import _default_tracking_uri
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        client.create_registered_model(name, description="Self-supervised ViT encoders (pretrain)")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    with _default_tracking_uri(tracking_uri):
+        version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, value)
+    return str(version.version)
+
+
+def promote_best(*, name: str, version: str, metric: str, value: float, tracking_uri: str) -> bool:
+    """Point alias `best` at `version` if `value` beats the holder's `eval.<metric>` tag (or nobody holds it)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        holder = client.get_model_version_by_alias(name, BEST_ALIAS)
+    except MlflowException:
+        holder = None
+    held = None if holder is None else holder.tags.get(f"eval.{metric}")
+    if holder is not None and held is not None and value <= float(held):
+        log.info(
+            "alias %s stays on %s v%s (%s %.4f >= %.4f)", BEST_ALIAS, name, holder.version, metric, float(held), value
+        )
+        return False
+    client.set_registered_model_alias(name, BEST_ALIAS, version)
+    return True
+
+
+def publish_encoder(
+    cfg: PretrainConfig, *, run_dir: str, run_name: str, tracking_uri: str, run_id: str, steps: int
+) -> dict[str, Any]:
+    """Evaluate, card, log and register the run's exported encoder; returns what the summary prints."""
+    from pretrain.evaluate import copy_dir_from, eval_sources, evaluate_encoder, load_encoder, log_result, pick_device
+    from pretrain.loop import configure_logging
+
+    configure_logging()
+    export_url = f"{run_dir.rstrip('/')}/export/encoder"
+    encoder = load_encoder(export_url, tracking_uri=tracking_uri or None, storage_options=cfg.data.storage_options)
+    result = None
+    if cfg.eval.enabled:
+        fit, test = eval_sources(cfg.eval, cfg.data)
+        device = pick_device("cuda" if cfg.eval.num_gpus > 0 else "cpu")
+        result = evaluate_encoder(encoder, cfg.eval, fit, test, device=device)
+        log.info("eval: %s (random init %s) in %.1f s", result.encoder, result.baseline, result.seconds)
+        if run_id:
+            log_result(result, tracking_uri=tracking_uri, run_id=run_id, step=steps)
+    tags = lineage(cfg, run_id=run_id, run_name=run_name, steps=steps, tracking_uri=tracking_uri)
+    if result is not None:
+        tags.update({f"eval.{k}": f"{v:.6f}" for k, v in result.encoder.items()})
+        tags.update({f"eval.baseline_{k}": f"{v:.6f}" for k, v in result.baseline.items()})
+    out: dict[str, Any] = {"result": None if result is None else asdict(result), "export": export_url}
+    name = registered_name(cfg) if run_id and cfg.tracking.register else ""
+    with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
+        files = Path(tmp)
+        if result is not None:
+            (files / EVAL_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
+        version = ""
+        if run_id:
+            from mlflow import MlflowClient
+
+            # The card names the version it describes, so the version is made first.
+            (files / CARD_FILE).write_text(model_card(cfg, encoder, result, tags, name=name, version=""))
+            copy_dir_from(export_url, files, cfg.data.storage_options)  # teacher.safetensors + teacher.json
+            model_id, runs_uri = log_encoder(encoder, files, run_id=run_id, tracking_uri=tracking_uri)
+            out["uri"] = runs_uri
+            if name:
+                version = register(name=name, model_id=model_id, run_id=run_id, tracking_uri=tracking_uri, tags=tags)
+                out["uri"] = f"models:/{name}/{version}"
+                out["registered"] = name
+                out["version"] = version
+                card = model_card(cfg, encoder, result, tags, name=name, version=version)
+                (files / CARD_FILE).write_text(card)
+                client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+                client.log_model_artifacts(model_id, str(files / CARD_FILE))
+                client.update_model_version(name, version, description=card[:5000])
+                if result is not None and cfg.eval.select_metric in result.encoder:
+                    out["best"] = promote_best(
+                        name=name,
+                        version=version,
+                        metric=cfg.eval.select_metric,
+                        value=result.encoder[cfg.eval.select_metric],
+                        tracking_uri=tracking_uri,
+                    )
+            client = MlflowClient(tracking_uri=tracking_uri)
+            client.set_tag(run_id, "pretrain.export.encoder", out["uri"])
+            client.log_text(run_id, (files / CARD_FILE).read_text(), "model_card.md")
+        else:
+            (files / CARD_FILE).write_text(
+                model_card(cfg, encoder, result, tags, name=registered_name(cfg), version="")
+            )
+        for extra in (CARD_FILE, EVAL_FILE):
+            if (files / extra).is_file():
+                _put_files_one(files / extra, export_url, cfg.data.storage_options)
+    out["card"] = f"{export_url}/{CARD_FILE}"
+    return out
+
+
+def _put_files_one(file: Path, dest_dir: str, storage_options: dict[str, Any] | None) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(dest_dir, **(storage_options or {}))
+    fs.put_file(str(file), f"{path.rstrip('/')}/{file.name}")
