@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from pretrain.backbone import VitBackbone
 
 
@@ -129,6 +131,18 @@ class Objective(nn.Module):
         such state in buffers: checkpoints then carry it and a resumed run skips this.
         Under ZeRO-3 parameters are partitioned here; buffers are not.
         """
+
+    def pictures(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Pictures of what the method sees and predicts: {short_snake_case_name: (H, W, 3) uint8}.
+
+        Called at the end of a run on every rank, under `torch.no_grad()` in eval mode, with one
+        training batch as `forward` gets it (on the device, in the training dtype); rank 0 logs
+        each as `pictures/<name>.png`. Under ZeRO-3 every rank must run the same modules in the
+        same order, so an override never branches on the rank or skips a submodule on the data;
+        it runs the model inside `objectives.pictures.gathered_outside_forward(self)` and uses at
+        most the first `objectives.pictures.MAX_IMAGES` images. The default draws nothing.
+        """
+        return {}
 
     def attach_frozen(self, name: str, module: nn.Module) -> None:
         """Hold a frozen teacher/tokenizer without registering it as a submodule.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
@@ -22,6 +23,7 @@ from torch import nn
 from objectives.base import DataNeeds, LossOutput, MaskSpec, Objective, RunContext
 from objectives.configs import BEiTv2Config
 from objectives.masking import draw_masks
+from objectives.pictures import MAX_IMAGES, display_scale, gathered_outside_forward, grid, id_map, to_uint8_images
 from objectives.registry import register
 from objectives.tokenizer import VQTokenizer, load_tokenizer
 from pretrain.backbone import VitBackbone
@@ -131,3 +133,30 @@ class BEiTv2(Objective):
                 "beitv2/target_codes": torch.unique(labels).numel() / torch.tensor(float(self.lm_head.out_features)),
             }
         return LossOutput(loss=loss, metrics=metrics)
+
+    @torch.no_grad()
+    def pictures(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """`token_ids`: per image, original | the tokenizer's code per patch | the predicted code at masked patches.
+
+        In the third panel the unmasked patches, which the model does not predict, are
+        EMPTY_COLOUR (neutral grey); the codes come from the final-layer LM head.
+        """
+        images = batch["views"][0][:MAX_IMAGES]  # (B, 3, H, W)
+        mask = batch.get("mask")
+        if mask is None:
+            mask = draw_masks(self.data_needs(self.cfg).mask, images.shape[0], self.backbone.grid_size, images.device)
+        mask = mask[:MAX_IMAGES].bool()  # (B, N)
+        codes = self.targets(images)  # (B, N), the frozen tokenizer
+        with gathered_outside_forward(self):
+            final_logits, _ = self.logits(images, mask)  # (M, V); the aggregation branch runs too (ZeRO-3 order)
+        predicted = torch.full_like(codes, -1)
+        predicted[mask] = final_logits.float().argmax(-1)
+        gh, gw = self.backbone.grid_size
+        patch, vocab = self.backbone.patch_size, self.lm_head.out_features
+        original = to_uint8_images(images, self.context.input_mean, self.context.input_std)
+        codes_np, predicted_np = codes.view(-1, gh, gw).cpu().numpy(), predicted.view(-1, gh, gw).cpu().numpy()
+        rows = [
+            [original[i], id_map(codes_np[i], vocab, patch), id_map(predicted_np[i], vocab, patch)]
+            for i in range(original.shape[0])
+        ]
+        return {"token_ids": grid(rows, scale=display_scale(images.shape[-1]))}

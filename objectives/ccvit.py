@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
@@ -40,6 +41,7 @@ from objectives.kmeans import (
 )
 from objectives.mae import masked_patch_mse, patchify, unpatchify
 from objectives.masking import draw_masks
+from objectives.pictures import MAX_IMAGES, display_scale, grid, id_map, to_uint8_images, usage_histogram
 from objectives.registry import register
 from pretrain.backbone import VitBackbone
 
@@ -259,6 +261,40 @@ class CCViT(Objective):
                 "ccvit/kmeans_usage": self.kmeans_stats[1].clone(),
             }
         return LossOutput(loss=loss, metrics=metrics)
+
+    # --- pictures --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def pictures(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """What the tokenizer sees: `centroid_ids` per image and the `centroid_usage` histogram.
+
+        centroid_ids: original | centroid id per patch | the image rebuilt from its patches'
+        centroids. centroid_usage: rank-frequency counts of the centroid ids of these images'
+        patches. Only the tokenizer is drawn (nearest centroid, no module call, so nothing to
+        gather under ZeRO-3); {} before the centroids are built.
+        """
+        if not bool(self.centroids_ready):
+            log.warning("CCViT pictures: the centroids are not built yet, nothing to draw")
+            return {}
+        images = batch["views"][0][:MAX_IMAGES]  # (B, 3, H, W)
+        mean, std = self.context.input_mean, self.context.input_std
+        patch, (gh, gw) = self.backbone.patch_size, self.backbone.grid_size
+        patches = patchify(to_pixels(images, mean, std), patch)  # (B, N, p*p*3) in [0, 1]
+        b, n, d = patches.shape
+        centroids = self.centroids.float()
+        codes = nearest_centroid(patches.reshape(b * n, d), centroids).view(b, n)
+        rebuilt = unpatchify(centroids[codes], patch, (gh, gw))  # (B, 3, H, W) in [0, 1]
+        no_shift, no_scale = (0.0,) * 3, (1.0,) * 3
+        original = to_uint8_images(images, mean, std)
+        rebuilt_np = to_uint8_images(rebuilt, no_shift, no_scale)
+        codes_np = codes.view(b, gh, gw).cpu().numpy()
+        k = self.num_centroids
+        rows = [[original[i], id_map(codes_np[i], k, patch), rebuilt_np[i]] for i in range(b)]
+        counts = torch.bincount(codes.flatten(), minlength=k).cpu().numpy()  # (K,)
+        return {
+            "centroid_ids": grid(rows, scale=display_scale(images.shape[-1])),
+            "centroid_usage": usage_histogram(counts),
+        }
 
     # --- export ----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -16,6 +17,7 @@ from torch import nn
 from objectives.base import DataNeeds, LossOutput, MaskSpec, Objective, RunContext
 from objectives.configs import MAEConfig
 from objectives.masking import masking_from_mask, random_masking
+from objectives.pictures import MASK_GREY, MAX_IMAGES, display_scale, gathered_outside_forward, grid, to_uint8_images
 from objectives.pos_embed import sincos_2d
 from objectives.registry import register
 from pretrain.backbone import VitBackbone
@@ -119,3 +121,36 @@ class MAE(Objective):
         target = patchify(images, self.backbone.patch_size)
         loss = masked_patch_mse(pred.float(), target.float(), masking.mask, self.cfg.norm_pix_loss)
         return LossOutput(loss=loss, metrics={"mae/mask_ratio": masking.mask.mean().detach()})
+
+    @torch.no_grad()
+    def pictures(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """`mae_reconstruction`: per image, original | masked (grey) | prediction pasted over the visible patches.
+
+        With norm_pix_loss the decoder predicts per-patch-normalised pixels; each masked patch is
+        mapped back with its original patch's mean and std (as the MAE visualisation notebook).
+        """
+        images = batch["views"][0][:MAX_IMAGES]  # (B, 3, H, W), normalised, training dtype
+        patch = self.backbone.patch_size
+        with gathered_outside_forward(self):
+            tokens = self.backbone.embed_patches(images)  # (B, N, D)
+            if "mask" in batch:
+                masking = masking_from_mask(batch["mask"][:MAX_IMAGES].bool())
+            else:
+                masking = random_masking(tokens.shape[0], tokens.shape[1], self.cfg.mask_ratio, device=tokens.device)
+            latent = self.backbone.encode(tokens, keep_idx=masking.keep_idx).tokens  # (B, 1 + K, D)
+            pred = self.forward_decoder(latent, masking.restore_idx).float()  # (B, N, p*p*3)
+        target = patchify(images.float(), patch)  # (B, N, p*p*3), normalised-image units
+        if self.cfg.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)  # unbiased, as masked_patch_mse
+            pred = pred * (var + 1.0e-6) ** 0.5 + mean
+        masked = masking.mask.bool().unsqueeze(-1)  # (B, N, 1)
+        grid_size = self.backbone.grid_size
+        reconstruction = unpatchify(torch.where(masked, pred, target), patch, grid_size)  # (B, 3, H, W)
+        covered = unpatchify(masked.expand_as(target), patch, grid_size)[:, 0].cpu().numpy()  # (B, H, W) bool
+        mean_std = (self.context.input_mean, self.context.input_std)
+        original = to_uint8_images(images, *mean_std)  # (B, H, W, 3)
+        grey = np.where(covered[..., None], np.uint8(MASK_GREY), original)
+        rebuilt = to_uint8_images(reconstruction, *mean_std)
+        rows = [[original[i], grey[i], rebuilt[i]] for i in range(original.shape[0])]
+        return {"mae_reconstruction": grid(rows, scale=display_scale(images.shape[-1]))}

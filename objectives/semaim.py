@@ -23,6 +23,7 @@ import copy
 import dataclasses
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
@@ -31,6 +32,7 @@ from torch import nn
 from objectives.base import DataNeeds, LossOutput, Objective, RunContext
 from objectives.configs import SemAIMConfig
 from objectives.mae import patchify
+from objectives.pictures import MAX_IMAGES, display_scale, gathered_outside_forward, grid, heat_map, to_uint8_images
 from objectives.pos_embed import sincos_2d
 from objectives.registry import register
 from objectives.teacher import Teacher, load_teacher
@@ -416,6 +418,33 @@ class SemAIM(Objective):
             metrics["semaim/loss_first_quarter"] = per_patch[rank < quarter].mean()
             metrics["semaim/loss_last_quarter"] = per_patch[rank >= n - quarter].mean()
         return LossOutput(loss=loss, metrics=metrics)
+
+    # --- pictures ------------------------------------------------------------------------
+    @torch.no_grad()
+    def pictures(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """`semantic_order`: per image, original | heat map of each patch's rank in the generation order.
+
+        Rank 0 (generated first, the centre) is the darkest, the last the brightest. The order comes
+        from the same source as in `forward` (teacher, EMA or the eval-mode encoder; chance for
+        order=random), with fresh tie-break noise.
+        """
+        images = batch["views"][0][:MAX_IMAGES]  # (B, 3, H, W)
+        b, n = images.shape[0], self.backbone.num_patches
+        teacher = self.frozen_modules().get("teacher")
+        if self.cfg.order == "random":
+            rank = order_ranks(torch.rand(b, n, device=images.device))
+        elif teacher is not None:
+            features = teacher(images)
+            rank, _ = self.order_from_tokens(features.cls, features.patches)
+        else:
+            with gathered_outside_forward(self):
+                tokens = self.student_tokens(images)  # (B, P + N, D)
+            rank, _ = self.order_from_tokens(tokens[:, 0], tokens[:, self.backbone.num_prefix_tokens :])
+        gh, gw = self.backbone.grid_size
+        ranks = rank.view(b, gh, gw).cpu().numpy()
+        original = to_uint8_images(images, self.context.input_mean, self.context.input_std)
+        rows = [[original[i], heat_map(ranks[i], self.backbone.patch_size)] for i in range(b)]
+        return {"semantic_order": grid(rows, scale=display_scale(images.shape[-1]))}
 
     # --- EMA -----------------------------------------------------------------------------
     def ema_decay_at(self, step: int) -> float:

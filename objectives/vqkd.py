@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
@@ -21,6 +22,15 @@ from torch import nn
 
 from objectives.base import DataNeeds, ExportedModel, LossOutput, Objective, RunContext
 from objectives.configs import VQKDConfig
+from objectives.pictures import (
+    MAX_IMAGES,
+    display_scale,
+    gathered_outside_forward,
+    grid,
+    id_map,
+    to_uint8_images,
+    usage_histogram,
+)
 from objectives.quantizer import NormEMAQuantizer
 from objectives.registry import register
 from objectives.teacher import Teacher, load_teacher
@@ -170,3 +180,23 @@ class VQKD(Objective):
             **{f"vqkd/{k}": v.detach().float() for k, v in stats.items()},
         }
         return LossOutput(loss=loss, metrics=metrics)
+
+    @torch.no_grad()
+    def pictures(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The tokenizer's view: `code_ids` (original | code id per patch) and the `codebook_usage` histogram.
+
+        codebook_usage: rank-frequency counts of the codes of these images' patches, K = codebook size.
+        """
+        images = batch["views"][0][:MAX_IMAGES]  # (B, 3, H, W)
+        with gathered_outside_forward(self):
+            codes = self.codes(images)  # (B, N); eval mode: the codebook is not updated
+        gh, gw = self.backbone.grid_size
+        k = self.quantizer.num_codes
+        original = to_uint8_images(images, self.context.input_mean, self.context.input_std)
+        codes_np = codes.view(-1, gh, gw).cpu().numpy()
+        rows = [[original[i], id_map(codes_np[i], k, self.backbone.patch_size)] for i in range(original.shape[0])]
+        counts = torch.bincount(codes.flatten(), minlength=k).cpu().numpy()  # (K,)
+        return {
+            "code_ids": grid(rows, scale=display_scale(images.shape[-1])),
+            "codebook_usage": usage_histogram(counts),
+        }

@@ -31,6 +31,14 @@ def _gathered(engine: Any, zero_stage: int) -> contextlib.AbstractContextManager
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
 
 
+def encoder_state(engine: Any, *, rank: int, zero_stage: int) -> dict[str, Any] | None:
+    """An fp32 CPU copy of the encoder's weights (timm keys) on rank 0, None elsewhere; all ranks must call it."""
+    with _gathered(engine, zero_stage):
+        if rank != 0:
+            return None
+        return {k: v.detach().float().cpu().clone() for k, v in engine.module.encoder().state_dict().items()}
+
+
 def copy_dir(local: Path, dest: str, storage_options: dict[str, Any] | None = None) -> None:
     """Replace `dest` (a local path or fsspec URL) by a copy of directory `local`."""
     import fsspec

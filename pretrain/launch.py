@@ -83,7 +83,9 @@ def connect_ray(cfg: PretrainConfig) -> str:
         ray.init(address=address or "auto", log_to_driver=True)
         return f"attached to {address or 'the job cluster'}"
     t = cfg.trainer
-    need_cpus = int(t.num_workers * t.cpus_per_worker + 0.999)
+    # Background evaluation tasks run beside the workers (eval.every_steps).
+    eval_cpus = cfg.eval.num_cpus if cfg.eval.enabled and cfg.eval.every_steps else 0.0
+    need_cpus = int(t.num_workers * t.cpus_per_worker + eval_cpus + 0.999)
     ray.init(
         num_cpus=max(os.cpu_count() or 1, need_cpus),
         # The dashboard serves Ray's state API (Ray Train uses it); it binds 127.0.0.1.
@@ -172,6 +174,9 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) 
         mlflow_run_id=run_id,
         run_dir=place.run_dir,
     )
+    from pretrain.background_eval import start_evaluator
+
+    info.evaluator = start_evaluator(cfg, uri, run_id, worker_env(cfg))
     error: BaseException | None = None
     result = None
     try:
@@ -189,12 +194,16 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) 
     except KeyboardInterrupt as exc:
         error = exc
     published: dict[str, Any] = {}
+    if info.evaluator is not None:
+        import ray
+
+        published["background"] = ray.get(info.evaluator.drain.remote())
     if error is None:
         steps = int((result.metrics or {}).get("step", cfg.trainer.max_steps)) if result is not None else 0
         try:
-            published = publish(cfg, place, uri, run_id, steps)
+            published.update(publish(cfg, place, uri, run_id, steps))
         except Exception as exc:  # noqa: BLE001 - training succeeded; say why publishing did not
-            published = {"error": _last_line(exc)}
+            published["error"] = _last_line(exc)
             log.error("evaluating/registering the encoder failed: %s", published["error"])
     exports: dict[str, str] = {}
     if run_id:
@@ -234,11 +243,18 @@ def publish(cfg: PretrainConfig, place: RunPlace, uri: str, run_id: str, steps: 
 
 def publish_rows(published: dict[str, Any]) -> list[tuple[str, str]]:
     """Summary lines of the evaluation and the registration."""
-    if not published:
-        return []
-    if "error" in published:
-        return [("publish", f"FAILED: {published['error']}")]
     rows = []
+    background = published.get("background") or {}
+    if background:
+        shown = []
+        for step, done in background.items():
+            score = done if isinstance(done, str) else next(iter(done["encoder"].values()), None)
+            shown.append(f"{step}: {score if isinstance(score, str) else f'{100 * score:.1f}%'}")
+        rows.append(("eval during", ", ".join(shown)))
+    if "error" in published:
+        return [*rows, ("publish", f"FAILED: {published['error']}")]
+    if "card" not in published:
+        return rows
     result = published.get("result")
     if result:
         for key, value in result["encoder"].items():

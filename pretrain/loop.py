@@ -30,6 +30,7 @@ class RunInfo:
     mlflow_run_id: str
     run_dir: str = ""  # <storage_path>/<name>: exports go to <run_dir>/export/
     progress_queue: Any = None  # a ray.util.queue.Queue when the driver shows a progress bar
+    evaluator: Any = None  # a BackgroundEvaluator actor when eval.every_steps > 0
 
 
 def configure_logging() -> None:
@@ -152,6 +153,27 @@ def train_step(
     if grad_norm is not None:
         metrics["grad_norm"] = grad_norm
     return metrics
+
+
+def draw_pictures(
+    engine: Any, batch: dict[str, Any], *, rank: int, device: torch.device, dtype: torch.dtype, logger: Any
+) -> None:
+    """The objective's pictures of one batch (every rank: ZeRO-3 gathers collectively), logged by rank 0."""
+    objective = engine.module
+    objective.eval()
+    try:
+        with torch.no_grad():
+            pictures = objective.pictures(_to_device(batch, device, dtype))
+    except Exception as exc:  # noqa: BLE001 - a picture must not fail a finished run; say why there is none
+        log.warning("rank %d: no pictures (%s: %s)", rank, type(exc).__name__, exc)
+        pictures = {}
+    finally:
+        objective.train()
+    if logger is not None:
+        for name, image in pictures.items():
+            logger.client.log_image(logger.run_id, image, f"pictures/{name}.png")
+        if pictures:
+            log.info("logged pictures: %s", ", ".join(sorted(pictures)))
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -311,8 +333,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 )
         else:
             ray.train.report(report)
+        if info.evaluator is not None and step % cfg.eval.every_steps == 0 and step < t.max_steps:
+            from pretrain.export import encoder_state
+
+            state = encoder_state(engine, rank=rank, zero_stage=cfg.deepspeed.zero_stage)
+            if state is not None:  # fire and forget: the actor starts a task, training goes on
+                info.evaluator.submit.remote(state, context.arch_kwargs, step)
         if fault_step and step == fault_step and start_step < fault_step:
             raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV})")
+    draw_pictures(engine, next(batches), rank=rank, device=device, dtype=dtype, logger=logger)
     loader.close()
     if rank == 0:
         log.info("rank 0 finished %d steps (%d this attempt)", step, step - start_step)

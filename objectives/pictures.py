@@ -1,0 +1,310 @@
+"""Pictures an objective draws at the end of a run: images, id maps, heat maps and histograms as uint8 RGB.
+
+Renderers use numpy and PIL only. Every renderer returns an (H, W, 3) uint8 array; `grid`
+lays panels out in rows and upscales them (nearest neighbour) so that 32-pixel images stay
+legible. `Objective.pictures` returns `{name: array}`; rank 0 logs each as
+`pictures/<name>.png`. `gathered_outside_forward` makes the model callable from
+`pictures` under DeepSpeed ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+# At most this many images of a batch go into a picture.
+MAX_IMAGES = 8
+# Grey of masked patches in the MAE picture.
+MASK_GREY = 128
+# Cells of an id map without an id (id < 0), e.g. positions a model did not predict: neutral
+# grey, never a palette colour (the palette has saturation >= 0.55).
+EMPTY_COLOUR = (192, 192, 192)
+# Usage histogram: a strip for the "used k/K" line above the bars; bar and text colours.
+HISTOGRAM_TEXT_HEIGHT = 14
+BAR_COLOUR = (52, 92, 168)
+TEXT_COLOUR = (0, 0, 0)
+
+# Golden-ratio conjugate: hue steps of it never repeat and keep consecutive ids far apart.
+_GOLDEN = 0.6180339887498949
+_SATURATIONS = (0.9, 0.55)
+_VALUES = (0.95, 0.7, 0.5)
+
+# Anchors of the heat-map ramp, dark -> bright, an inferno-like sequence (black, purple, red,
+# orange, yellow, pale yellow) whose luminance rises strictly, so brighter always means larger.
+_RAMP_ANCHORS = np.array(
+    [
+        (0, 0, 4),
+        (40, 11, 84),
+        (101, 21, 110),
+        (159, 42, 99),
+        (212, 72, 66),
+        (245, 125, 21),
+        (250, 193, 39),
+        (252, 255, 164),
+    ],
+    dtype=np.float64,
+)
+RAMP_SIZE = 256
+
+
+# --- images ------------------------------------------------------------------------------
+
+
+def to_uint8_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Normalised images (B, 3, H, W), any float dtype -> (B, H, W, 3) uint8: x * std + mean, clipped to [0, 1]."""
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    pixels = (images.detach().float() * s + m).clamp(0.0, 1.0)  # (B, 3, H, W) in [0, 1]
+    return (pixels * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def display_scale(size: int, target: int = 128) -> int:
+    """Integer upscale that brings a panel of `size` pixels to about `target` (1 for large images)."""
+    return max(1, target // max(1, size))
+
+
+def _check_panel(panel: np.ndarray, where: str) -> None:
+    if panel.ndim != 3 or panel.shape[2] != 3 or panel.dtype != np.uint8:
+        raise ValueError(f"{where}: a panel must be an (H, W, 3) uint8 array, got {panel.dtype} {panel.shape}")
+
+
+def grid(rows: list[list[np.ndarray]], *, pad: int = 2, scale: int = 1, background: int = 255) -> np.ndarray:
+    """Panels (H, W, 3) uint8 in rows and columns with `pad` pixels around each, upscaled `scale` times.
+
+    A column is as wide as its widest panel, a row as tall as its tallest; panels sit at the
+    top left of their cell. Panel (r, c) of equal-sized (h, w) panels starts at
+    y = pad + r * (h * scale + pad), x = pad + c * (w * scale + pad).
+    """
+    if scale < 1 or pad < 0:
+        raise ValueError(f"grid: scale must be >= 1 and pad >= 0, got scale={scale}, pad={pad}")
+    if not rows or not any(rows):
+        raise ValueError("grid: no panels")
+    for r, row in enumerate(rows):
+        for c, panel in enumerate(row):
+            _check_panel(panel, f"grid row {r} column {c}")
+    heights = [max((p.shape[0] for p in row), default=0) * scale for row in rows]
+    columns = max(len(row) for row in rows)
+    widths = [max((row[c].shape[1] for row in rows if c < len(row)), default=0) * scale for c in range(columns)]
+    out = np.full((sum(heights) + pad * (len(rows) + 1), sum(widths) + pad * (columns + 1), 3), background, np.uint8)
+    y = pad
+    for row, height in zip(rows, heights, strict=True):
+        x = pad
+        for c, panel in enumerate(row):
+            big = panel.repeat(scale, axis=0).repeat(scale, axis=1)
+            out[y : y + big.shape[0], x : x + big.shape[1]] = big
+            x += widths[c] + pad
+        y += height + pad
+    return out
+
+
+# --- ids -----------------------------------------------------------------------------------
+
+
+def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """HSV in [0, 1] (...,) each -> RGB in [0, 1] (..., 3), the standard six-sector formula."""
+    sector = np.floor(h * 6.0)
+    f = h * 6.0 - sector
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    sector = sector.astype(np.int64) % 6
+    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    rgb = np.zeros((*h.shape, 3))
+    for k, (r, g, b) in enumerate(choices):
+        hit = sector == k
+        rgb[hit] = np.stack([r[hit], g[hit], b[hit]], axis=-1)
+    return rgb
+
+
+def id_colours(ids: np.ndarray, num_ids: int) -> np.ndarray:
+    """A colour per id, (...,) int in [0, num_ids) -> (..., 3) uint8; it depends on the id alone.
+
+    hue = frac(id * 0.618...) (golden-ratio steps: consecutive ids are ~222 degrees apart),
+    saturation alternates 0.9 / 0.55 with the id's parity and value cycles 0.95 / 0.7 / 0.5
+    every two ids, so ids with close hues still differ in brightness.
+    """
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"id_colours: ids must be integers, got {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= num_ids):
+        raise ValueError(f"id_colours: ids must be in [0, {num_ids}), got [{ids.min()}, {ids.max()}]")
+    ids = ids.astype(np.int64)
+    hue = np.mod(ids * _GOLDEN, 1.0)
+    sat = np.asarray(_SATURATIONS)[ids % len(_SATURATIONS)]
+    val = np.asarray(_VALUES)[(ids // 2) % len(_VALUES)]
+    return np.round(_hsv_to_rgb(hue, sat, val) * 255.0).astype(np.uint8)
+
+
+def _blocks(cells: np.ndarray, cell: int) -> np.ndarray:
+    """(gh, gw, 3) -> (gh * cell, gw * cell, 3): each cell replicated cell x cell."""
+    if cell < 1:
+        raise ValueError(f"cell must be >= 1 pixel, got {cell}")
+    return cells.repeat(cell, axis=0).repeat(cell, axis=1)
+
+
+def id_map(ids: np.ndarray, num_ids: int, cell: int) -> np.ndarray:
+    """Ids on a patch grid (gh, gw) -> (gh * cell, gw * cell, 3) uint8; cells with id < 0 get EMPTY_COLOUR."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise ValueError(f"id_map: ids must be a (gh, gw) grid, got shape {ids.shape}")
+    empty = ids < 0
+    colours = id_colours(np.where(empty, 0, ids), num_ids)  # (gh, gw, 3)
+    colours[empty] = EMPTY_COLOUR
+    return _blocks(colours, cell)
+
+
+# --- heat maps -------------------------------------------------------------------------------
+
+
+def colour_ramp(size: int = RAMP_SIZE) -> np.ndarray:
+    """The heat-map ramp: (size, 3) uint8, index 0 darkest, size - 1 brightest (piecewise linear in RGB)."""
+    at = np.linspace(0.0, len(_RAMP_ANCHORS) - 1, size)
+    low = np.minimum(np.floor(at).astype(np.int64), len(_RAMP_ANCHORS) - 2)
+    frac = (at - low)[:, None]
+    rgb = _RAMP_ANCHORS[low] * (1 - frac) + _RAMP_ANCHORS[low + 1] * frac
+    return np.round(rgb).astype(np.uint8)
+
+
+def heat_map(values: np.ndarray, cell: int, *, low: float | None = None, high: float | None = None) -> np.ndarray:
+    """Values (h, w) -> (h * cell, w * cell, 3) uint8 on `colour_ramp`: low -> darkest, high -> brightest.
+
+    low/high default to the values' min and max (min-max scaling); a constant map is all darkest.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"heat_map: values must be (h, w), got shape {values.shape}")
+    lo = float(values.min()) if low is None else low
+    hi = float(values.max()) if high is None else high
+    span = hi - lo
+    scaled = np.clip((values - lo) / span, 0.0, 1.0) if span > 0 else np.zeros_like(values)
+    index = np.round(scaled * (RAMP_SIZE - 1)).astype(np.int64)
+    return _blocks(colour_ramp()[index], cell)
+
+
+# --- text --------------------------------------------------------------------------------------
+
+
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default()
+
+
+def _text_size(text: str) -> tuple[int, int]:
+    """(width, height) in pixels of `text` in the default font, from the origin."""
+    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=_font())
+    return int(right), int(bottom)
+
+
+def _text_image(text: str, background: int = 255) -> Image.Image:
+    """`text` in the default font on its own tight RGB image."""
+    width, height = _text_size(text)
+    image = Image.new("RGB", (max(1, width), max(1, height)), (background,) * 3)
+    ImageDraw.Draw(image).text((0, 0), text, fill=TEXT_COLOUR, font=_font())
+    return image
+
+
+# --- histograms -------------------------------------------------------------------------------------
+
+
+def usage_histogram(counts: np.ndarray, *, height: int = 120, width: int | None = None) -> np.ndarray:
+    """Rank-frequency bars of code/centroid counts (K,) -> (height, width, 3) uint8, "used k/K" on top.
+
+    Counts are sorted in descending order; pixel column x shows the code of rank x * K // width
+    (bars of width // K pixels when width >= K; with fewer columns than codes, the first,
+    largest, code of each column's bin). A bar is ceil(count / max * plot height) tall, so
+    every used code has a visible bar and the largest spans the whole plot area below the
+    text strip. width defaults to about 256 pixels of whole bars (at most 1024).
+    """
+    counts = np.asarray(counts, dtype=np.float64).ravel()
+    k = counts.size
+    if k == 0 or (counts < 0).any():
+        raise ValueError(f"usage_histogram: counts must be a non-empty (K,) array of counts >= 0, got {counts}")
+    if width is None:
+        width = min(1024, max(128, k * max(1, 256 // k)))
+    plot = height - HISTOGRAM_TEXT_HEIGHT
+    if plot < 1 or width < 1:
+        raise ValueError(f"usage_histogram: height must exceed {HISTOGRAM_TEXT_HEIGHT} and width >= 1")
+    ordered = np.sort(counts)[::-1]  # rank-frequency
+    top = ordered[0]
+    bars = np.ceil(ordered / top * plot).astype(np.int64) if top > 0 else np.zeros(k, np.int64)
+    column_bars = bars[np.arange(width) * k // width]  # (width,)
+    rows = np.arange(plot)[:, None]  # (plot, 1), 0 = top of the plot area
+    filled = rows >= plot - column_bars[None, :]  # (plot, width)
+    out = np.full((height, width, 3), 255, np.uint8)
+    out[HISTOGRAM_TEXT_HEIGHT:][filled] = BAR_COLOUR
+    label = Image.fromarray(out[:HISTOGRAM_TEXT_HEIGHT].copy())
+    ImageDraw.Draw(label).text((2, 1), f"used {int((counts > 0).sum())}/{k}", fill=TEXT_COLOUR, font=_font())
+    out[:HISTOGRAM_TEXT_HEIGHT] = np.asarray(label)
+    return out
+
+
+# --- confusion matrices -------------------------------------------------------------------------------
+
+
+def confusion_image(matrix: np.ndarray, class_names: list[str] | None = None, cell: int = 16) -> np.ndarray:
+    """A confusion matrix (C, C) of counts, rows true and columns predicted -> uint8 heat map.
+
+    Each row is normalised to sum 1 (an empty row stays 0) and drawn on `colour_ramp` over
+    [0, 1]: a fraction of 1 is the brightest colour, 0 the darkest. With `class_names`, row
+    labels go to the left and column labels, turned 90 degrees, on top, if the font's line
+    height fits in a cell; the matrix is then the bottom-right (C * cell)^2 block.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"confusion_image: matrix must be (C, C), got shape {matrix.shape}")
+    c = matrix.shape[0]
+    if class_names is not None and len(class_names) != c:
+        raise ValueError(f"confusion_image: {len(class_names)} class names for a {c} x {c} matrix")
+    sums = matrix.sum(axis=1, keepdims=True)
+    fractions = np.divide(matrix, sums, out=np.zeros_like(matrix), where=sums > 0)
+    cells = heat_map(fractions, cell, low=0.0, high=1.0)  # (C * cell, C * cell, 3)
+    if not class_names or max(_text_size(name)[1] for name in class_names) > cell:
+        return cells
+    labels = [_text_image(name) for name in class_names]
+    margin_left = max(label.width for label in labels) + 4
+    margin_top = margin_left  # turned labels are as long as the row labels are wide
+    canvas = Image.new("RGB", (margin_left + c * cell, margin_top + c * cell), (255, 255, 255))
+    canvas.paste(Image.fromarray(cells), (margin_left, margin_top))
+    for i, label in enumerate(labels):
+        centre = i * cell + (cell - label.height) // 2
+        canvas.paste(label, (margin_left - 2 - label.width, margin_top + centre))  # row i, right-aligned
+        turned = label.rotate(90, expand=True)  # reads bottom to top
+        canvas.paste(turned, (margin_left + centre, margin_top - 2 - turned.height))  # column i
+    return np.asarray(canvas).copy()
+
+
+# --- ZeRO-3 ------------------------------------------------------------------------------------------
+
+
+def bypassed_parameters(root: nn.Module) -> list[nn.Parameter]:
+    """Parameters that no submodule's own forward gathers under ZeRO-3.
+
+    These are the root's own parameters (e.g. MAE's `mask_token`) and those of container
+    modules whose forward the objectives bypass (the timm ViT's `cls_token`/`pos_embed`);
+    in training the root's forward gathers them (`pretrain.engine.register_bypassed_parameters`).
+    """
+    params = list(root.parameters(recurse=False))
+    for module in root.modules():
+        if module is not root and next(module.children(), None) is not None:
+            params.extend(module.parameters(recurse=False))
+    return params
+
+
+@contextlib.contextmanager
+def gathered_outside_forward(root: nn.Module) -> Iterator[None]:
+    """ZeRO-3: gather `bypassed_parameters` while the model runs outside the root's forward; else a no-op.
+
+    `Objective.pictures` is called as a method, so the root's forward hook, which gathers
+    them in training, never fires; leaf modules still gather their own weights when called.
+    A collective: every rank must enter it (as every rank calls `pictures`).
+    """
+    params = [p for p in bypassed_parameters(root) if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
