@@ -192,19 +192,28 @@ def log_encoder(
     with torch.inference_mode():
         output = vit(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)  # batch dimension -1: exported as dynamic
+    client = MlflowClient(tracking_uri=tracking_uri)
+    # Created here, in the run's experiment: without an active run log_model would put it in
+    # the default experiment, where `runs:/<run_id>/<name>` does not look.
+    logged = client.create_logged_model(
+        client.get_run(run_id).info.experiment_id,
+        name=name,
+        source_run_id=run_id,
+        model_type="pretrain.encoder",
+        params={"arch": encoder.arch, **{f"arch_kwargs.{k}": str(v) for k, v in encoder.arch_kwargs.items()}},
+    )
     with _default_tracking_uri(tracking_uri):
-        info = mlflow.pytorch.log_model(
+        mlflow.pytorch.log_model(
             vit,
             name=name,
+            model_id=logged.model_id,
             run_id=run_id,
             input_example=example,
             signature=signature,
             pip_requirements=_pip_requirements(),
-            model_type="pretrain.encoder",
-            params={"arch": encoder.arch, **{f"arch_kwargs.{k}": str(v) for k, v in encoder.arch_kwargs.items()}},
         )
-    MlflowClient(tracking_uri=tracking_uri).log_model_artifacts(info.model_id, str(files))
-    return info.model_id, f"runs:/{run_id}/{name}"
+    client.log_model_artifacts(logged.model_id, str(files))
+    return logged.model_id, f"runs:/{run_id}/{name}"
 
 
 def register(*, name: str, model_id: str, run_id: str, tracking_uri: str, tags: dict[str, str]) -> str:

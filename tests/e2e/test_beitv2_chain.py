@@ -72,7 +72,8 @@ def test_vqkd_then_beitv2_through_the_registry(ray_local: None, runs, tmp_path: 
     encoder = load_teacher(TeacherConfig(source=str(tmp_path / "runs" / "mim" / "export" / "encoder")))
     assert sum(p.numel() for p in encoder.parameters()) > 10_000
     tags = MlflowClient(record["tracking_uri"]).get_run(record["mlflow_run_id"]).data.tags
-    assert tags["pretrain.export.encoder"] == f"runs:/{record['mlflow_run_id']}/encoder"
+    # Registered after its evaluation as <objective>-<model>, version 1.
+    assert tags["pretrain.export.encoder"] == "models:/beitv2-vit_nano/1"
 
     # MaskDistill on 1 worker, ZeRO-2, bf16, with that encoder as teacher by its runs:/ URI.
     rc = main(
@@ -80,7 +81,7 @@ def test_vqkd_then_beitv2_through_the_registry(ray_local: None, runs, tmp_path: 
             *[a for a in common if a != "trainer.num_workers=2"],
             "trainer.num_workers=1",
             "objective=maskdistill",
-            f"objective.teacher.source={tags['pretrain.export.encoder']}",
+            f"objective.teacher.source=runs:/{record['mlflow_run_id']}/encoder",
             "deepspeed.zero_stage=2",
             "deepspeed.precision=bf16",
             "name=distill",
