@@ -50,6 +50,8 @@ def test_vqkd_then_beitv2_through_the_registry(ray_local: None, runs, tmp_path: 
     usage = runs.history(record, "vqkd/codebook_usage")
     assert len(usage) == 3 and all(0 < v <= 1 for _, v in usage)
     assert (tmp_path / "runs" / "tok" / "export" / "tokenizer" / "tokenizer.safetensors").is_file()
+    pictures = {a.path for a in client.list_artifacts(record["mlflow_run_id"], "pictures")}
+    assert pictures == {"pictures/code_ids.png", "pictures/codebook_usage.png"}
 
     rc = main(
         [
@@ -72,8 +74,12 @@ def test_vqkd_then_beitv2_through_the_registry(ray_local: None, runs, tmp_path: 
     encoder = load_teacher(TeacherConfig(source=str(tmp_path / "runs" / "mim" / "export" / "encoder")))
     assert sum(p.numel() for p in encoder.parameters()) > 10_000
     tags = MlflowClient(record["tracking_uri"]).get_run(record["mlflow_run_id"]).data.tags
-    # Registered after its evaluation as <objective>-<model>, version 1.
+    # Registered after its evaluation as <objective>-<model>, version 1, with the tokenizer pinned.
     assert tags["pretrain.export.encoder"] == "models:/beitv2-vit_nano/1"
+    (version,) = client.search_model_versions("name='beitv2-vit_nano'")
+    assert version.tags["pretrain.tokenizer"] == "models:/vqkd-tiny-teacher/1"
+    assert 0.0 <= float(version.tags["eval.knn_top1"]) <= 1.0
+    assert {a.path for a in client.list_artifacts(record["mlflow_run_id"], "pictures")} == {"pictures/token_ids.png"}
 
     # MaskDistill on 1 worker, ZeRO-2, bf16, with that encoder as teacher by its runs:/ URI.
     rc = main(

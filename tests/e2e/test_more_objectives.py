@@ -25,6 +25,10 @@ CASES = {
 }
 
 
+# Pictures each objective logs at the end (drawn on every rank: ZeRO-2/3 included).
+PICTURES = {"simclr": [], "mocov3": [], "ccvit": ["centroid_ids", "centroid_usage"], "semaim": ["semantic_order"]}
+
+
 @pytest.mark.parametrize("objective", sorted(CASES))
 def test_objective_runs_end_to_end(objective: str, ray_local: None, runs, tmp_path: Path) -> None:
     stage, precision, overrides = CASES[objective]
@@ -52,7 +56,12 @@ def test_objective_runs_end_to_end(objective: str, ray_local: None, runs, tmp_pa
     run = MlflowClient(record["tracking_uri"]).get_run(record["mlflow_run_id"])
     own = [k for k in run.data.metrics if k.startswith(f"{objective}/")]
     assert own, f"no {objective}/ metrics logged"
-    assert run.data.tags["pretrain.export.encoder"] == f"runs:/{record['mlflow_run_id']}/encoder"
+    # Evaluated against a random-init baseline, then registered as <objective>-<model>.
+    assert run.data.tags["pretrain.export.encoder"] == f"models:/{objective}-vit_nano/1"
+    for key in ("eval/knn_top1", "eval/linear_top1", "eval/baseline_knn_top1", "eval/baseline_linear_top1"):
+        assert 0.0 <= run.data.metrics[key] <= 1.0, key
+    pictures = {a.path for a in MlflowClient(record["tracking_uri"]).list_artifacts(run.info.run_id, "pictures")}
+    assert pictures == {f"pictures/{name}.png" for name in PICTURES[objective]}
     if objective == "ccvit":
         assert run.data.tags["pretrain.export.centroids"].startswith("models:/ccvit-centroids-32x4/")
         assert (tmp_path / objective / "export" / "centroids").is_dir()
