@@ -34,7 +34,8 @@ def evaluate_weights(
 
     import timm
 
-    from pretrain.evaluate import Encoder, eval_sources, evaluate_encoder, log_result, pick_device
+    from pretrain.evaluate import eval_sources, evaluate_encoder, log_result
+    from pretrain.features import Encoder, pick_device
     from pretrain.loop import configure_logging
 
     configure_logging()

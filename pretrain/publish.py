@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pretrain.config import PretrainConfig
-    from pretrain.evaluate import Encoder, EvalResult
+    from pretrain.evaluate import EvalResult
+    from pretrain.features import Encoder
 
 log = logging.getLogger("pretrain.publish")
 
@@ -260,7 +261,8 @@ def publish_encoder(
     cfg: PretrainConfig, *, run_dir: str, run_name: str, tracking_uri: str, run_id: str, steps: int
 ) -> dict[str, Any]:
     """Evaluate, card, log and register the run's exported encoder; returns what the summary prints."""
-    from pretrain.evaluate import copy_dir_from, eval_sources, evaluate_encoder, load_encoder, log_result, pick_device
+    from pretrain.evaluate import eval_sources, evaluate_encoder, log_result
+    from pretrain.features import copy_dir_from, load_encoder, pick_device
     from pretrain.loop import configure_logging
 
     configure_logging()

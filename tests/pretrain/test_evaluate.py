@@ -82,7 +82,7 @@ def registered_encoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     import timm
 
     from objectives.teacher import save_teacher
-    from pretrain.evaluate import load_encoder
+    from pretrain.features import load_encoder
     from pretrain.publish import BEST_ALIAS, log_encoder, promote_best, register
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -148,10 +148,18 @@ def test_evaluate_cli_mistakes_are_one_line(registered_encoder: str, capsys) -> 
     cases = [
         ([], 2, "error: model_uri: required"),
         (["model_uri=x", "eval.protocols=[svm]"], 2, "error: eval.protocols: unknown protocol(s) ['svm']"),
-        (["model_uri=x", "eval=nope"], 2, "error: eval: unknown eval 'nope'; valid choices: default, knn, linear_probe"),
+        (
+            ["model_uri=x", "eval=nope"],
+            2,
+            "error: eval: unknown eval 'nope'; valid choices: default, knn, linear_probe",
+        ),
         (["model_uri=ftp://h/x"], 2, "error: model_uri: unsupported scheme 'ftp'"),
         (["model_uri=x", "eval.select_metric=linear_top1", "eval=knn"], 2, "error: eval.select_metric:"),
-        ([f"tracking.uri={store}", "model_uri=models:/nope@best"], 1, "error: Registered Model with name=nope not found"),
+        (
+            [f"tracking.uri={store}", "model_uri=models:/nope@best"],
+            1,
+            "error: Registered Model with name=nope not found",
+        ),
         (["model_uri=/no/such/dir"], 1, "error: /no/such/dir: no teacher.safetensors there"),
     ]
     for argv, code, start in cases:

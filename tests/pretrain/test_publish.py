@@ -10,7 +10,8 @@ import torch
 
 from objectives.teacher import save_teacher
 from pretrain.config import PretrainConfig
-from pretrain.evaluate import Encoder, EvalResult, load_encoder, result_table
+from pretrain.evaluate import EvalResult, result_table
+from pretrain.features import Encoder, load_encoder
 from pretrain.publish import (
     BEST_ALIAS,
     lineage,
@@ -56,7 +57,9 @@ def _publish(store: str, tmp_path: Path, seed: int, name: str = "mae-vit_test") 
     run_id = _run(store)
     model_id, runs_uri = log_encoder(encoder, files, run_id=run_id, tracking_uri=store)
     assert runs_uri == f"runs:/{run_id}/encoder"
-    version = register(name=name, model_id=model_id, run_id=run_id, tracking_uri=store, tags={"pretrain.run_id": run_id})
+    version = register(
+        name=name, model_id=model_id, run_id=run_id, tracking_uri=store, tags={"pretrain.run_id": run_id}
+    )
     return encoder, version, run_id
 
 
