@@ -16,12 +16,10 @@ Config mistakes exit with code 2 and one line, before torch is imported.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -109,29 +107,7 @@ def evaluate_encoder(
     device: torch.device,
 ) -> EvalResult:
     """kNN and/or linear-probe accuracy of `encoder` (and the random-init baseline) on `test`, fitted on `fit`."""
-    with _cpu_threads(device, e.num_workers):
-        return _evaluate(encoder, e, fit, test, device=device)
-
-
-@contextlib.contextmanager
-def _cpu_threads(device: torch.device, loader_workers: int) -> Iterator[None]:
-    """On the CPU, leave one core per loader worker: oversubscribed intra-op threads made a
-    2-core evaluation 10x slower (feature extraction beside a decoding worker, and the
-    probe's many small L-BFGS steps)."""
-    import os
-
-    import torch
-
-    if device.type != "cpu":
-        yield
-        return
-    saved = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, min(saved, cores - loader_workers)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
+    return _evaluate(encoder, e, fit, test, device=device)
 
 
 def _evaluate(
