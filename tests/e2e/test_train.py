@@ -27,12 +27,18 @@ def test_two_workers_each_zero_stage(stage: int, ray_local: None, runs, tmp_path
             "trainer.checkpoint_every=3",
             f"trainer.storage_path={tmp_path}",
             f"name={name}",
+            # ZeRO-3: the encoder is gathered at step 2 for an evaluation task beside training.
+            *(["eval.every_steps=2"] if stage == 3 else []),
         ]
     )
     assert rc == 0
     record = runs.record(tmp_path, name)
     losses = runs.history(record, "loss")
     assert [s for s, _ in losses] == [1, 2, 3]
+    # Evaluated during (stage 3) and at the end of training, both against the random-init baseline.
+    eval_steps = [2, 3] if stage == 3 else [3]
+    for key in ("eval/knn_top1", "eval/baseline_linear_top1"):
+        assert [s for s, _ in runs.history(record, key)] == eval_steps, key
     assert all(math.isfinite(v) and v > 0 for _, v in losses)
 
     from mlflow.tracking import MlflowClient
@@ -57,7 +63,14 @@ def test_two_workers_each_zero_stage(stage: int, ray_local: None, runs, tmp_path
 
 @pytest.fixture(scope="module")
 def resume_args(runs) -> list[str]:
-    return [*runs.tiny, "trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.deterministic=true"]
+    # Resume is about the training state: skip the end-of-run evaluation (it is tested above).
+    return [
+        *runs.tiny,
+        "trainer.max_steps=6",
+        "trainer.checkpoint_every=3",
+        "trainer.deterministic=true",
+        "eval.enabled=false",
+    ]
 
 
 @pytest.fixture(scope="module")
