@@ -216,6 +216,8 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) 
         from pretrain.export import exports_in_dir
 
         exports = exports_in_dir(place.run_dir, cfg.data.storage_options)
+    if "registered" in published:
+        exports.pop("encoder", None)  # shown as `registered`
     print_summary(cfg, place, result, error, uri, run_id, time.perf_counter() - started, exports, published)
     return 1 if error is not None or "error" in published else 0
 
