@@ -24,6 +24,9 @@ TINY = [
     "data.default_train_samples=256",
     "data.default_eval_samples=64",
     "data.default_shard_size=32",
+    # One linear-probe weight decay instead of the 5-value sweep: 1.9 s instead of 6.6 s per
+    # end-of-run evaluation here (the sweep is tested in tests/pretrain/test_probe.py).
+    "eval.probe_weight_decays=[1e-4]",
 ]
 
 
