@@ -223,7 +223,10 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) 
 
 
 def publish(cfg: PretrainConfig, place: RunPlace, uri: str, run_id: str, steps: int) -> dict[str, Any]:
-    """Evaluate, log and register the exported encoder in a Ray task (eval.num_cpus/num_gpus); {} if none."""
+    """Evaluate, log and register the exported encoder; {} if there is none.
+
+    On a multi-node cluster, or with eval.num_gpus, in a Ray task (eval.num_cpus/num_gpus).
+    """
     import fsspec
     import ray
 
@@ -232,15 +235,20 @@ def publish(cfg: PretrainConfig, place: RunPlace, uri: str, run_id: str, steps: 
     fs, path = fsspec.core.url_to_fs(f"{place.run_dir}/export/encoder", **(cfg.data.storage_options or {}))
     if not fs.isdir(path):
         return {}
+    kwargs = {"run_dir": place.run_dir, "run_name": place.name, "tracking_uri": uri, "run_id": run_id, "steps": steps}
+    if cfg.eval.num_gpus == 0 and len([n for n in ray.nodes() if n.get("Alive")]) == 1:
+        # One node (a laptop, one box): this process is on it and the workers have released
+        # its cores; a task would only add a fresh interpreter's imports (~8 s here).
+        log.info("evaluating and registering the encoder")
+        return publish_encoder(cfg, **kwargs)
     task = ray.remote(publish_encoder).options(
         num_cpus=cfg.eval.num_cpus,
         num_gpus=cfg.eval.num_gpus,
         runtime_env={"env_vars": worker_env(cfg)},
         max_retries=0,
     )
-    log.info("evaluating and registering the encoder")
-    ref = task.remote(cfg, run_dir=place.run_dir, run_name=place.name, tracking_uri=uri, run_id=run_id, steps=steps)
-    return ray.get(ref)
+    log.info("evaluating and registering the encoder in a Ray task")
+    return ray.get(task.remote(cfg, **kwargs))
 
 
 def publish_rows(published: dict[str, Any]) -> list[tuple[str, str]]:

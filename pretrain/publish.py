@@ -1,6 +1,6 @@
 """End of a run: evaluate the exported encoder, write its model card, log it to MLflow and register it.
 
-Runs as a Ray task after training (pretrain.launch), on the files rank 0 exported to
+Runs after training (pretrain.launch: in the driver on one node, else in a Ray task), on the files rank 0 exported to
 `<run dir>/export/encoder/` (timm key names, fp32 safetensors; ZeRO-3 gathered):
 
 1. load them into `timm.create_model(arch, **arch_kwargs)` with a strict load;
