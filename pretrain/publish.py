@@ -267,43 +267,41 @@ def publish_encoder(
 
     configure_logging()
     export_url = f"{run_dir.rstrip('/')}/export/encoder"
-    encoder = load_encoder(export_url, tracking_uri=tracking_uri or None, storage_options=cfg.data.storage_options)
-    result = None
-    if cfg.eval.enabled:
-        fit, test = eval_sources(cfg.eval, cfg.data)
-        device = pick_device("cuda" if cfg.eval.num_gpus > 0 else "cpu")
-        result = evaluate_encoder(encoder, cfg.eval, fit, test, device=device)
-        log.info("eval: %s (random init %s) in %.1f s", result.encoder, result.baseline, result.seconds)
-        if run_id:
-            log_result(result, tracking_uri=tracking_uri, run_id=run_id, step=steps)
-    tags = lineage(cfg, run_id=run_id, run_name=run_name, steps=steps, tracking_uri=tracking_uri)
-    if result is not None:
-        tags.update({f"eval.{k}": f"{v:.6f}" for k, v in result.encoder.items()})
-        tags.update({f"eval.baseline_{k}": f"{v:.6f}" for k, v in result.baseline.items()})
-    out: dict[str, Any] = {"result": None if result is None else asdict(result), "export": export_url}
-    name = registered_name(cfg) if run_id and cfg.tracking.register else ""
     with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
-        files = Path(tmp)
-        if result is not None:
+        # One copy of the weights (from object storage too): loaded, then logged with the model.
+        files = copy_dir_from(export_url, Path(tmp), cfg.data.storage_options)  # teacher.safetensors + .json
+        encoder = load_encoder(str(files), tracking_uri=tracking_uri or None)
+        encoder.source = export_url
+        result = None
+        if cfg.eval.enabled:
+            fit, test = eval_sources(cfg.eval, cfg.data)
+            device = pick_device("cuda" if cfg.eval.num_gpus > 0 else "cpu")
+            result = evaluate_encoder(encoder, cfg.eval, fit, test, device=device)
+            log.info("eval: %s (random init %s) in %.1f s", result.encoder, result.baseline, result.seconds)
             (files / EVAL_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
-        version = ""
+            if run_id:
+                log_result(result, tracking_uri=tracking_uri, run_id=run_id, step=steps)
+        tags = lineage(cfg, run_id=run_id, run_name=run_name, steps=steps, tracking_uri=tracking_uri)
+        if result is not None:
+            tags.update({f"eval.{k}": f"{v:.6f}" for k, v in result.encoder.items()})
+            tags.update({f"eval.baseline_{k}": f"{v:.6f}" for k, v in result.baseline.items()})
+        out: dict[str, Any] = {"result": None if result is None else asdict(result), "export": export_url}
+        name = registered_name(cfg) if run_id and cfg.tracking.register else ""
+        version = model_id = ""
+        if run_id:
+            model_id, out["uri"] = log_encoder(encoder, files, run_id=run_id, tracking_uri=tracking_uri)
+            if name:
+                version = register(name=name, model_id=model_id, run_id=run_id, tracking_uri=tracking_uri, tags=tags)
+                out.update(uri=f"models:/{name}/{version}", registered=name, version=version)
+        # The card names the version it describes, so it is written once the version exists.
+        card = model_card(cfg, encoder, result, tags, name=name or registered_name(cfg), version=version)
+        (files / CARD_FILE).write_text(card)
         if run_id:
             from mlflow import MlflowClient
 
-            # The card names the version it describes, so the version is made first.
-            (files / CARD_FILE).write_text(model_card(cfg, encoder, result, tags, name=name, version=""))
-            copy_dir_from(export_url, files, cfg.data.storage_options)  # teacher.safetensors + teacher.json
-            model_id, runs_uri = log_encoder(encoder, files, run_id=run_id, tracking_uri=tracking_uri)
-            out["uri"] = runs_uri
+            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            client.log_model_artifacts(model_id, str(files / CARD_FILE))
             if name:
-                version = register(name=name, model_id=model_id, run_id=run_id, tracking_uri=tracking_uri, tags=tags)
-                out["uri"] = f"models:/{name}/{version}"
-                out["registered"] = name
-                out["version"] = version
-                card = model_card(cfg, encoder, result, tags, name=name, version=version)
-                (files / CARD_FILE).write_text(card)
-                client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-                client.log_model_artifacts(model_id, str(files / CARD_FILE))
                 client.update_model_version(name, version, description=card[:5000])
                 if result is not None and cfg.eval.select_metric in result.encoder:
                     out["best"] = promote_best(
@@ -313,21 +311,16 @@ def publish_encoder(
                         value=result.encoder[cfg.eval.select_metric],
                         tracking_uri=tracking_uri,
                     )
-            client = MlflowClient(tracking_uri=tracking_uri)
             client.set_tag(run_id, "pretrain.export.encoder", out["uri"])
-            client.log_text(run_id, (files / CARD_FILE).read_text(), "model_card.md")
-        else:
-            (files / CARD_FILE).write_text(
-                model_card(cfg, encoder, result, tags, name=registered_name(cfg), version="")
-            )
+            client.log_text(run_id, card, "model_card.md")
         for extra in (CARD_FILE, EVAL_FILE):
             if (files / extra).is_file():
-                _put_files_one(files / extra, export_url, cfg.data.storage_options)
+                _put_file(files / extra, export_url, cfg.data.storage_options)
     out["card"] = f"{export_url}/{CARD_FILE}"
     return out
 
 
-def _put_files_one(file: Path, dest_dir: str, storage_options: dict[str, Any] | None) -> None:
+def _put_file(file: Path, dest_dir: str, storage_options: dict[str, Any] | None) -> None:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(dest_dir, **(storage_options or {}))
