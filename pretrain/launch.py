@@ -78,7 +78,12 @@ def connect_ray(cfg: PretrainConfig) -> str:
 
     if ray.is_initialized():
         return "already connected"
-    address = os.environ.get("RAY_ADDRESS")
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("http://", "https://")):
+        # The job server's URL (what `ray job submit` reads, e.g. from scripts/stack.sh env), not a
+        # GCS address: attach to the cluster whose head runs on this machine.
+        ray.init(address="auto", log_to_driver=True)
+        return f"attached to the Ray cluster on this machine (RAY_ADDRESS={address} is its job server)"
     if address or os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"):
         ray.init(address=address or "auto", log_to_driver=True)
         return f"attached to {address or 'the job cluster'}"
@@ -87,6 +92,8 @@ def connect_ray(cfg: PretrainConfig) -> str:
     eval_cpus = cfg.eval.num_cpus if cfg.eval.enabled and cfg.eval.every_steps else 0.0
     need_cpus = int(t.num_workers * t.cpus_per_worker + eval_cpus + 0.999)
     ray.init(
+        # "local": a new instance even where `ray start` left one running on this machine.
+        address="local",
         num_cpus=max(os.cpu_count() or 1, need_cpus),
         # The dashboard serves Ray's state API (Ray Train uses it); it binds 127.0.0.1.
         include_dashboard=True,

@@ -19,6 +19,11 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "s3_endpoint.py"
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 
+# The tests start their own services: what a developer exported for a stack or a cluster
+# (`eval "$(scripts/stack.sh env)"`) must not send test runs there.
+for _name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "PRETRAIN_STORAGE_PATH"):
+    os.environ.pop(_name, None)
+
 
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` still runs (a zombie counts as gone: it runs no code)."""

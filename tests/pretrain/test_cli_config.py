@@ -92,3 +92,21 @@ def test_every_objective_yaml_has_a_registered_class_and_back() -> None:
     required = {"beitv2": ["objective.tokenizer=models:/vqkd-x/latest"]}
     for name in available():
         assert load_config([f"objective={name}", *required.get(name, [])]).objective.name == name
+
+
+def test_storage_path_and_tracking_uri_default_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What scripts/stack.sh and the cluster setups export; unset, the embedded defaults.
+    cfg = load_config([])
+    assert (cfg.trainer.storage_path, cfg.tracking.uri) == ("", "")
+    monkeypatch.setenv("PRETRAIN_STORAGE_PATH", "s3://bucket/runs")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    cfg = load_config([])
+    assert (cfg.trainer.storage_path, cfg.tracking.uri) == ("s3://bucket/runs", "http://127.0.0.1:5000")
+    assert load_config(["trainer=gpu"]).trainer.storage_path == "s3://bucket/runs"
+    # An explicit key=value wins over the environment.
+    cfg = load_config(["trainer.storage_path=/data/runs", "tracking.uri=http://mlflow:5000"])
+    assert (cfg.trainer.storage_path, cfg.tracking.uri) == ("/data/runs", "http://mlflow:5000")
+    # A bad scheme from the environment is reported like one on the command line.
+    monkeypatch.setenv("PRETRAIN_STORAGE_PATH", "ftp://host/runs")
+    done = run_cli()
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "trainer.storage_path" in done.stderr, done.stderr

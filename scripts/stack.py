@@ -1,0 +1,457 @@
+"""The local service stack: S3 endpoint, MLflow tracking server and a Ray head, all on 127.0.0.1.
+
+    scripts/stack.sh up        # start the three, print the environment to export
+    scripts/stack.sh status    # what runs, where, and whether it answers
+    scripts/stack.sh env       # print the exports again
+    scripts/stack.sh down      # stop exactly what `up` started (by pid), nothing else
+
+What `up` starts, in this order (each waits until the previous one answers):
+
+1. `moto_server`: a real S3 HTTP endpoint (in memory) with the bucket `--bucket`.
+2. `mlflow server`: sqlite backend (tracking + model registry) in the stack directory,
+   artifacts proxied by the server (`--serve-artifacts`) into s3://<bucket>/mlflow.
+3. `ray start --head --block`: GCS, raylet, dashboard and job server. Token
+   authentication stays on (Ray's default): clients set RAY_AUTH_MODE=token and read
+   the token from ~/.ray/auth_token. The head inherits the stack's environment, so
+   jobs and their workers reach S3 and MLflow without credentials in any job config.
+
+Each component runs in a session of its own; `down` signals those sessions (SIGTERM,
+then SIGKILL after --stop-timeout) after checking that each leader pid is still the
+process `up` started. State, logs and the MLflow database live in --dir (default
+.stack/ in the working directory; Ray's session files in <dir>/ray, or in
+/tmp/pretrain-stack-<hash> where <dir> is too long for unix sockets); the S3 data is in memory, so the stack is
+ephemeral: `up` starts from an empty directory, and everything is gone after `down`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from s3_endpoint import CREDENTIALS, HOST, free_port  # noqa: E402 - beside this script, not a package
+
+STATE_FILE = "stack.json"
+BIN = Path(sys.executable).parent
+
+
+class StackError(Exception):
+    """Something the user can fix; printed as one line."""
+
+
+@dataclass
+class Component:
+    name: str
+    pid: int
+    start_ticks: int  # /proc/<pid>/stat start time: tells a recycled pid from ours
+    url: str
+    log: str
+
+
+@dataclass
+class Stack:
+    dir: str
+    env: dict[str, str] = field(default_factory=dict)
+    components: list[Component] = field(default_factory=list)
+
+    def save(self) -> None:
+        Path(self.dir, STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, directory: Path) -> Stack | None:
+        path = directory / STATE_FILE
+        if not path.is_file():
+            return None
+        raw = json.loads(path.read_text())
+        return cls(dir=raw["dir"], env=raw["env"], components=[Component(**c) for c in raw["components"]])
+
+
+# --- processes ----------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (index 0 = state), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def start_ticks(pid: int) -> int:
+    fields = _stat(pid)
+    return int(fields[19]) if fields else 0
+
+
+def is_ours(c: Component) -> bool:
+    """Whether the component's leader still runs and is the process `up` started."""
+    fields = _stat(c.pid)
+    return fields is not None and fields[0] != "Z" and int(fields[19]) == c.start_ticks
+
+
+def session_members(sid: int) -> list[int]:
+    """Live pids in session `sid` (every process a component started stays in it)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields is not None and fields[0] != "Z" and int(fields[3]) == sid:
+                members.append(int(entry.name))
+    return members
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str], directory: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    log = directory / f"{name}.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=directory,
+            start_new_session=True,  # own session: `down` finds every descendant by its session id
+        )
+    return process, log
+
+
+def wait_until(ready, what: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+            raise StackError(f"{what} exited with code {process.returncode}: {tail[0][:300]} (log: {log})")
+        if time.monotonic() > deadline:
+            raise StackError(f"{what} did not answer within {timeout_s:.0f} s (log: {log})")
+        time.sleep(0.25)
+
+
+def answers(url: str) -> bool:
+    """Any HTTP response (401 included: Ray's token auth) means the server is up."""
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def executable(name: str) -> str:
+    beside = BIN / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise StackError(f"no {name} beside {sys.executable} nor on PATH; run `make install` first")
+    return found
+
+
+# --- up / down / status -----------------------------------------------------------
+
+
+def up(args: argparse.Namespace) -> Stack:
+    directory = Path(args.dir).resolve()
+    existing = Stack.load(directory)
+    if existing is not None and any(is_ours(c) for c in existing.components):
+        raise StackError(f"a stack already runs from {directory}; `scripts/stack.sh down` first")
+    ray_temp = ray_temp_dir(directory)
+    for old in (directory, ray_temp):
+        if old.exists():
+            shutil.rmtree(old)
+    directory.mkdir(parents=True)
+    ports = {
+        "s3": args.s3_port,
+        "mlflow": args.mlflow_port,
+        "ray": args.ray_port,
+        "dashboard": args.dashboard_port,
+        "client": args.ray_client_port,
+        "agent": args.dashboard_agent_port,
+    }
+    for key, port in ports.items():
+        if port == 0:
+            ports[key] = free_port()
+        elif not port_free(port):
+            flag = {"client": "ray-client", "agent": "dashboard-agent"}.get(key, key)
+            raise StackError(f"port {port} on {HOST} is taken; pick another with --{flag}-port (0 = a free one)")
+
+    s3_url = f"http://{HOST}:{ports['s3']}"
+    mlflow_url = f"http://{HOST}:{ports['mlflow']}"
+    stack = Stack(
+        dir=str(directory),
+        env={
+            # The GCS address is filled in once the head runs (Ray binds it to the node's IP).
+            "RAY_ADDRESS": "",
+            # `ray job ...` and the job SDK read this first, then RAY_ADDRESS.
+            "RAY_API_SERVER_ADDRESS": f"http://{HOST}:{ports['dashboard']}",
+            "RAY_AUTH_MODE": "token",
+            "MLFLOW_TRACKING_URI": mlflow_url,
+            "AWS_ENDPOINT_URL": s3_url,
+            **CREDENTIALS,
+            "PRETRAIN_STORAGE_PATH": f"s3://{args.bucket}/runs",
+        },
+    )
+    # What every component (and through the Ray head, every job and worker) sees.
+    client_only = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+    base = {k: v for k, v in os.environ.items() if k not in client_only}
+    service_env = {
+        **base,
+        **{k: v for k, v in stack.env.items() if k not in client_only},
+        "PATH": f"{BIN}{os.pathsep}{base.get('PATH', '')}",
+        "MLFLOW_S3_ENDPOINT_URL": s3_url,
+        "PYTHONUNBUFFERED": "1",
+    }
+    try:
+        process, log = spawn(
+            "s3", [executable("moto_server"), "-H", HOST, "-p", str(ports["s3"])], service_env, directory
+        )
+        stack.components.append(Component("s3", process.pid, start_ticks(process.pid), s3_url, str(log)))
+        stack.save()
+        wait_until(lambda: answers(f"{s3_url}/moto-api/"), "moto_server", process, log, args.start_timeout)
+        _create_bucket(s3_url, args.bucket)
+
+        argv = [
+            executable("mlflow"),
+            "server",
+            "--host",
+            HOST,
+            "--port",
+            str(ports["mlflow"]),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{directory / 'mlflow.db'}",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            f"s3://{args.bucket}/mlflow",
+        ]
+        process, log = spawn("mlflow", argv, service_env, directory)
+        stack.components.append(Component("mlflow", process.pid, start_ticks(process.pid), mlflow_url, str(log)))
+        stack.save()
+        wait_until(lambda: answers(f"{mlflow_url}/health"), "mlflow server", process, log, args.start_timeout)
+
+        argv = [
+            executable("ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            HOST,
+            "--port",
+            str(ports["ray"]),
+            "--ray-client-server-port",
+            str(ports["client"]),
+            "--dashboard-host",
+            HOST,
+            "--dashboard-port",
+            str(ports["dashboard"]),
+            "--dashboard-agent-listen-port",
+            str(ports["agent"]),
+            "--temp-dir",
+            str(ray_temp),
+            "--disable-usage-stats",
+        ]
+        if args.num_cpus:
+            argv += ["--num-cpus", str(args.num_cpus)]
+        _ensure_ray_token(service_env)
+        process, log = spawn("ray", argv, service_env, directory)
+        dashboard = stack.env["RAY_API_SERVER_ADDRESS"]
+        stack.components.append(Component("ray", process.pid, start_ticks(process.pid), dashboard, str(log)))
+        stack.save()
+        wait_until(lambda: _jobs_answer(dashboard), "ray head", process, log, args.start_timeout)
+        # Ray resolves 127.0.0.1 to the machine's address for its GCS: ray.init() must use that one.
+        from ray._private.services import get_node_ip_address
+
+        stack.env["RAY_ADDRESS"] = f"{get_node_ip_address()}:{ports['ray']}"
+        stack.save()
+    except BaseException:
+        down_stack(stack, args.stop_timeout)
+        raise
+    return stack
+
+
+def ray_temp_dir(directory: Path) -> Path:
+    """Ray's session files: <dir>/ray, or /tmp/pretrain-stack-<hash> where that path is too long
+    for the unix sockets Ray makes in it (AF_UNIX paths are limited to 107 bytes)."""
+    inside = directory / "ray"
+    if len(str(inside)) <= 40:  # + /session_<date>_<time>_<pid>/sockets/plasma_store
+        return inside
+    return Path("/tmp") / f"pretrain-stack-{hashlib.sha256(str(directory).encode()).hexdigest()[:10]}"
+
+
+def _create_bucket(endpoint_url: str, bucket: str) -> None:
+    import boto3
+
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        region_name=CREDENTIALS["AWS_DEFAULT_REGION"],
+    ).create_bucket(Bucket=bucket)
+
+
+def _ensure_ray_token(env: dict[str, str]) -> None:
+    """Create ~/.ray/auth_token if there is none (`ray start` with RAY_AUTH_MODE=token needs one)."""
+    # The command prints the token: captured and dropped, never shown or logged.
+    done = subprocess.run([executable("ray"), "get-auth-token", "--generate"], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise StackError(f"ray get-auth-token --generate failed: {(done.stderr.strip().splitlines() or [''])[-1]}")
+
+
+def _jobs_answer(dashboard: str) -> bool:
+    """The job server lists jobs with the token (the dashboard answers before it is ready)."""
+    if not answers(f"{dashboard}/api/version"):
+        return False
+    token_file = Path.home() / ".ray" / "auth_token"
+    token = os.environ.get("RAY_AUTH_TOKEN") or (token_file.read_text().strip() if token_file.is_file() else "")
+    request = urllib.request.Request(f"{dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def down_stack(stack: Stack, timeout_s: float) -> list[str]:
+    """Stop the components (last started first); returns one line per component."""
+    lines = []
+    for c in reversed(stack.components):
+        leader = is_ours(c)
+        # A session keeps its id after its leader exits: leftovers of a crashed component are found too.
+        members = set(session_members(c.pid)) | ({c.pid} if leader else set())
+        if not members:
+            lines.append(f"{c.name}: not running (pid {c.pid})")
+            continue
+        # The leader first: `ray start --block` and `mlflow server` stop their own children
+        # (Ray's take ~6 s); what is left of the session after half the timeout gets SIGTERM,
+        # and SIGKILL after the rest.
+        left = members
+        if leader:
+            _signal({c.pid}, signal.SIGTERM)
+            left = _wait_empty(c.pid, timeout_s / 2)
+        if left:
+            _signal(left, signal.SIGTERM)
+            left = _wait_empty(c.pid, timeout_s / 2)
+        killed = len(left)
+        if left:
+            _signal(left, signal.SIGKILL)
+            _wait_empty(c.pid, 5.0)
+        how = "stopped" if leader else "leader gone, stopped what it left"
+        if killed:
+            how += f", {killed} killed after {timeout_s:.0f} s"
+        lines.append(f"{c.name}: {how} (pid {c.pid}, {len(members)} processes)")
+    return lines
+
+
+def _wait_empty(sid: int, timeout_s: float) -> set[int]:
+    """Wait until session `sid` has no live process; returns those still running at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while (left := set(session_members(sid))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def _signal(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def status_lines(stack: Stack) -> tuple[list[str], bool]:
+    lines, healthy = [], True
+    probes = {"s3": "/moto-api/", "mlflow": "/health", "ray": "/api/version"}
+    for c in stack.components:
+        if not is_ours(c):
+            lines.append(f"{c.name:<7} stopped   (pid {c.pid})  {c.url}")
+            healthy = False
+            continue
+        ok = answers(c.url + probes[c.name])
+        healthy &= ok
+        state = "running" if ok else "silent"
+        lines.append(f"{c.name:<7} {state:<9} (pid {c.pid}, {len(session_members(c.pid))} processes)  {c.url}")
+    return lines, healthy
+
+
+def print_env(stack: Stack) -> None:
+    for key, value in stack.env.items():
+        print(f"export {key}={value}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    parser.add_argument("--dir", default=os.environ.get("PRETRAIN_STACK_DIR", ".stack"), help="state directory")
+    parser.add_argument("--bucket", default="pretrain")
+    parser.add_argument("--s3-port", type=int, default=9000)
+    parser.add_argument("--mlflow-port", type=int, default=5000)
+    parser.add_argument("--ray-port", type=int, default=6379, help="Ray GCS port")
+    parser.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard + job server")
+    parser.add_argument("--ray-client-port", type=int, default=10001)
+    parser.add_argument("--dashboard-agent-port", type=int, default=52365)
+    parser.add_argument("--free-ports", action="store_true", help="free ports instead of the defaults (tests)")
+    parser.add_argument("--num-cpus", type=int, default=0, help="CPUs the Ray head offers (0 = all)")
+    parser.add_argument("--start-timeout", type=float, default=120.0)
+    parser.add_argument("--stop-timeout", type=float, default=20.0)
+    args = parser.parse_args(argv)
+    if args.free_ports:
+        for name in ("s3_port", "mlflow_port", "ray_port", "dashboard_port", "ray_client_port", "dashboard_agent_port"):
+            setattr(args, name, 0)
+    directory = Path(args.dir).resolve()
+    try:
+        if args.command == "up":
+            # SIGTERM during start-up takes the KeyboardInterrupt path: what started is stopped.
+            signal.signal(signal.SIGTERM, _interrupt)
+            stack = up(args)
+            print_env(stack)
+            pids = ", ".join(f"{c.name} {c.pid}" for c in stack.components)
+            print(f"# stack up from {stack.dir} (pids: {pids}); stop it with scripts/stack.sh down", flush=True)
+            return 0
+        stack = Stack.load(directory)
+        if stack is None:
+            print(f"no stack in {directory} (start one with scripts/stack.sh up)", file=sys.stderr)
+            return 0 if args.command == "down" else 1
+        if args.command == "env":
+            print_env(stack)
+            return 0
+        if args.command == "status":
+            lines, healthy = status_lines(stack)
+            print("\n".join(lines))
+            return 0 if healthy else 1
+        print("\n".join(down_stack(stack, args.stop_timeout)))
+        (directory / STATE_FILE).unlink()
+        return 0
+    except StackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; what had started was stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

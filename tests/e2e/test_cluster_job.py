@@ -1,0 +1,203 @@
+"""The cluster path end to end: `scripts/stack.sh up` (S3 endpoint, MLflow server, Ray head with
+token auth) -> demo shards to s3:// -> `ray job submit ... objective=vqkd`, then `... objective=beitv2`
+on that tokenizer through the MLflow registry -> a bad-config job fails -> `stack.sh down`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+STACK = REPO / "scripts" / "stack.sh"
+BUCKET = "pretrain"
+# The tiny run of tests/e2e/conftest.py, less what each objective sets itself.
+TINY = [
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "trainer.batch_size=8",
+    "trainer.num_workers=2",
+    "trainer.log_every=1",
+    "trainer.max_steps=3",
+    "trainer.checkpoint_every=3",
+    "data.num_workers=1",
+    "eval.probe_weight_decays=[1e-4]",
+    f"data.urls=s3://{BUCKET}/demo/train.manifest.json",
+    # Evaluate on the same S3 shards: 20% of them (by sample key) held out.
+    f"eval.test_urls=s3://{BUCKET}/demo/train.manifest.json",
+]
+
+
+def session_alive(sid: int) -> list[int]:
+    """Live processes of session `sid` (each stack component runs in a session of its own)."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            alive.append(int(entry.name))
+    return alive
+
+
+def run(argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def submit(
+    env: dict[str, str], name: str, args: list[str], *submit_opts: str
+) -> tuple[str, subprocess.CompletedProcess]:
+    """`ray job submit` (waits for the end, streaming the logs); returns the submission id and the result."""
+    job_id = f"e2e-{name}-{uuid.uuid4().hex[:8]}"
+    ray = str(Path(sys.executable).parent / "ray")
+    done = run([ray, "job", "submit", "--submission-id", job_id, *submit_opts, "--", *args], env, timeout=600)
+    return job_id, done
+
+
+def job_status(env: dict[str, str], job_id: str) -> str:
+    """The job's status from Ray's job SDK, authenticated with the cluster's token."""
+    from ray.job_submission import JobSubmissionClient
+
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    client = JobSubmissionClient(env["RAY_API_SERVER_ADDRESS"], headers={"Authorization": f"Bearer {token}"})
+    return str(client.get_job_status(job_id).value)
+
+
+def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
+    stack_dir = tmp_path / "stack"
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))}
+    up = run(["bash", str(STACK), "up", "--dir", str(stack_dir), "--free-ports", "--num-cpus", "2"], base_env, 240)
+    assert up.returncode == 0, up.stderr
+    exports = dict(
+        line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines() if line.startswith("export ")
+    )
+    assert exports["RAY_AUTH_MODE"] == "token" and exports["RAY_API_SERVER_ADDRESS"].startswith("http://127.0.0.1:")
+    components = json.loads((stack_dir / "stack.json").read_text())["components"]
+    assert [c["name"] for c in components] == ["s3", "mlflow", "ray"]
+    env = {**base_env, **exports}
+    try:
+        status = run(["bash", str(STACK), "status", "--dir", str(stack_dir)], base_env, 60)
+        assert status.returncode == 0 and status.stdout.count("running") == 3, status.stdout
+
+        # Token auth is on: a client without RAY_AUTH_MODE=token is turned away.
+        ray_cli = str(Path(sys.executable).parent / "ray")
+        no_token = run([ray_cli, "job", "list"], {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}, 60)
+        assert no_token.returncode != 0 and "token" in (no_token.stdout + no_token.stderr).lower()
+
+        # A bad config: the job fails in seconds, its one-line error at the end of the logs.
+        bad_id, bad = submit(env, "bad", ["python", "-m", "pretrain.run", "objective=nope"], "--working-dir", ".")
+        assert bad.returncode != 0
+        assert job_status(env, bad_id) == "FAILED"
+        logs = run([ray_cli, "job", "logs", bad_id], env, 60).stdout.strip().splitlines()
+        assert logs[-1].startswith("error: objective: unknown objective 'nope'; valid choices: beitv2"), logs[-3:]
+        assert not any("Traceback" in line for line in logs)
+
+        # Demo shards to the S3 endpoint, as a user would with the exported variables.
+        written = run(
+            [sys.executable, "-m", "data.write", "synthetic:256", f"s3://{BUCKET}/demo", "--shard-size", "32"], env, 180
+        )
+        assert written.returncode == 0, written.stderr
+
+        # A tiny teacher registered on the MLflow server (its files land in S3 through the server).
+        import timm
+        import torch
+        from mlflow import MlflowClient
+
+        from objectives.teacher import log_teacher_to_mlflow
+
+        mlflow_url = exports["MLFLOW_TRACKING_URI"]
+        client = MlflowClient(mlflow_url, mlflow_url)
+        torch.manual_seed(0)
+        kwargs = {"img_size": 32, "patch_size": 4, "embed_dim": 24, "depth": 1, "num_heads": 2, "num_classes": 0}
+        teacher_run = client.create_run(client.create_experiment("teachers")).info.run_id
+        teacher_uri = log_teacher_to_mlflow(
+            timm.create_model("vit_tiny_patch16_224", **kwargs),
+            "vit_tiny_patch16_224",
+            kwargs,
+            run_id=teacher_run,
+            tracking_uri=mlflow_url,
+            registered_name="tiny-teacher",
+        )
+        client.set_terminated(teacher_run)
+        assert teacher_uri == "models:/tiny-teacher/1"
+
+        # Stage 1: storage (PRETRAIN_STORAGE_PATH) and tracking (MLFLOW_TRACKING_URI) from the
+        # environment the stack gave the Ray head; the working dir as `--working-dir .` ships it.
+        vqkd = [
+            "objective=vqkd",
+            f"objective.teacher.source={teacher_uri}",
+            "objective.num_codes=32",
+            "objective.decoder_embed_dim=16",
+            "objective.decoder_num_heads=2",
+            "name=tok",
+        ]
+        tok_id, tok = submit(env, "vqkd", ["python", "-m", "pretrain.run", *TINY, *vqkd], "--working-dir", ".")
+        assert tok.returncode == 0, tok.stdout[-3000:] + tok.stderr[-2000:]
+        assert job_status(env, tok_id) == "SUCCEEDED"
+        assert "step 3/3" in tok.stdout  # worker logs streamed to the submitting client
+
+        # Stage 2: ZeRO-3 on that tokenizer, settings given as config, runtime env from cluster/.
+        beitv2 = [
+            "objective=beitv2",
+            "objective.tokenizer=models:/vqkd-tiny-teacher/latest",
+            "deepspeed.zero_stage=3",
+            f"trainer.storage_path=s3://{BUCKET}/ckpt",
+            f"tracking.uri={mlflow_url}",
+            "name=mim",
+        ]
+        mim_id, mim = submit(
+            env, "beitv2", ["python", "-m", "pretrain.run", *TINY, *beitv2], "--runtime-env", "cluster/runtime_env.yaml"
+        )
+        assert mim.returncode == 0, mim.stdout[-3000:] + mim.stderr[-2000:]
+        assert job_status(env, mim_id) == "SUCCEEDED"
+
+        # The MLflow server holds both runs, finished, with their metrics...
+        runs = {
+            r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("pretrain").experiment_id])
+        }
+        assert set(runs) == {"tok", "mim"}
+        for name, keys in {"tok": ["loss", "vqkd/codebook_usage"], "mim": ["loss", "beitv2/mim_loss"]}.items():
+            assert runs[name].info.status == "FINISHED"
+            for key in keys:
+                history = [m.value for m in client.get_metric_history(runs[name].info.run_id, key)]
+                assert len(history) == 3 and all(math.isfinite(v) for v in history), (name, key, history)
+        # ... and the registered models, the encoder pinned to the tokenizer version it used.
+        (tokenizer,) = client.search_model_versions("name='vqkd-tiny-teacher'")
+        assert tokenizer.run_id == runs["tok"].info.run_id
+        (encoder,) = client.search_model_versions("name='beitv2-vit_nano'")
+        assert encoder.run_id == runs["mim"].info.run_id
+        assert encoder.tags["pretrain.tokenizer"] == "models:/vqkd-tiny-teacher/1"
+        assert 0.0 <= float(encoder.tags["eval.knn_top1"]) <= 1.0
+        assert client.get_model_version_by_alias("beitv2-vit_nano", "best").version == encoder.version
+
+        # Checkpoints (and the MLflow artifacts) live in the S3 bucket.
+        import s3fs
+
+        fs = s3fs.S3FileSystem(
+            client_kwargs={"endpoint_url": exports["AWS_ENDPOINT_URL"]},
+            key=exports["AWS_ACCESS_KEY_ID"],
+            secret=exports["AWS_SECRET_ACCESS_KEY"],
+        )
+        for run_dir in (f"{BUCKET}/runs/tok", f"{BUCKET}/ckpt/mim"):
+            files = {p.rsplit("/", 1)[1] for p in fs.ls(f"{run_dir}/checkpoint_00000003")}
+            assert {"rank_0.pt", "rank_1.pt", "latest"} <= files, (run_dir, files)
+        artifacts = fs.find(f"{BUCKET}/mlflow")
+        assert any(p.endswith("tokenizer.safetensors") for p in artifacts)
+        assert any(p.endswith("teacher.safetensors") for p in artifacts)
+    finally:
+        down = run(["bash", str(STACK), "down", "--dir", str(stack_dir)], base_env, 180)
+    assert down.returncode == 0, down.stderr
+    for c in components:
+        assert not session_alive(c["pid"]), f"{c['name']} left processes behind: {session_alive(c['pid'])}"
