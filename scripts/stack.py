@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from s3_endpoint import CREDENTIALS, HOST, free_port  # noqa: E402 - beside this script, not a package
 
 STATE_FILE = "stack.json"
+LEADER_GRACE_S = 8.0
 BIN = Path(sys.executable).parent
 
 
@@ -215,7 +216,7 @@ def up(args: argparse.Namespace) -> Stack:
     service_env = {
         **base,
         **{k: v for k, v in stack.env.items() if k not in client_only},
-        "PATH": f"{BIN}{os.pathsep}{base.get('PATH', '')}",
+        "PATH": f"{python_shims(directory)}{os.pathsep}{base.get('PATH', '')}",
         "MLFLOW_S3_ENDPOINT_URL": s3_url,
         "PYTHONUNBUFFERED": "1",
     }
@@ -288,6 +289,19 @@ def up(args: argparse.Namespace) -> Stack:
     return stack
 
 
+def python_shims(directory: Path) -> Path:
+    """<dir>/bin with `python`/`python3` running this interpreter: a job's `python -m ...` gets this
+    virtual environment. Only those two: putting the venv's bin/ first on PATH would also swap
+    tools such as `ninja`, and a different ninja rebuilds DeepSpeed's JIT ops (~45 s each time)."""
+    shims = directory / "bin"
+    shims.mkdir(exist_ok=True)
+    for name in ("python", "python3"):
+        shim = shims / name
+        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        shim.chmod(0o755)
+    return shims
+
+
 def ray_temp_dir(directory: Path) -> Path:
     """Ray's session files: <dir>/ray, or /tmp/pretrain-stack-<hash> where that path is too long
     for the unix sockets Ray makes in it (AF_UNIX paths are limited to 107 bytes)."""
@@ -342,22 +356,22 @@ def down_stack(stack: Stack, timeout_s: float) -> list[str]:
             lines.append(f"{c.name}: not running (pid {c.pid})")
             continue
         # The leader first: `ray start --block` and `mlflow server` stop their own children
-        # (Ray's take ~6 s); what is left of the session after half the timeout gets SIGTERM,
-        # and SIGKILL after the rest.
+        # (an idle Ray head in ~6 s); what is left after LEADER_GRACE_S gets SIGTERM, and
+        # SIGKILL at the timeout (after jobs ran, Ray's GCS and raylet can sit on SIGTERM).
         left = members
         if leader:
             _signal({c.pid}, signal.SIGTERM)
-            left = _wait_empty(c.pid, timeout_s / 2)
+            left = _wait_empty(c.pid, LEADER_GRACE_S)
         if left:
             _signal(left, signal.SIGTERM)
-            left = _wait_empty(c.pid, timeout_s / 2)
-        killed = len(left)
+            left = _wait_empty(c.pid, max(0.0, timeout_s - LEADER_GRACE_S))
+        killed = sorted(_name(pid) for pid in left)
         if left:
             _signal(left, signal.SIGKILL)
             _wait_empty(c.pid, 5.0)
         how = "stopped" if leader else "leader gone, stopped what it left"
         if killed:
-            how += f", {killed} killed after {timeout_s:.0f} s"
+            how += f"; SIGKILL after {timeout_s:.0f} s for {len(killed)} that ignored SIGTERM ({', '.join(killed)})"
         lines.append(f"{c.name}: {how} (pid {c.pid}, {len(members)} processes)")
     return lines
 
@@ -368,6 +382,13 @@ def _wait_empty(sid: int, timeout_s: float) -> set[int]:
     while (left := set(session_members(sid))) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return str(pid)
 
 
 def _signal(pids: set[int], sig: int) -> None:

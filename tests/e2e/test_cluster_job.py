@@ -163,7 +163,7 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
         assert mim.returncode == 0, mim.stdout[-3000:] + mim.stderr[-2000:]
         assert job_status(env, mim_id) == "SUCCEEDED"
 
-        # The MLflow server holds both runs, finished, with their metrics...
+        # The MLflow server holds both runs, finished, with their metrics, exports and pictures...
         runs = {
             r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("pretrain").experiment_id])
         }
@@ -173,6 +173,23 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
             for key in keys:
                 history = [m.value for m in client.get_metric_history(runs[name].info.run_id, key)]
                 assert len(history) == 3 and all(math.isfinite(v) for v in history), (name, key, history)
+        tok_run, mim_run = runs["tok"].info.run_id, runs["mim"].info.run_id
+        usage = [m.value for m in client.get_metric_history(tok_run, "vqkd/codebook_usage")]
+        assert all(0 < v <= 1 for v in usage), usage
+        # 2 workers x batch 8 per step, all read from the S3 shards, none skipped.
+        samples = sorted((m.step, m.value) for m in client.get_metric_history(tok_run, "data/samples"))
+        assert samples == [(1, 16.0), (2, 32.0), (3, 48.0)]
+        assert {m.value for m in client.get_metric_history(tok_run, "data/skipped")} == {0.0}
+        assert runs["tok"].data.params["data.urls"] == f"s3://{BUCKET}/demo/train.manifest.json"
+        assert runs["tok"].data.tags["pretrain.export.tokenizer"] == "models:/vqkd-tiny-teacher/1"
+        assert runs["mim"].data.tags["pretrain.export.encoder"] == "models:/beitv2-vit_nano/1"
+        # Block masks of the paper's fraction: round(64 * 0.3827) = 24 of the 8 x 8 patches.
+        assert client.get_metric_history(mim_run, "beitv2/mask_ratio")[-1].value == pytest.approx(24 / 64)
+        pictures = {
+            run_id: {a.path for a in client.list_artifacts(run_id, "pictures")} for run_id in (tok_run, mim_run)
+        }
+        assert pictures[tok_run] == {"pictures/code_ids.png", "pictures/codebook_usage.png"}
+        assert pictures[mim_run] == {"pictures/token_ids.png"}
         # ... and the registered models, the encoder pinned to the tokenizer version it used.
         (tokenizer,) = client.search_model_versions("name='vqkd-tiny-teacher'")
         assert tokenizer.run_id == runs["tok"].info.run_id
@@ -193,9 +210,17 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
         for run_dir in (f"{BUCKET}/runs/tok", f"{BUCKET}/ckpt/mim"):
             files = {p.rsplit("/", 1)[1] for p in fs.ls(f"{run_dir}/checkpoint_00000003")}
             assert {"rank_0.pt", "rank_1.pt", "latest"} <= files, (run_dir, files)
+        assert fs.isfile(f"{BUCKET}/runs/tok/export/tokenizer/tokenizer.safetensors")
         artifacts = fs.find(f"{BUCKET}/mlflow")
         assert any(p.endswith("tokenizer.safetensors") for p in artifacts)
         assert any(p.endswith("teacher.safetensors") for p in artifacts)
+
+        # The encoder gathered whole under ZeRO-3 loads as a teacher of a next stage, by its runs:/ URI.
+        from objectives.configs import TeacherConfig
+        from objectives.teacher import load_teacher
+
+        encoder = load_teacher(TeacherConfig(source=f"runs:/{mim_run}/encoder"), tracking_uri=mlflow_url)
+        assert sum(p.numel() for p in encoder.parameters()) > 10_000
     finally:
         down = run(["bash", str(STACK), "down", "--dir", str(stack_dir)], base_env, 180)
     assert down.returncode == 0, down.stderr
