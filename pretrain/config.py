@@ -83,6 +83,9 @@ class TrainerConfig:
     storage_path: str = ""
     # Bit-reproducible CPU runs (torch.use_deterministic_algorithms); slower.
     deterministic: bool = False
+    # A step whose loss is NaN/inf on any rank is skipped (no update) and counted in
+    # train/nonfinite_skipped; this many in a row stop the run (the checkpoints stay good).
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
@@ -184,6 +187,7 @@ def find_problems(cfg: Any) -> list[tuple[str, str]]:
     need(t.checkpoint_every >= 1, "trainer.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
     need(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
     need(t.max_failures >= -1, "trainer.max_failures", f"must be >= -1, got {t.max_failures}")
+    need(t.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")
     need(t.cpus_per_worker > 0, "trainer.cpus_per_worker", f"must be > 0, got {t.cpus_per_worker}")
     need(
         not t.use_gpu or t.gpus_per_worker > 0,

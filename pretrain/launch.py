@@ -116,9 +116,9 @@ def worker_env(cfg: PretrainConfig) -> dict[str, str]:
     if not cfg.trainer.use_gpu:
         # CPU training even where a GPU exists: DeepSpeed picks its CPU accelerator + gloo.
         env["DS_ACCELERATOR"] = "cpu"
-    from pretrain.loop import FAULT_ENV
+    from pretrain.loop import FAULT_ENV, NAN_ENV
 
-    for key in ("PYTHONPATH", "PRETRAIN_CACHE", FAULT_ENV):
+    for key in ("PYTHONPATH", "PRETRAIN_CACHE", FAULT_ENV, NAN_ENV):
         if key in os.environ:
             env[key] = os.environ[key]
     return env

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -16,9 +17,40 @@ from pretrain.config import PretrainConfig
 
 log = logging.getLogger("pretrain.worker")
 
-# Fault injection for tests and drills: every worker raises right after the checkpoint
-# of this step, once per run (not again after resuming past it).
+# Fault injection for tests and drills (docs/reliability.md), read by every worker:
+#   "<step>"             every worker raises right after the report of that step, once per
+#                        run (not again after resuming past it);
+#   "<step>:kill:<rank>" that rank SIGKILLs itself right after computing that step, before
+#                        reporting it, on the first attempt only (kill -9 of a worker mid-step);
+#   "<step>:kill-in-checkpoint:<rank>"  that rank SIGKILLs itself while the checkpoint of
+#                        that step is being written (the other ranks upload their parts).
 FAULT_ENV = "PRETRAIN_INJECT_FAULT_AT_STEP"
+# Steps whose loss is replaced by NaN on every rank: "4" or "4,5" or "4-" (from 4 on).
+NAN_ENV = "PRETRAIN_INJECT_NAN_AT_STEPS"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss stayed NaN/inf for trainer.max_nonfinite_steps optimizer steps in a row."""
+
+
+def parse_fault(spec: str) -> tuple[int, str, int]:
+    """FAULT_ENV -> (step, "raise" | "kill", rank); (0, "", 0) when unset."""
+    if not spec:
+        return 0, "", 0
+    step, _, rest = spec.partition(":")
+    mode, _, rank = rest.partition(":")
+    return int(step), mode or "raise", int(rank or 0)
+
+
+def nan_steps(spec: str) -> tuple[set[int], int]:
+    """NAN_ENV -> (the listed steps, first step of an open range or 0)."""
+    listed, open_from = set(), 0
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if part.endswith("-"):
+            open_from = int(part[:-1])
+        else:
+            listed.add(int(part))
+    return listed, open_from
 
 
 @dataclass
@@ -129,10 +161,33 @@ def _all_mean(values: dict[str, float], device: torch.device) -> dict[str, float
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def _all_finite(loss: torch.Tensor, device: torch.device) -> bool:
+    """Whether the loss is finite on every rank (one decision, so all ranks skip together)."""
+    import torch.distributed as dist
+
+    ok = torch.isfinite(loss.detach()).all().to(device=device, dtype=torch.float32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() > 0)
+
+
 def train_step(
-    engine: Any, batches: Any, *, step: int, seed: int, rank: int, device: torch.device, dtype: torch.dtype
-) -> dict[str, float]:
-    """One optimizer step (all micro-steps of gradient accumulation); returns its metrics."""
+    engine: Any,
+    batches: Any,
+    *,
+    step: int,
+    seed: int,
+    rank: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    inject_nan: bool = False,
+) -> dict[str, float] | None:
+    """One optimizer step (all micro-steps of gradient accumulation); returns its metrics.
+
+    None when the loss of the step's first micro-batch was NaN/inf on some rank: then no
+    rank runs backward or the optimizer for that step (weights, optimizer state and
+    DeepSpeed's counters stay as they were) and the step's batches are consumed.
+    """
     accum = engine.gradient_accumulation_steps()
     losses: list[float] = []
     extra: dict[str, float] = {}
@@ -141,8 +196,21 @@ def train_step(
         batch = _to_device(next(batches), device, dtype)
         torch.manual_seed(step_seed(seed, step, micro, rank))
         out = engine(batch)
-        engine.backward(out.loss)
-        losses.append(float(out.loss.detach()))
+        loss = out.loss * float("nan") if inject_nan else out.loss
+        if not _all_finite(loss, device):
+            if micro > 0:
+                # Earlier micro-batches already added their gradients (and DeepSpeed counted
+                # them): there is no clean way to take part of a step back.
+                raise NonFiniteLossError(
+                    f"loss is NaN/inf in micro-batch {micro + 1}/{accum} of step {step + 1}, after the "
+                    "step's earlier micro-batches were accumulated; steps are skipped only when the "
+                    "first micro-batch is non-finite"
+                )
+            for _ in range(1, accum):  # the rest of this step's data goes too
+                next(batches)
+            return None
+        engine.backward(loss)
+        losses.append(float(loss.detach()))
         for key, value in out.metrics.items():
             extra[key] = extra.get(key, 0.0) + float(value) / accum
         if micro == accum - 1:  # gradients are complete (and reduced) before the update
@@ -277,25 +345,53 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         else:
             logger.set_tags({"pretrain.resumed_at_step": str(step)})
 
-    fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+    fault_step, fault_mode, fault_rank = parse_fault(os.environ.get(FAULT_ENV, ""))
+    nan_listed, nan_from = nan_steps(os.environ.get(NAN_ENV, ""))
     first_loss: float | None = None
     images_per_step = global_batch(t)
     meter = _Meter()
     batches = iter(loader)
     start_step = step
+    lr = engine.get_lr()[0]
+    nonfinite_total, nonfinite_run = 0, 0
     while step < t.max_steps:
         tic = time.perf_counter()
-        step_metrics = train_step(engine, batches, step=step, seed=cfg.seed, rank=rank, device=device, dtype=dtype)
+        inject_nan = step + 1 in nan_listed or 0 < nan_from <= step + 1
+        step_metrics = train_step(
+            engine, batches, step=step, seed=cfg.seed, rank=rank, device=device, dtype=dtype, inject_nan=inject_nan
+        )
         step += 1
-        lr = step_metrics["lr"]
-        meter.add(step_metrics, images_per_step, time.perf_counter() - tic)
-        if rank == 0:
-            push(
-                info.progress_queue,
-                step,
-                step_metrics["loss"],
-                images_per_step / max(meter.seconds / meter.count, 1e-9),
-            )
+        if fault_mode == "kill" and step == fault_step and rank == fault_rank and start_step == 0:
+            log.warning("rank %d: injected kill -9 at step %d (%s)", rank, step, FAULT_ENV)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step_metrics is None:
+            # Skipped on every rank (the decision is collective); the weights did not move.
+            nonfinite_total += 1
+            nonfinite_run += 1
+            if rank == 0:
+                log.warning(
+                    "step %d: loss NaN/inf, step skipped (%d in a row, %d in this attempt)",
+                    step,
+                    nonfinite_run,
+                    nonfinite_total,
+                )
+            if nonfinite_run >= t.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"loss NaN/inf for {nonfinite_run} steps in a row (steps {step - nonfinite_run + 1}-{step}, "
+                    f"trainer.max_nonfinite_steps={t.max_nonfinite_steps}); stopped, the last checkpoint in "
+                    f"{info.run_dir or 'the storage path'} holds the weights before them"
+                )
+        else:
+            nonfinite_run = 0
+            lr = step_metrics["lr"]
+            meter.add(step_metrics, images_per_step, time.perf_counter() - tic)
+            if rank == 0:
+                push(
+                    info.progress_queue,
+                    step,
+                    step_metrics["loss"],
+                    images_per_step / max(meter.seconds / meter.count, 1e-9),
+                )
 
         log_now = step % t.log_every == 0 or step == t.max_steps
         save_now = step % t.checkpoint_every == 0 or step == t.max_steps
@@ -308,6 +404,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         metrics["lr"] = lr  # same on every rank; not an average over the window
         metrics["images_per_sec"] = meter.images / max(meter.seconds, 1e-9)
         metrics["data/epoch"] = float(loader.epoch)
+        metrics["train/nonfinite_skipped"] = float(nonfinite_total)
+        metrics.setdefault("loss", float("nan"))  # every step of the window was skipped
         meter = _Meter()
         first_loss = metrics["loss"] if first_loss is None else first_loss
         if logger is not None:
@@ -326,6 +424,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if save_now:
             with tempfile.TemporaryDirectory(prefix=f"ckpt-rank{rank}-") as tmp:
                 checkpoint.save(engine, Path(tmp), rank=rank, step=step, data_state=loader.state_dict())
+                if fault_mode == "kill-in-checkpoint" and step == fault_step and rank == fault_rank and start_step == 0:
+                    # The other ranks upload their part of this checkpoint; it is never complete.
+                    log.warning("rank %d: injected kill -9 while writing checkpoint %d (%s)", rank, step, FAULT_ENV)
+                    os.kill(os.getpid(), signal.SIGKILL)
                 ray.train.report(
                     report,
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -339,7 +441,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             state = encoder_state(engine, rank=rank, zero_stage=cfg.deepspeed.zero_stage)
             if state is not None:  # fire and forget: the actor starts a task, training goes on
                 info.evaluator.submit.remote(state, context.arch_kwargs, step)
-        if fault_step and step == fault_step and start_step < fault_step:
+        if fault_mode == "raise" and step == fault_step and start_step < fault_step:
             raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV})")
     draw_pictures(engine, next(batches), rank=rank, device=device, dtype=dtype, logger=logger)
     loader.close()

@@ -15,6 +15,11 @@ What `up` starts, in this order (each waits until the previous one answers):
    the token from ~/.ray/auth_token. The head inherits the stack's environment, so
    jobs and their workers reach S3 and MLflow without credentials in any job config.
 
+The exports (`eval "$(scripts/stack.sh env)"`): RAY_API_SERVER_ADDRESS (the job server,
+read first by `ray job ...`), RAY_ADDRESS (the GCS, for ray.init / `python -m
+pretrain.run` run directly), RAY_AUTH_MODE=token, MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL
+with the endpoint's dummy credentials, and PRETRAIN_STORAGE_PATH=s3://<bucket>/runs.
+
 Each component runs in a session of its own; `down` signals those sessions (SIGTERM,
 then SIGKILL after --stop-timeout) after checking that each leader pid is still the
 process `up` started. State, logs and the MLflow database live in --dir (default

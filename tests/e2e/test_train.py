@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from pretrain.loop import FAULT_ENV
 from pretrain.run import main
@@ -13,6 +15,16 @@ from pretrain.run import main
 pytestmark = pytest.mark.slow
 
 STAGE0_LOSSES: dict[str, list[float]] = {}
+STRAIGHT: dict[str, Path] = {}  # the uninterrupted run's directory
+
+
+def encoder_files(*run_dirs: Path) -> list[Path]:
+    """The exported encoder weights of each run (one safetensors file per export)."""
+    found = []
+    for run_dir in run_dirs:
+        (weights,) = sorted((run_dir / "export" / "encoder").glob("*.safetensors"))
+        found.append(weights)
+    return found
 
 
 # Stages 1 and 2 run with other objectives (test_more_objectives.py, test_beitv2_chain.py).
@@ -79,66 +91,76 @@ def straight_losses(
 ) -> list[tuple[int, float]]:
     storage = tmp_path_factory.mktemp("straight")
     assert main([*resume_args, f"trainer.storage_path={storage}", "name=straight"]) == 0
+    STRAIGHT["dir"] = storage / "straight"
     losses = runs.history(runs.record(storage, "straight"), "loss")
     assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
     return losses
 
 
-def test_ray_failure_retry_resumes_exactly(
+def test_worker_killed_mid_epoch_restarts_exactly(
     straight_losses: list[tuple[int, float]],
     runs,
     resume_args: list[str],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(FAULT_ENV, "3")  # every worker raises after the step-3 checkpoint
+    """kill -9 of rank 1 in step 5 (mid-epoch: 16 steps make one): Ray Train restarts the group
+    from the step-3 checkpoint, in the same MLflow run, and ends with the uninterrupted run's weights.
+
+    Step 5, not 4: a checkpoint counts once Ray Train's controller has collected every worker's
+    report of it (it polls every 2 s); the step-4 report returning shows the step-3 one was taken.
+    """
+    monkeypatch.setenv(FAULT_ENV, "5:kill:1")
     rc = main([*resume_args, "trainer.max_failures=1", f"trainer.storage_path={tmp_path}", "name=retry"])
     assert rc == 0
     record = runs.record(tmp_path, "retry")
     losses = runs.history(record, "loss")
-    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]  # one MLflow run, steps not repeated
-    assert [v for _, v in losses] == pytest.approx([v for _, v in straight_losses], rel=1e-6, abs=1e-7)
+    # One MLflow run: step 4 logged by both attempts, 5 never before the kill; redone = 4, 5 (< 3 steps).
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 4, 5, 6]
+    expected = dict(straight_losses)
+    assert [v for _, v in losses] == pytest.approx([expected[s] for s, _ in losses], rel=1e-6, abs=1e-7)
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(record["tracking_uri"]).get_run(record["mlflow_run_id"]).data.tags
+    assert tags["pretrain.resumed_at_step"] == "3"
+    # Deterministic mode: bit-identical final weights.
+    killed, straight = (load_file(f) for f in encoder_files(tmp_path / "retry", STRAIGHT["dir"]))
+    assert killed.keys() == straight.keys()
+    assert all(torch.equal(killed[k], straight[k]) for k in killed)
 
 
-def test_resume_command_continues_same_mlflow_run_exactly(
-    straight_losses: list[tuple[int, float]],
-    runs,
-    resume_args: list[str],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+def test_killed_in_checkpoint_write_resumes_from_the_last_complete_one_on_fewer_workers(
+    runs, resume_args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_local: None
 ) -> None:
-    monkeypatch.setenv(FAULT_ENV, "3")
-    assert main([*resume_args, f"trainer.storage_path={tmp_path}", "name=crash"]) == 1  # no retries: the run fails
-    before = runs.record(tmp_path, "crash")
+    """2 workers die while writing the step-6 checkpoint (no retries: the run fails); `resume=`
+    on 1 worker with grad_accum=2 (same global batch) finishes it from step 3 in the same MLflow run.
+
+    Exactly-once sample accounting across the changed layout is proven in tests/data/test_stream.py;
+    here the whole path runs: DeepSpeed (ZeRO 0) loads the 2-worker checkpoint on 1 worker, the
+    loader re-lays out both old ranks' positions, and the sample counter carries over. (Bit-exact
+    continuation from a checkpoint: test_worker_killed_mid_epoch_restarts_exactly.)
+    """
+    # Rank 1 is killed while the step-6 checkpoint is written: rank 0's part reaches storage,
+    # the checkpoint never completes, and the run (no retries) fails.
+    monkeypatch.setenv(FAULT_ENV, "6:kill-in-checkpoint:1")
+    assert main([*resume_args, f"trainer.storage_path={tmp_path}", "name=shrink"]) == 1
+    monkeypatch.delenv(FAULT_ENV)
+    before = runs.record(tmp_path, "shrink")
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(before["tracking_uri"])
     assert client.get_run(before["mlflow_run_id"]).info.status == "FAILED"
-    assert [s for s, _ in runs.history(before, "loss")] == [1, 2, 3]
+    assert [s for s, _ in runs.history(before, "loss")] == [1, 2, 3, 4, 5, 6]
+    partial = tmp_path / "shrink" / "checkpoint_00000006"
+    assert not (partial / "rank_1.pt").exists()
 
-    assert main([f"resume={tmp_path / 'crash'}"]) == 0
-    after = runs.record(tmp_path, "crash")
-    assert after["mlflow_run_id"] == before["mlflow_run_id"]
-    assert client.get_run(after["mlflow_run_id"]).info.status == "FINISHED"
-    losses = runs.history(after, "loss")
-    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
-    assert [v for _, v in losses] == pytest.approx([v for _, v in straight_losses], rel=1e-6, abs=1e-7)
-
-
-def test_resume_with_fewer_workers_continues_the_epoch(
-    runs, resume_args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_local: None
-) -> None:
-    """2 workers crash after step 3; resumed on 1 worker with grad_accum=2 (same global batch) it finishes.
-
-    Exactly-once sample accounting across the changed layout is proven in tests/data/test_stream.py;
-    here the whole path runs: DeepSpeed (ZeRO 0) loads the 2-worker checkpoint on 1 worker, the
-    loader re-lays out both old ranks' positions, and the sample counter carries over.
-    """
-    monkeypatch.setenv(FAULT_ENV, "3")
-    assert main([*resume_args, f"trainer.storage_path={tmp_path}", "name=shrink"]) == 1
-    monkeypatch.delenv(FAULT_ENV)
+    # Resume picks the latest complete checkpoint (step 3), on 1 worker.
     assert main([f"resume={tmp_path / 'shrink'}", "trainer.num_workers=1", "trainer.grad_accum=2"]) == 0
     record = runs.record(tmp_path, "shrink")
-    assert [s for s, _ in runs.history(record, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert record["mlflow_run_id"] == before["mlflow_run_id"]
+    run = client.get_run(record["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["pretrain.resumed_at_step"] == "3"
+    assert [s for s, _ in runs.history(record, "loss")] == [1, 2, 3, 4, 4, 5, 5, 6, 6]  # 4-6 redone
     # 6 steps x global batch 16 (2 x 8 before, 1 x 8 x 2 micro-batches after): no sample lost or repeated.
     assert runs.history(record, "data/samples")[-1] == (6, 96.0)
