@@ -102,6 +102,9 @@ class TrackingConfig:
     registered_model: str = ""
 
 
+# What an MLflow tracking URI (and the model registry beside it) can be.
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+
 EVAL_PROTOCOLS = ("knn", "linear")
 EVAL_FEATURES = ("cls", "mean")
 
@@ -196,6 +199,14 @@ def find_problems(cfg: Any) -> list[tuple[str, str]]:
     )
     bad_storage = unsupported_scheme(t.storage_path, STORAGE_SCHEMES) if t.storage_path else None
     need(bad_storage is None, "trainer.storage_path", bad_storage or "")
+    uri = cfg.tracking.uri
+    if uri and "://" in uri:  # a bare path is a local file store
+        scheme = uri.split("://", 1)[0].lower()
+        need(
+            scheme in TRACKING_SCHEMES,
+            "tracking.uri",
+            f"unsupported scheme {scheme!r} in {uri!r}; valid schemes: {', '.join(TRACKING_SCHEMES)}",
+        )
 
     need(m.img_size >= 1, "model.img_size", f"must be >= 1, got {m.img_size}")
     need(m.patch_size >= 1, "model.patch_size", f"must be >= 1, got {m.patch_size}")

@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -69,6 +70,7 @@ class Component:
 @dataclass
 class Stack:
     dir: str
+    ray_temp: str = ""  # Ray's session files and logs
     env: dict[str, str] = field(default_factory=dict)
     components: list[Component] = field(default_factory=list)
 
@@ -81,7 +83,8 @@ class Stack:
         if not path.is_file():
             return None
         raw = json.loads(path.read_text())
-        return cls(dir=raw["dir"], env=raw["env"], components=[Component(**c) for c in raw["components"]])
+        components = [Component(**c) for c in raw.pop("components")]
+        return cls(**raw, components=components)
 
 
 # --- processes ----------------------------------------------------------------------
@@ -203,6 +206,7 @@ def up(args: argparse.Namespace) -> Stack:
     mlflow_url = f"http://{HOST}:{ports['mlflow']}"
     stack = Stack(
         dir=str(directory),
+        ray_temp=str(ray_temp),
         env={
             # The GCS address is filled in once the head runs (Ray binds it to the node's IP).
             "RAY_ADDRESS": "",
@@ -211,7 +215,11 @@ def up(args: argparse.Namespace) -> Stack:
             "RAY_AUTH_MODE": "token",
             "MLFLOW_TRACKING_URI": mlflow_url,
             "AWS_ENDPOINT_URL": s3_url,
-            **CREDENTIALS,
+            # Fresh credentials per stack (moto takes any): a leak of them is findable, and
+            # no fixed secret is shared between stacks.
+            "AWS_ACCESS_KEY_ID": f"stack{secrets.token_hex(6)}",
+            "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24),
+            "AWS_DEFAULT_REGION": CREDENTIALS["AWS_DEFAULT_REGION"],
             "PRETRAIN_STORAGE_PATH": f"s3://{args.bucket}/runs",
         },
     )
@@ -232,7 +240,7 @@ def up(args: argparse.Namespace) -> Stack:
         stack.components.append(Component("s3", process.pid, start_ticks(process.pid), s3_url, str(log)))
         stack.save()
         wait_until(lambda: answers(f"{s3_url}/moto-api/"), "moto_server", process, log, args.start_timeout)
-        _create_bucket(s3_url, args.bucket)
+        _create_bucket(s3_url, args.bucket, stack.env)
 
         argv = [
             executable("mlflow"),
@@ -316,15 +324,15 @@ def ray_temp_dir(directory: Path) -> Path:
     return Path("/tmp") / f"pretrain-stack-{hashlib.sha256(str(directory).encode()).hexdigest()[:10]}"
 
 
-def _create_bucket(endpoint_url: str, bucket: str) -> None:
+def _create_bucket(endpoint_url: str, bucket: str, env: dict[str, str]) -> None:
     import boto3
 
     boto3.client(
         "s3",
         endpoint_url=endpoint_url,
-        aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-        region_name=CREDENTIALS["AWS_DEFAULT_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
     ).create_bucket(Bucket=bucket)
 
 

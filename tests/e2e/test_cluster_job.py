@@ -223,6 +223,44 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
 
         encoder = load_teacher(TeacherConfig(source=f"runs:/{mim_run}/encoder"), tracking_uri=mlflow_url)
         assert sum(p.numel() for p in encoder.parameters()) > 10_000
+
+        # The stack's S3 credentials (fresh per stack) are nowhere in what the runs left behind:
+        # MLflow params, tags and artifacts, the run records, the job logs, the services' logs.
+        import mlflow.artifacts
+
+        needles = [exports["AWS_SECRET_ACCESS_KEY"].encode(), exports["AWS_ACCESS_KEY_ID"].encode()]
+        for run_id in (tok_run, mim_run):
+            data = client.get_run(run_id).data
+            texts = [*data.params.values(), *data.tags.values()]
+            assert not any(n.decode() in t for n in needles for t in texts), run_id
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=run_id, dst_path=str(tmp_path / run_id), tracking_uri=mlflow_url
+                )
+            )
+            for f in (p for p in local.rglob("*") if p.is_file()):
+                assert not any(n in f.read_bytes() for n in needles), f
+        blobs = {
+            path: fs.cat(path)
+            for path in (f"{BUCKET}/runs/tok/pretrain_run.json", f"{BUCKET}/ckpt/mim/pretrain_run.json")
+        }
+        blobs["job logs"] = (tok.stdout + tok.stderr + mim.stdout + mim.stderr).encode()
+        state = json.loads((stack_dir / "stack.json").read_text())
+        logs = [
+            p
+            for root in (stack_dir, Path(state["ray_temp"]))
+            for p in root.rglob("*")
+            if p.is_file() and p.suffix in (".log", ".out", ".err")
+        ]
+        assert len(logs) > 10
+        blobs.update({str(p): p.read_bytes() for p in logs})
+        secret, key_id = needles
+        leaked = sorted(name for name, blob in blobs.items() if secret in blob)
+        assert not leaked, f"the S3 secret key found in {leaked}"
+        # The key id (not a secret) may appear only in the object store's own request log: MLflow
+        # hands out presigned download URLs, and SigV4 puts the signer's key id in them.
+        named = sorted(name for name, blob in blobs.items() if key_id in blob and not name.endswith("/s3.log"))
+        assert not named, f"the S3 access key id found in {named}"
     finally:
         # After jobs Ray's GCS and raylet take ~25 s on SIGTERM: SIGKILL after 10 s (docs/cluster.md).
         down = run(["bash", str(STACK), "down", "--dir", str(stack_dir), "--stop-timeout", "10"], base_env, 180)

@@ -48,6 +48,22 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["deepspeed.precision=fp8"], "valid choices: fp32, bf16, fp16"),
         (["objective.mask_ratio=1.0"], "objective.mask_ratio: must be in (0, 1), got 1.0"),
         (["objective.decoder_num_heads=3"], "objective.decoder_num_heads: 3 does not divide decoder_embed_dim=128"),
+        (["trainer.num_workers=0"], "trainer.num_workers: must be >= 1, got 0"),
+        (["trainer.max_nonfinite_steps=0"], "trainer.max_nonfinite_steps: must be >= 1, got 0"),
+        (
+            ["trainer.use_gpu=true", "trainer.gpus_per_worker=0"],
+            "trainer.gpus_per_worker: must be > 0 with trainer.use_gpu=true",
+        ),
+        (["trainer.batch_size=1.5"], "trainer.batch_size: '1.5' is not a valid Integer"),
+        (["optim.base_lr=-1"], "optim.base_lr: must be > 0, got -1.0"),
+        (["data=nope"], "data: unknown data 'nope'; valid choices: default"),
+        (["eval.protocols=[nope]"], "eval.protocols: unknown protocol(s) ['nope']; valid choices: knn, linear"),
+        (["eval.holdout_fraction=1.5"], "eval.holdout_fraction: must be in (0, 1), got 1.5"),
+        (["tracking.uri=ftp://host/mlflow"], "tracking.uri: unsupported scheme 'ftp'"),
+        (
+            ["objective=beitv2", "objective.tokenizer=ftp://x/y"],
+            "objective.tokenizer: use models:/..., runs:/... or a local path",
+        ),
         (["bare_word"], "bare_word: expected key=value"),
         (["--bogus"], "unknown option '--bogus'"),
         (
