@@ -27,7 +27,7 @@ def encoder_files(*run_dirs: Path) -> list[Path]:
     return found
 
 
-# Stages 1 and 2 run with other objectives (test_more_objectives.py, test_beitv2_chain.py).
+# Stages 1 and 2 run with other objectives (test_maskdistill.py, test_more_objectives.py).
 @pytest.mark.parametrize("stage", [0, 3])
 def test_two_workers_each_zero_stage(stage: int, ray_local: None, runs, tmp_path: Path) -> None:
     name = f"zero{stage}"
