@@ -20,7 +20,8 @@ reading only, no decoding.
 Bad samples (no image, undecodable, the marker of a truncated or empty shard)
 are logged with shard URL and key and not yielded; their identities ride along
 with the next good sample (`BAD_FIELD`) so the counting side (`data.stream`)
-knows them exactly.
+knows them exactly. So do the storage retries a reader's process made before a
+sample (`RETRIES_FIELD`), which the loop logs as `data/io_retries`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
 from data.decode import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_pixels, image_extension
+from data.retry import retries_made
 from data.shards import ERROR_FIELD, KEY_FIELD, URL_FIELD, iter_shard
 from data.views import make_views
 
@@ -48,6 +50,7 @@ _SHARD_ORDER, _SHUFFLE, _AUGMENT, _MASK = 0, 1, 2, 3
 # which sample it is, and the bad samples met since the previous one.
 READER_FIELD, EPOCH_FIELD, POSITION_FIELD = "__reader__", "__epoch__", "__pos__"
 SHARD_FIELD, INDEX_FIELD, BAD_FIELD = "__shard__", "__index__", "__bad__"
+RETRIES_FIELD = "__retries__"  # storage retries this reader's process made since its previous sample
 
 # epoch -> shard index -> bit mask of excluded sample indices (None = the whole shard).
 Excluded = dict[int, dict[int, int | None]]
@@ -135,6 +138,7 @@ class ReaderStream(IterableDataset):
         self.num_readers, self.first_reader, self.starts, self.excluded = num_readers, first_reader, starts, excluded
         self.buffer_size, self.transform, self.views = buffer_size, transform, views
         self.min_decode_size, self.mask = min_decode_size, mask
+        self._retries_reported = 0
 
     def _raw(self, shards: list[int], excluded: dict[int, int | None]) -> Iterator[tuple[int, int, dict[str, Any]]]:
         for shard in shards:
@@ -198,8 +202,10 @@ class ReaderStream(IterableDataset):
                 SHARD_FIELD: shard,
                 INDEX_FIELD: index,
                 BAD_FIELD: list(bad),
+                RETRIES_FIELD: retries_made() - self._retries_reported,
             }
             bad.clear()
+            self._retries_reported += item[RETRIES_FIELD]
             if self.mask is not None:
                 make_mask, grid = self.mask
                 generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, shard, index, _MASK))
@@ -212,6 +218,7 @@ class ReaderStream(IterableDataset):
         # first polled) is the reader whose batch is due next.
         reader = (self.first_reader + (0 if info is None else info.id)) % self.num_readers
         epoch, skip = self.starts[reader]
+        self._retries_reported = retries_made()
         bad: list[tuple[int, int, int]] = []  # (epoch, shard, index) of bad samples not yet reported
         empty = 0  # consecutive epochs without a good sample
         while True:

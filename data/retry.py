@@ -25,6 +25,15 @@ logger = logging.getLogger(__name__)
 
 MAX_WAIT_S = 30.0
 
+# Retries made by this process so far (every Backoff); the loader reports them as data/io_retries.
+_retries_made = 0
+
+
+def retries_made() -> int:
+    """Storage retries (sleeps before another attempt) made in this process so far."""
+    return _retries_made
+
+
 # errnos of an OSError that mean "try again later": network failures, and what s3fs
 # maps throttling (SlowDown, ServiceUnavailable -> EBUSY) and InternalError (-> EREMOTEIO) to.
 _TRANSIENT_ERRNOS = frozenset(
@@ -140,6 +149,8 @@ class Backoff:
         if self.failures > self.retries:
             return False
         wait_s = min(self.first_wait_s * 2 ** (self.failures - 1), MAX_WAIT_S)
+        global _retries_made
+        _retries_made += 1
         logger.warning(
             "%s: %s (attempt %d of %d); retrying in %.2f s",
             self.what,

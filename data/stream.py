@@ -55,6 +55,7 @@ from data.reader import (
     INDEX_FIELD,
     POSITION_FIELD,
     READER_FIELD,
+    RETRIES_FIELD,
     SHARD_FIELD,
     Excluded,
     ReaderStream,
@@ -114,7 +115,16 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if "mask" in samples[0]:
         batch["mask"] = torch.stack([s["mask"] for s in samples])  # (B, N) bool
-    for name in (KEY_FIELD, READER_FIELD, EPOCH_FIELD, POSITION_FIELD, SHARD_FIELD, INDEX_FIELD, BAD_FIELD):
+    for name in (
+        KEY_FIELD,
+        READER_FIELD,
+        EPOCH_FIELD,
+        POSITION_FIELD,
+        SHARD_FIELD,
+        INDEX_FIELD,
+        BAD_FIELD,
+        RETRIES_FIELD,
+    ):
         batch[name] = [s[name] for s in samples]
     return batch
 
@@ -251,6 +261,7 @@ class ResumableLoader:
         self._skipped = 0
         self._skipped_by_epoch: dict[int, int] = {}
         self._samples_seen = 0
+        self._io_retries = 0
         self._active: Generator[dict[str, Any], None, None] | None = None
 
     @property
@@ -267,6 +278,12 @@ class ResumableLoader:
     def skipped_per_epoch(self) -> dict[int, int]:
         """Bad samples met per epoch by this loader object (not carried through checkpoints)."""
         return dict(self._skipped_by_epoch)
+
+    @property
+    def io_retries(self) -> int:
+        """Storage retries this rank's loader workers made so far (this loader object, not carried through
+        checkpoints): nonzero means the endpoint failed and recovered."""
+        return self._io_retries
 
     @property
     def samples_seen(self) -> int:
@@ -334,6 +351,7 @@ class ResumableLoader:
             position.position = pos + 1
             self._skipped += len(bad)
         self._samples_seen += len(batch[KEY_FIELD])
+        self._io_retries += sum(batch[RETRIES_FIELD])
         self._next_reader = (reader + 1) % self.num_readers
         # Exclusions of epochs every reader has left are no longer needed.
         for epoch in [e for e in self._excluded if e < self.epoch]:

@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         storage_options: Any = json.loads(args.storage_options)
     except json.JSONDecodeError as e:
-        return _error(f"--storage-options is not JSON ({e}): {args.storage_options!r}", 2)
+        # The value is not echoed: it usually holds credentials.
+        return _error(f"--storage-options is not JSON ({e}); value not shown, it may hold credentials", 2)
     if not isinstance(storage_options, dict):
-        return _error(f"--storage-options must be a JSON object, got {args.storage_options!r}", 2)
+        return _error(f"--storage-options must be a JSON object, got a JSON {type(storage_options).__name__}", 2)
 
     try:
         source = open_source(args.source, storage_options)

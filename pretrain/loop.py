@@ -397,7 +397,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         save_now = step % t.checkpoint_every == 0 or step == t.max_steps
         if not (log_now or save_now):
             continue
-        counts = {"data/skipped": float(loader.skipped), "data/samples": float(loader.samples_seen)}
+        counts = {
+            "data/skipped": float(loader.skipped),
+            "data/samples": float(loader.samples_seen),
+            "data/io_retries": float(loader.io_retries),
+        }
         metrics = _all_mean({**meter.means(), **counts}, device)
         for key in counts:  # totals over ranks
             metrics[key] = float(round(metrics[key] * world))
@@ -420,6 +424,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 lr,
                 metrics["images_per_sec"],
             )
+        # Only checkpoints go through ray.train.report: Ray Train v2 holds one report per worker
+        # until its controller polls (every 2 s), so a report per log step capped training at one
+        # log window per 2 s. Metrics reach MLflow above; the run summary reads the last report.
         report = {"step": step, "loss_first": first_loss, **metrics}
         if save_now:
             with tempfile.TemporaryDirectory(prefix=f"ckpt-rank{rank}-") as tmp:
@@ -433,7 +440,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
                     checkpoint_dir_name=f"checkpoint_{step:08d}",
                 )
-        else:
+            # Waits (up to one poll, 2 s) until the controller has collected the checkpoint's
+            # report from this worker's one-report slot. The next step's collectives need every
+            # worker past here, so once any worker gets further the checkpoint is registered,
+            # and a worker that dies later restarts from it (without this, a death within ~2 s
+            # of a checkpoint lost its registration and the restart began one checkpoint earlier).
             ray.train.report(report)
         if info.evaluator is not None and step % cfg.eval.every_steps == 0 and step < t.max_steps:
             from pretrain.export import encoder_state

@@ -16,7 +16,14 @@ log = logging.getLogger(__name__)
 
 # Config keys whose values are never logged (credentials in storage options etc.).
 SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|key_id|access_key|session|auth)", re.I)
+# Whole key names that are credentials too: s3fs's `key` (the access key id), adlfs's account key.
+SECRET_NAMES = frozenset({"key", "account_key", "connection_string"})
 REDACTED = "***"
+
+
+def is_secret(name: Any) -> bool:
+    """Whether a config key's value is a credential (never logged)."""
+    return bool(SECRET_KEY.search(str(name))) or str(name).lower() in SECRET_NAMES
 
 
 def default_tracking_uri(local_root: Path) -> str:
@@ -28,7 +35,7 @@ def default_tracking_uri(local_root: Path) -> str:
 def redact(tree: Any) -> Any:
     """Copy of a nested dict/list with the values of secret-looking keys replaced."""
     if isinstance(tree, dict):
-        return {k: (REDACTED if SECRET_KEY.search(str(k)) else redact(v)) for k, v in tree.items()}
+        return {k: (REDACTED if is_secret(k) else redact(v)) for k, v in tree.items()}
     if isinstance(tree, list):
         return [redact(v) for v in tree]
     return tree

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import selectors
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -131,3 +134,87 @@ def s3_endpoint() -> Iterator[S3EndpointProcess]:
 def s3_launcher() -> type[S3EndpointProcess]:
     """The launcher class, for tests that start and stop an endpoint of their own."""
     return S3EndpointProcess
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:port to 127.0.0.1:target_port; `stop()` is an outage, `start()` ends it."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port, self.port = target_port, 0
+        self.downstream_bytes = 0  # bytes passed from the endpoint to clients so far
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._listener: socket.socket | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Listen (on the same port as before, if any) and forward in a thread."""
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self.port, self._listener = listener.getsockname()[1], listener
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._forward, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Close the listener (new connections are refused) and reset every live connection."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _forward(self) -> None:
+        assert self._listener is not None
+        listener, peers, clients = self._listener, {}, set()
+        with selectors.DefaultSelector() as sel:
+            sel.register(listener, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                for key, _ in sel.select(timeout=0.02):
+                    sock = key.fileobj
+                    if sock is listener:
+                        client, _ = listener.accept()
+                        try:
+                            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                        except OSError:
+                            client.close()
+                            continue
+                        peers[client], peers[upstream] = upstream, client
+                        clients.add(client)
+                        sel.register(client, selectors.EVENT_READ)
+                        sel.register(upstream, selectors.EVENT_READ)
+                        continue
+                    if sock not in peers:  # closed along with its peer earlier in this batch
+                        continue
+                    try:
+                        data = sock.recv(1 << 16)
+                        if data:
+                            peers[sock].sendall(data)
+                            if sock not in clients:
+                                self.downstream_bytes += len(data)
+                            continue
+                    except OSError:
+                        pass
+                    other = peers.pop(sock)
+                    del peers[other]
+                    clients.difference_update((sock, other))
+                    for end in (sock, other):
+                        sel.unregister(end)
+                        end.close()
+            for sock in peers:  # SO_LINGER 0: close() sends RST, as a crashed endpoint would
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            listener.close()
+
+
+@pytest.fixture
+def s3_proxy(s3_endpoint: S3EndpointProcess) -> Iterator[TcpProxy]:
+    """A TCP proxy in front of the session's S3 endpoint, started: `stop()` is an outage."""
+    proxy = TcpProxy(int(s3_endpoint.endpoint_url.rsplit(":", 1)[1]))
+    proxy.start()
+    yield proxy
+    proxy.stop()

@@ -9,13 +9,10 @@ from __future__ import annotations
 import errno
 import logging
 import random
-import selectors
-import socket
-import struct
 import tarfile
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,76 +24,6 @@ from data.retry import is_transient
 from data.shards import ERROR_FIELD, KEY_FIELD, URL_FIELD, ShardReadError, iter_shard, manifest_url, write_shards
 
 BLOCK = 512
-
-
-class TcpProxy:
-    """Forwards 127.0.0.1:port to 127.0.0.1:target_port; `stop()` is an outage, `start()` ends it."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port, self.port = target_port, 0
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._listener: socket.socket | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        """Listen (on the same port as before, if any) and forward in a thread."""
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(16)
-        self.port, self._listener = listener.getsockname()[1], listener
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._forward, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Close the listener (new connections are refused) and reset every live connection."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def _forward(self) -> None:
-        assert self._listener is not None
-        listener, peers = self._listener, {}
-        with selectors.DefaultSelector() as sel:
-            sel.register(listener, selectors.EVENT_READ)
-            while not self._stopping.is_set():
-                for key, _ in sel.select(timeout=0.02):
-                    sock = key.fileobj
-                    if sock is listener:
-                        client, _ = listener.accept()
-                        try:
-                            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-                        except OSError:
-                            client.close()
-                            continue
-                        peers[client], peers[upstream] = upstream, client
-                        sel.register(client, selectors.EVENT_READ)
-                        sel.register(upstream, selectors.EVENT_READ)
-                        continue
-                    if sock not in peers:  # closed along with its peer earlier in this batch
-                        continue
-                    try:
-                        data = sock.recv(1 << 16)
-                        if data:
-                            peers[sock].sendall(data)
-                            continue
-                    except OSError:
-                        pass
-                    other = peers.pop(sock)
-                    del peers[other]
-                    for end in (sock, other):
-                        sel.unregister(end)
-                        end.close()
-            for sock in peers:  # SO_LINGER 0: close() sends RST, as a crashed endpoint would
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()
-            listener.close()
 
 
 # ---------------------------------------------------------------- damaged shard files
@@ -301,14 +228,11 @@ def s3_shard(s3_endpoint: Any) -> tuple[str, str]:
 
 
 @pytest.fixture
-def proxy(s3_endpoint: Any) -> Iterator[TcpProxy]:
-    proxy = TcpProxy(int(s3_endpoint.endpoint_url.rsplit(":", 1)[1]))
-    proxy.start()
-    yield proxy
-    proxy.stop()
+def proxy(s3_proxy: Any) -> Any:
+    return s3_proxy
 
 
-def through(proxy: TcpProxy, s3_endpoint: Any) -> dict[str, Any]:
+def through(proxy: Any, s3_endpoint: Any) -> dict[str, Any]:
     """Options that reach the endpoint via the proxy, read in 32 KiB requests (so a shard takes
     many), with botocore's own retries off so an outage reaches iter_shard quickly (s3fs still
     retries 5 times within ~1.5 s)."""
@@ -327,7 +251,7 @@ def retry_warnings(caplog: pytest.LogCaptureFixture, url: str) -> list[str]:
 
 
 def test_outage_mid_shard_resumes_without_loss_or_repeat(
-    s3_endpoint: Any, s3_shard: tuple[str, str], proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+    s3_endpoint: Any, s3_shard: tuple[str, str], proxy: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     url = s3_shard[0]
     clean = list(iter_shard(url, s3_endpoint.storage_options))
@@ -353,7 +277,7 @@ def test_outage_mid_shard_resumes_without_loss_or_repeat(
 
 
 def test_outage_longer_than_the_budget_raises_one_line(
-    s3_endpoint: Any, s3_shard: tuple[str, str], proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+    s3_endpoint: Any, s3_shard: tuple[str, str], proxy: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     url = s3_shard[0]
     got = []
@@ -392,7 +316,7 @@ class OnFirstWarning(logging.Handler):
 
 
 def test_manifest_read_rides_out_an_outage(
-    s3_endpoint: Any, s3_shard: tuple[str, str], proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+    s3_endpoint: Any, s3_shard: tuple[str, str], proxy: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     url = s3_shard[1]
     expected = read_manifest(url, s3_endpoint.storage_options)

@@ -212,3 +212,14 @@ def test_reshard_leaves_out_the_damaged_sample_of_a_truncated_shard(
     assert sorted(copied) == ["k0", "k1", "k2"]  # k3 damaged, k4 unreadable behind it
     assert all(set(fields) == {"cls", "png"} for fields in copied.values())  # no marker member written
     assert "'k3'" in caplog.text and "left out 1 damaged sample" in caplog.text
+
+
+@pytest.mark.parametrize("options", ['{"key": "AKIAX", "secret": "s3cr3t"', '["AKIAX", "s3cr3t"]'])
+def test_bad_storage_options_are_one_line_and_not_echoed(
+    options: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["synthetic:4", str(tmp_path / "out"), "--storage-options", options]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --storage-options ")
+    assert "AKIAX" not in err and "s3cr3t" not in err  # what is passed there is usually a credential
+    assert not (tmp_path / "out").exists()

@@ -20,11 +20,12 @@ def test_redact_hides_credentials_at_any_depth() -> None:
     }
     safe = redact(tree)
     opts = safe["data"]["storage_options"]
+    assert opts["key"] == REDACTED  # s3fs's name for the access key id
     assert opts["secret"] == REDACTED and opts["aws_access_key_id"] == REDACTED and opts["session_token"] == REDACTED
     assert opts["client_kwargs"]["endpoint_url"] == "http://x"
     assert safe["tracking"]["password"] == REDACTED and safe["tracking"]["uri"] == "http://127.0.0.1:5000"
     flat = flatten(safe)
-    assert not any(v in ("s3cr3t", "AKIA2", "tok", "pw") for v in flat.values())
+    assert not any(v in ("AKIA", "s3cr3t", "AKIA2", "tok", "pw") for v in flat.values())
 
 
 def test_flatten() -> None:
