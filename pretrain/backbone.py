@@ -139,4 +139,8 @@ def build_backbone(cfg: ModelConfig) -> VitBackbone:
     if not timm.is_model(cfg.arch):
         raise ValueError(f"model.arch: unknown timm model {cfg.arch!r}; see timm.list_models('vit_*')")
     kwargs = {**arch_kwargs(cfg), "pretrained": cfg.pretrained, "drop_path_rate": cfg.drop_path_rate}
-    return VitBackbone(timm.create_model(cfg.arch, **kwargs))
+    vit = timm.create_model(cfg.arch, **kwargs)
+    for module in vit.modules():  # timm's Attention decides per module, at creation, from a global
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = cfg.fused_attn
+    return VitBackbone(vit)

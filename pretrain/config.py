@@ -33,6 +33,9 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     # Load timm's pretrained weights (needs network access to the hub).
     pretrained: bool = False
+    # timm's fused attention (F.scaled_dot_product_attention) instead of its explicit
+    # softmax(QK^T)V; same math. See docs/benchmarks.md for what it does to speed here.
+    fused_attn: bool = True
 
 
 @dataclass
@@ -86,6 +89,9 @@ class TrainerConfig:
     # A step whose loss is NaN/inf on any rank is skipped (no update) and counted in
     # train/nonfinite_skipped; this many in a row stop the run (the checkpoints stay good).
     max_nonfinite_steps: int = 5
+    # torch.compile the objective module (in place: checkpoints and exports keep their
+    # names). Compiling costs about a minute on first use; see docs/benchmarks.md.
+    compile: bool = False
 
 
 @dataclass

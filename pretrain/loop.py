@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -161,6 +162,27 @@ def _all_mean(values: dict[str, float], device: torch.device) -> dict[str, float
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def _all_max(value: float, device: torch.device) -> float:
+    """The largest `value` over ranks."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """This process's peak memory so far: allocated on the GPU, or resident on the CPU (GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 2**20 if sys.platform != "darwin" else kib / 2**30  # bytes on macOS
+
+
 def _all_finite(loss: torch.Tensor, device: torch.device) -> bool:
     """Whether the loss is finite on every rank (one decision, so all ranks skip together)."""
     import torch.distributed as dist
@@ -287,6 +309,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     objective = objective_cls(cfg.objective, build_backbone(cfg.model), context)
     for frozen in objective.frozen_modules().values():
         frozen.to(device).eval().requires_grad_(False)
+    if t.compile:
+        objective.compile()  # in place: parameter names (checkpoints, exports) stay as they are
     engine = build_engine(objective, cfg.optim, t, cfg.deepspeed)
     dtype = training_dtype(cfg.deepspeed)
 
@@ -409,6 +433,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         metrics["images_per_sec"] = meter.images / max(meter.seconds, 1e-9)
         metrics["data/epoch"] = float(loader.epoch)
         metrics["train/nonfinite_skipped"] = float(nonfinite_total)
+        metrics["sys/peak_memory_gb"] = _all_max(peak_memory_gb(device), device)  # the fullest worker
         metrics.setdefault("loss", float("nan"))  # every step of the window was skipped
         meter = _Meter()
         first_loss = metrics["loss"] if first_loss is None else first_loss

@@ -46,3 +46,15 @@ def test_fixed_pos_embed_is_frozen_and_prefix_zero() -> None:
     assert not bb.vit.pos_embed.requires_grad
     torch.testing.assert_close(bb.vit.pos_embed[0, 1:], table)
     assert bb.vit.pos_embed[0, 0].abs().sum() == 0
+
+
+def test_fused_attention_switch_reaches_every_block_and_keeps_the_math() -> None:
+    kwargs = dict(arch="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+    torch.manual_seed(0)
+    fused = build_backbone(ModelConfig(**kwargs))
+    torch.manual_seed(0)
+    explicit = build_backbone(ModelConfig(**kwargs, fused_attn=False))
+    flags = [(a.attn.fused_attn, b.attn.fused_attn) for a, b in zip(fused.vit.blocks, explicit.vit.blocks, strict=True)]
+    assert flags == [(True, False)] * 3
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fused(x), explicit(x), rtol=1e-5, atol=1e-5)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,8 @@ from torch import nn
 
 from pretrain.config import DeepSpeedConfig, OptimConfig, TrainerConfig
 from pretrain.engine import deepspeed_config, global_batch, lr_schedule, param_groups, peak_lr, warmup_cosine
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Tiny(nn.Module):
@@ -72,3 +77,18 @@ def test_deepspeed_config(precision: str, key: str | None) -> None:
     assert config["train_micro_batch_size_per_gpu"] == 16 and config["gradient_accumulation_steps"] == 4
     assert config["zero_optimization"]["stage"] == 3 and config["gradient_clipping"] == 3.0
     assert ("bf16" in config) == (key == "bf16") and ("fp16" in config) == (key == "fp16")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident size from /proc")
+def test_peak_memory_covers_a_touched_allocation() -> None:
+    # The peak may lie above the current resident size (import transients): compare with the latter.
+    code = (
+        "import os, torch; from pretrain.loop import peak_memory_gb; cpu = torch.device('cpu');"
+        "rss = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**30;"
+        "before = peak_memory_gb(cpu); block = torch.ones(512 * 2**20 // 4);"  # 512 MiB, written
+        "print(rss, before, peak_memory_gb(cpu))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    rss, before, after = map(float, out.stdout.split())
+    assert 0.05 < rss <= before + 0.01  # a Python process with torch loaded; the peak is at least that
+    assert rss + 0.49 <= after <= max(before, rss + 0.5) + 0.1, (rss, before, after)
