@@ -99,7 +99,7 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + micro * 104_729 + rank * 15_485_863) % (2**63 - 1)
 
 
-def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Tensors (and lists of tensors, e.g. views) to the device; floating ones to the training dtype."""
 
     def move(t: torch.Tensor) -> torch.Tensor:
@@ -215,7 +215,7 @@ def train_step(
     extra: dict[str, float] = {}
     grad_norm = None
     for micro in range(accum):
-        batch = _to_device(next(batches), device, dtype)
+        batch = to_device(next(batches), device, dtype)
         torch.manual_seed(step_seed(seed, step, micro, rank))
         out = engine(batch)
         loss = out.loss * float("nan") if inject_nan else out.loss
@@ -253,7 +253,7 @@ def draw_pictures(
     objective.eval()
     try:
         with torch.no_grad():
-            pictures = objective.pictures(_to_device(batch, device, dtype))
+            pictures = objective.pictures(to_device(batch, device, dtype))
     except Exception as exc:  # noqa: BLE001 - a picture must not fail a finished run; say why there is none
         log.warning("rank %d: no pictures (%s: %s)", rank, type(exc).__name__, exc)
         pictures = {}
@@ -353,7 +353,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             patch_size=cfg.model.patch_size,
         )
         tic = time.perf_counter()
-        batches = (_to_device(b, device, dtype) for b in prep_loader)
+        batches = (to_device(b, device, dtype) for b in prep_loader)
         objective.prepare(batches)
         prep_loader.close()
         if rank == 0:

@@ -1,41 +1,56 @@
-"""Training throughput: a plain PyTorch loop vs the full stack, and model FLOP utilisation.
+"""Training throughput of the full stack against a plain PyTorch loop, model FLOP utilisation,
+scaling over workers, ZeRO stages, start-up time, and what each optimisation changes.
 
-    python scripts/bench.py [--model vit_small] [--objective mae] [--batch 16] [--steps 8]
-                            [--warmup 3] [--precisions fp32,bf16] [--threads N]
+    python scripts/bench.py [--model vit_small] [--objective mae] [--batch 16] [--steps 6]
+                            [--warmup 2] [--threads N] [--sections plain,stack,scaling]
 
-Measured in one run, on this machine, for the same model, objective and batch:
+Everything is measured in this one run, on this machine, for the same model, objective and
+per-worker batch, and printed as markdown tables (docs/benchmarks.md holds a copy):
 
-    peak    matmul FLOP/s of this CPU/GPU (square torch.mm, fp32 and bf16), measured first
-    (a)     plain loop: one process, the objective module built as the workers build it,
-            AdamW, `--steps` steps over batches already in memory (made by the real loader
-            beforehand), after `--warmup` untimed steps
-    (b)     full stack: `python -m pretrain.run` (Ray Train, 1 worker, DeepSpeed ZeRO-0,
-            streaming the embedded dataset through the loader, MLflow logging every
-            `--steps` steps, 2 x `--steps` steps); throughput from the wall-clock time
-            between its two MLflow loss records, so reporting and logging are inside the
-            window and start-up and warm-up are not
-    ratio   (b) / (a): the cost of the orchestration. Goal >= 0.97
-    MFU     model FLOP/s (torch.utils.flop_counter over one forward + backward of (a)) / peak.
-            Goals for MAE ViT-S/16 on this CPU: >= 70% fp32, >= 55% bf16
+peak      matmul FLOP/s of this CPU/GPU (square torch.mm, fp32 and bf16), measured first.
+plain     (a) one process, the objective module built as the workers build it, AdamW,
+          `--steps` timed steps over batches already in memory (made by the real loader
+          beforehand), after `--warmup` untimed ones. Rows: fp32; timm's explicit attention
+          instead of the fused kernel; bf16 autocast over fp32 weights; bf16 weights (what
+          DeepSpeed's bf16 mode computes in); `torch.compile`.
+stack     (b) `python -m pretrain.run` as a subprocess: Ray Train, DeepSpeed, the embedded
+          dataset streamed through the loader, MLflow logging every step. Throughput comes
+          from the wall-clock times of MLflow's loss records of steps 1 + warmup and
+          1 + warmup + steps, so logging and reporting are inside the window and start-up
+          is not. Rows: 1 worker with `--threads` threads, fp32 and bf16 (b/a against the
+          matching plain row; goal >= 0.97), loader workers 0 and 2 (default 1),
+          trainer.compile=true.
+scaling   1 worker x 1 thread vs 2 workers x 1 thread (ZeRO 0): scaling efficiency
+          = throughput(2) / (2 x throughput(1)); ZeRO stages 1, 2, 3 on 2 workers x 1 thread.
+          Per-worker memory is the fullest worker's peak (sys/peak_memory_gb: resident set
+          on CPU, allocated memory on GPU).
 
-bf16 in (a) means bf16 parameters and inputs (what DeepSpeed's bf16 mode computes in);
-(b) uses deepspeed.precision=bf16. Both use `--threads` intra-op threads (default: all
-cores), the full stack through trainer.cpus_per_worker. Prints a markdown table; timings
-are never asserted. Everything runs on CPU unless a GPU is present (then on it, NCCL).
+MFU = model FLOP/s / peak matmul FLOP/s of the precision, where model FLOPs per sample are
+counted by torch.utils.flop_counter over one forward + backward of the plain fp32 loop (the
+optimizer step is not counted, as usual). Goals for MAE ViT-S/16 on this CPU: >= 70% fp32,
+>= 55% bf16. "start" is the time from launching the command to the end of its first step.
+Timings are printed, never asserted. Everything runs on CPU unless a GPU is present (then
+on it, the stack over NCCL).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+SECTIONS = ("plain", "stack", "scaling")
 
 
 def peak_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 3.0) -> float:
@@ -43,6 +58,8 @@ def peak_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds:
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         torch.mm(a, b)
@@ -52,25 +69,47 @@ def peak_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds:
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
-def compose(args: argparse.Namespace, precision: str, extra: list[str] | None = None) -> list[str]:
+@dataclass
+class Row:
+    section: str
+    label: str
+    precision: str  # fp32 | bf16: which peak the MFU divides by
+    images_per_s: float | None = None
+    note: str = ""
+    baseline: str = ""  # label of the row this one is compared with
+    extras: dict[str, float] = field(default_factory=dict)  # start_s, memory_gb, compile_s
+
+
+def base_overrides(args: argparse.Namespace) -> list[str]:
     return [
         f"objective={args.objective}",
         f"model={args.model}",
         "preset=none",
         f"trainer.batch_size={args.batch}",
-        "trainer.num_workers=1",
-        f"trainer.cpus_per_worker={args.threads}",
-        f"trainer.use_gpu={str(torch.cuda.is_available()).lower()}",
         "trainer.grad_accum=1",
-        f"deepspeed.precision={precision}",
+        f"trainer.use_gpu={str(torch.cuda.is_available()).lower()}",
         "deepspeed.zero_stage=0",
+        "deepspeed.precision=fp32",
         "data.num_workers=1",
-        *(extra or []),
+        *args.override,
     ]
 
 
-def plain_loop(args: argparse.Namespace, precision: str, device: torch.device) -> tuple[float, float]:
-    """(images/s, FLOP per step) of the bare loop with data in memory."""
+# ---------------------------------------------------------------- (a) the plain loop
+
+
+def plain_loop(
+    args: argparse.Namespace,
+    device: torch.device,
+    *,
+    weights: torch.dtype = torch.float32,
+    autocast: bool = False,
+    fused_attn: bool = True,
+    compile_model: bool = False,
+    count_flops: bool = False,
+) -> tuple[float, float, float]:
+    """(images/s, model FLOP per sample or 0, seconds of the first step) of the bare loop."""
+    from omegaconf import OmegaConf
     from torch.utils.flop_counter import FlopCounterMode
 
     from data.default import ensure_default_dataset
@@ -80,12 +119,9 @@ def plain_loop(args: argparse.Namespace, precision: str, device: torch.device) -
     from pretrain.backbone import arch_kwargs, build_backbone
     from pretrain.compose import load_config
     from pretrain.engine import param_groups, peak_lr
-    from pretrain.loop import _to_device
+    from pretrain.loop import to_device
 
-    cfg = load_config(compose(args, precision))
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.to_object(cfg)
+    cfg = OmegaConf.to_object(load_config([*base_overrides(args), f"model.fused_attn={str(fused_attn).lower()}"]))
     torch.manual_seed(0)
     cls = get_objective_class(cfg.objective.name)
     context = RunContext(
@@ -94,10 +130,9 @@ def plain_loop(args: argparse.Namespace, precision: str, device: torch.device) -
         input_std=tuple(cfg.data.std),
         arch=cfg.model.arch,
         arch_kwargs=arch_kwargs(cfg.model),
-        total_steps=args.warmup + args.steps,
+        total_steps=1 + args.warmup + args.steps,
     )
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    model = cls(cfg.objective, build_backbone(cfg.model), context).to(device=device, dtype=dtype).train()
+    model = cls(cfg.objective, build_backbone(cfg.model), context).to(device=device, dtype=weights).train()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=peak_lr(cfg.optim, cfg.trainer))
     loader = build_train_loader(
         cfg.data,
@@ -111,99 +146,195 @@ def plain_loop(args: argparse.Namespace, precision: str, device: torch.device) -
         patch_size=cfg.model.patch_size,
     )
     stream = iter(loader)
-    batches = [_to_device(next(stream), device, dtype) for _ in range(min(args.warmup + args.steps, 8))]
+    batches = [to_device(next(stream), device, weights) for _ in range(min(1 + args.warmup + args.steps, 8))]
     loader.close()
 
+    flops = 0.0
+    if count_flops:
+        with FlopCounterMode(display=False) as counter:
+            model(batches[0]).loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        flops = float(counter.get_total_flops()) / args.batch
+    if compile_model:
+        model.compile()
+
     def step(i: int) -> None:
-        out = model(batches[i % len(batches)])
-        out.loss.backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(batches[i % len(batches)]).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:
-        out = model(batches[0])
-        out.loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-    flops = float(counter.get_total_flops())
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    start = time.perf_counter()
+    step(0)  # the first step: compiles, if compiling
+    sync()
+    first_s = time.perf_counter() - start
     for i in range(args.warmup):
-        step(i)
+        step(1 + i)
+    sync()
     start = time.perf_counter()
     for i in range(args.steps):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return args.steps * args.batch / (time.perf_counter() - start), flops
+        step(1 + args.warmup + i)
+    sync()
+    return args.steps * args.batch / (time.perf_counter() - start), flops, first_s
 
 
-def full_stack(args: argparse.Namespace, precision: str, storage: Path) -> float:
-    """images/s of `pretrain.run` between two MLflow loss records (steady state)."""
+# ---------------------------------------------------------------- (b) the full stack
+
+
+def full_stack(
+    args: argparse.Namespace, tmp: Path, name: str, workers: int, threads: int, extra: list[str]
+) -> dict[str, float]:
+    """Launch `python -m pretrain.run`; images/s between two MLflow loss records, start-up, memory."""
     from mlflow import MlflowClient
 
-    from pretrain.launch import RUN_RECORD
-    from pretrain.run import main
+    total = 1 + args.warmup + args.steps
+    storage = tmp / "runs"
+    overrides = [
+        *base_overrides(args),
+        f"trainer.num_workers={workers}",
+        f"trainer.cpus_per_worker={threads}",
+        f"trainer.max_steps={total}",
+        "trainer.log_every=1",
+        f"trainer.checkpoint_every={total}",
+        "eval.enabled=false",
+        "tracking.register=false",
+        f"trainer.storage_path={storage}",
+        f"name={name}",
+        *extra,
+    ]
+    log_path = tmp / f"{name}.log"
+    launched = time.time()
+    with log_path.open("w") as log:
+        rc = subprocess.run(
+            [sys.executable, "-m", "pretrain.run", *overrides], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+        ).returncode
+    if rc != 0:
+        tail = log_path.read_text().splitlines()[-15:]
+        raise RuntimeError(f"pretrain.run {' '.join(overrides)} exited {rc}:\n" + "\n".join(tail))
+    record = json.loads((storage / name / "pretrain_run.json").read_text())
+    client = MlflowClient(record["tracking_uri"])
+    stamps = {m.step: m.timestamp / 1000.0 for m in client.get_metric_history(record["mlflow_run_id"], "loss")}
+    memory = client.get_metric_history(record["mlflow_run_id"], "sys/peak_memory_gb")
+    first, last = 1 + args.warmup, total
+    return {
+        "images_per_s": (last - first) * args.batch * workers / (stamps[last] - stamps[first]),
+        "start_s": stamps[1] - launched,
+        "memory_gb": max(m.value for m in memory),
+    }
 
-    every = args.steps  # window 1: start-up and warm-up; window 2: timed
-    total = 2 * every
-    name = f"bench-{precision}"
-    overrides = compose(
-        args,
-        precision,
-        [
-            f"trainer.max_steps={total}",
-            f"trainer.log_every={every}",
-            f"trainer.checkpoint_every={total}",
-            "eval.enabled=false",
-            "tracking.register=false",
-            f"trainer.storage_path={storage}",
-            f"name={name}",
-        ],
-    )
-    if main(overrides) != 0:
-        raise RuntimeError(f"pretrain.run {' '.join(overrides)} failed")
-    import json
 
-    record = json.loads((storage / name / RUN_RECORD).read_text())
-    history = MlflowClient(record["tracking_uri"]).get_metric_history(record["mlflow_run_id"], "loss")
-    stamps = {m.step: m.timestamp / 1000.0 for m in history}
-    return (total - every) * args.batch / (stamps[total] - stamps[every])
+# ---------------------------------------------------------------- the tables
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_tables(rows: list[Row], peaks: dict[str, float], flops_per_sample: float, header: str) -> None:
+    by_label = {row.label: row for row in rows}
+    print(f"\n{header}\n")
+    print("| peak matmul | " + " | ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()) + " |")
+    print("|---|" + "---|" * len(peaks))
+    print(f"\nmodel FLOPs per sample (forward + backward): {flops_per_sample / 1e9:.2f} GFLOP\n")
+    print("| section | run | img/s | vs | ratio | MFU | start s | memory GiB | note |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        base = by_label.get(row.baseline)
+        ratio = None
+        if base is not None and base.images_per_s and row.images_per_s:
+            ratio = row.images_per_s / base.images_per_s
+        mfu = None
+        if row.images_per_s and flops_per_sample:
+            mfu = 100 * row.images_per_s * flops_per_sample / peaks[row.precision]
+        print(
+            f"| {row.section} | {row.label} | {fmt(row.images_per_s, '.2f')} | {row.baseline or '-'} | "
+            f"{fmt(ratio, '.3f')} | {fmt(mfu, '.0f')}{'%' if mfu is not None else ''} | "
+            f"{fmt(row.extras.get('start_s'), '.1f')} | {fmt(row.extras.get('memory_gb'), '.2f')} | {row.note} |"
+        )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--model", default="vit_small")
     parser.add_argument("--objective", default="mae")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--batch", type=int, default=16, help="per worker")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (~1 min each)")
+    parser.add_argument("--override", action="append", default=[], help="extra key=value for every run")
     args = parser.parse_args()
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {SECTIONS}")
+
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precisions = [p for p in args.precisions.split(",") if p]
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="pretrain-bench-") as tmp:
-        os.environ.setdefault("PRETRAIN_CACHE", str(Path(tmp) / "cache"))
-        for precision in precisions:
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-            peak = peak_flops(dtype, device)
-            plain, flops = plain_loop(args, precision, device)
-            stack = full_stack(args, precision, Path(tmp) / "runs")
-            rows.append((precision, peak, plain, flops, stack))
-    print(
-        f"\n{args.objective} {args.model}, batch {args.batch}, {args.steps} timed steps, {args.threads} threads, {device}\n"
+    peaks = {"fp32": peak_flops(torch.float32, device), "bf16": peak_flops(torch.bfloat16, device)}
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="pretrain-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        os.environ.setdefault("PRETRAIN_CACHE", str(tmp / "cache"))
+        for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PRETRAIN_STORAGE_PATH"):
+            os.environ.pop(name, None)  # a local run, whatever the shell exported
+
+        ips, flops, _ = plain_loop(args, device, count_flops=True)
+        rows.append(Row("plain", "a fp32", "fp32", ips, "fused attention (timm default)"))
+        if "plain" in sections:
+            ips, _, _ = plain_loop(args, device, fused_attn=False)
+            rows.append(Row("plain", "a fp32 explicit attention", "fp32", ips, "model.fused_attn=false", "a fp32"))
+            ips, _, _ = plain_loop(args, device, autocast=True)
+            rows.append(Row("plain", "a bf16 autocast", "bf16", ips, "fp32 weights, bf16 matmuls", "a fp32"))
+        if "plain" in sections or "stack" in sections:
+            ips, _, _ = plain_loop(args, device, weights=torch.bfloat16)
+            rows.append(Row("plain", "a bf16", "bf16", ips, "bf16 weights and optimizer", "a fp32"))
+        if "plain" in sections and not args.no_compile:
+            ips, _, first_s = plain_loop(args, device, compile_model=True)
+            rows.append(Row("plain", "a fp32 compiled", "fp32", ips, f"first step {first_s:.0f} s", "a fp32"))
+
+        def stack(section: str, label: str, precision: str, baseline: str, workers: int, threads: int, *extra: str):
+            name = label.replace(" ", "-").replace("=", "")
+            try:
+                got = full_stack(args, tmp, name, workers, threads, list(extra))
+            except RuntimeError as e:
+                print(f"warning: {label}: {e}", file=sys.stderr)
+                rows.append(Row(section, label, precision, None, "failed (see stderr)", baseline))
+                return
+            ips = got.pop("images_per_s")
+            rows.append(Row(section, label, precision, ips, " ".join(extra), baseline, got))
+
+        if "stack" in sections:
+            t = args.threads
+            stack("stack", "b fp32", "fp32", "a fp32", 1, t)
+            stack("stack", "b bf16", "bf16", "a bf16", 1, t, "deepspeed.precision=bf16")
+            stack("stack", "b fp32 loader 0", "fp32", "b fp32", 1, t, "data.num_workers=0")
+            stack("stack", "b fp32 loader 2", "fp32", "b fp32", 1, t, "data.num_workers=2")
+            if not args.no_compile:
+                stack("stack", "b fp32 compiled", "fp32", "b fp32", 1, t, "trainer.compile=true")
+        if "scaling" in sections:
+            stack("scaling", "1 worker x 1 thread", "fp32", "", 1, 1)
+            stack("scaling", "2 workers x 1 thread ZeRO-0", "fp32", "1 worker x 1 thread", 2, 1)
+            for stage in (1, 2, 3):
+                label = f"2 workers x 1 thread ZeRO-{stage}"
+                stack("scaling", label, "fp32", "2 workers x 1 thread ZeRO-0", 2, 1, f"deepspeed.zero_stage={stage}")
+
+    header = (
+        f"{args.objective} {args.model}, batch {args.batch} per worker, {args.steps} timed steps after "
+        f"{1 + args.warmup}, {args.threads} threads, {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     )
-    print(
-        "| precision | peak matmul GFLOP/s | (a) plain img/s | (b) full stack img/s | b/a | GFLOP/step | MFU (a) | MFU (b) |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for precision, peak, plain, flops, stack in rows:
-        mfu_a = flops * plain / args.batch / peak
-        mfu_b = flops * stack / args.batch / peak
-        print(
-            f"| {precision} | {peak / 1e9:.0f} | {plain:.2f} | {stack:.2f} | {stack / plain:.3f} | "
-            f"{flops / 1e9:.1f} | {100 * mfu_a:.0f}% | {100 * mfu_b:.0f}% |"
-        )
+    print_tables(rows, peaks, flops, header)
+    two = {r.label: r for r in rows}
+    one, pair = two.get("1 worker x 1 thread"), two.get("2 workers x 1 thread ZeRO-0")
+    if one and pair and one.images_per_s and pair.images_per_s:
+        print(f"\nscaling efficiency 1 -> 2 workers: {pair.images_per_s / (2 * one.images_per_s):.3f}")
     return 0
 
 
