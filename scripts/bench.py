@@ -231,11 +231,20 @@ def full_stack(
 # ---------------------------------------------------------------- the tables
 
 
+class Rows(list[Row]):
+    """The table so far; each row is announced on stderr as it is measured (a full run takes minutes)."""
+
+    def append(self, row: Row) -> None:
+        super().append(row)
+        speed = "failed" if row.images_per_s is None else f"{row.images_per_s:.2f} img/s"
+        print(f"bench: {row.section} / {row.label}: {speed}", file=sys.stderr, flush=True)
+
+
 def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_tables(rows: list[Row], peaks: dict[str, float], flops_per_sample: float, header: str) -> None:
+def print_tables(rows: Rows, peaks: dict[str, float], flops_per_sample: float, header: str) -> None:
     by_label = {row.label: row for row in rows}
     print(f"\n{header}\n")
     print("| peak matmul | " + " | ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()) + " |")
@@ -278,7 +287,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peaks = {"fp32": peak_flops(torch.float32, device), "bf16": peak_flops(torch.bfloat16, device)}
-    rows: list[Row] = []
+    rows = Rows()
     with tempfile.TemporaryDirectory(prefix="pretrain-bench-") as tmp_name:
         tmp = Path(tmp_name)
         os.environ.setdefault("PRETRAIN_CACHE", str(tmp / "cache"))
