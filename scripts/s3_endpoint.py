@@ -150,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    # SIGTERM takes the same way out as Ctrl-C, so moto is always stopped.
+    # SIGTERM takes the same way out as Ctrl-C, so moto is always stopped. SIGINT too, also
+    # when the script was started with SIGINT ignored (as `cmd &` in a non-interactive shell
+    # does, and then Python installs no Ctrl-C handler).
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
     server = MotoServer(args.port or free_port())
     try:
         server.start()
