@@ -179,8 +179,9 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
 
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kib / 2**20 if sys.platform != "darwin" else kib / 2**30  # bytes on macOS
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    unit = 1 if sys.platform == "darwin" else 2**10  # ru_maxrss is in bytes on macOS, KiB on Linux
+    return peak * unit / 2**30
 
 
 def _all_finite(loss: torch.Tensor, device: torch.device) -> bool:
