@@ -112,6 +112,12 @@ def build_engine(module: nn.Module, optim: OptimConfig, trainer: TrainerConfig, 
         dist_init_required=False,
     )
     install_safe_checkpoint_engine(engine)
+    if ds.zero_stage == 0 and engine.dp_world_size == 1:
+        # One data-parallel rank has nothing to average. DeepSpeed would still copy every gradient
+        # into one flat buffer, all-reduce it with itself and copy it back after each backward:
+        # ~10% of an MAE ViT-S/16 step on a 2-core CPU (docs/benchmarks.md). Gradients, clipping
+        # and the update are the same without it (tests/pretrain/test_engine.py).
+        engine.enable_backward_allreduce = False
     if ds.zero_stage == 3:
         register_bypassed_parameters(engine.module)
     return engine

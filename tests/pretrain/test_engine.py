@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +95,99 @@ def test_peak_memory_covers_a_touched_allocation() -> None:
     rss, before, after = map(float, out.stdout.split())
     assert 0.05 < rss <= before + 0.01  # a Python process with torch loaded; the peak is at least that
     assert rss + 0.49 <= after <= max(before, rss + 0.5) + 0.1, (rss, before, after)
+
+
+# --- real DeepSpeed ZeRO-0 engines (gloo, CPU accelerator, forked ranks) against plain torch ----------
+
+
+class Regressor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 4)
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((self.norm(self.proj(x)) - y) ** 2).mean()
+
+
+OPTIM = OptimConfig(base_lr=None, lr=0.05, weight_decay=0.05, warmup_fraction=0.0)
+CLIP, STEPS, BATCH = 0.1, 3, 6  # the clip is below every step's gradient norm: it always acts
+
+
+def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(BATCH, 8, generator=g), torch.randn(BATCH, 4, generator=g)
+
+
+def _zero0_rank(port: int, rank: int, world: int, out_dir: str) -> None:
+    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool
+    os.environ.update(
+        DS_ACCELERATOR="cpu",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        from pretrain.engine import build_engine
+
+        torch.manual_seed(0)
+        trainer = TrainerConfig(num_workers=world, batch_size=BATCH, max_steps=STEPS)
+        engine = build_engine(Regressor(), OPTIM, trainer, DeepSpeedConfig(zero_stage=0, grad_clip=CLIP))
+        grads = []
+        for step in range(STEPS):
+            engine.backward(engine(*_batch(rank, step)))
+            grads.append({n: p.grad.detach().clone() for n, p in engine.module.named_parameters()})
+            engine.step()
+        params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        result = {"allreduce": engine.enable_backward_allreduce, "grads": grads, "params": params}
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_zero0_step_equals_plain_torch(tmp_path: Path, world: int) -> None:
+    # One rank skips DeepSpeed's gradient all-reduce (a copy of every gradient through a flat
+    # buffer and back); two ranks keep it. Both must match plain torch on the mean loss over
+    # the ranks' batches: the same gradients, the same clipping, the same AdamW updates.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        mp.get_context("fork").Process(target=_zero0_rank, args=(port, rank, world, str(tmp_path)))
+        for rank in range(world)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=300)
+        if proc.exitcode is None:
+            proc.kill()
+    assert [proc.exitcode for proc in procs] == [0] * world
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
+    assert [r["allreduce"] for r in results] == [world > 1] * world
+
+    torch.manual_seed(0)
+    model = Regressor()
+    trainer = TrainerConfig(num_workers=world, batch_size=BATCH, max_steps=STEPS)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, OPTIM.weight_decay), lr=peak_lr(OPTIM, trainer), betas=(0.9, 0.95), eps=OPTIM.eps
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(OPTIM, trainer))
+    for step in range(STEPS):
+        loss = sum(model(*_batch(rank, step)) for rank in range(world)) / world
+        loss.backward()
+        for result in results:
+            torch.testing.assert_close(result["grads"][step], {n: p.grad for n, p in model.named_parameters()})
+        assert float(nn.utils.clip_grad_norm_(model.parameters(), CLIP)) > CLIP
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    for result in results:
+        torch.testing.assert_close(result["params"], dict(model.named_parameters()))
