@@ -140,7 +140,26 @@ def build_backbone(cfg: ModelConfig) -> VitBackbone:
         raise ValueError(f"model.arch: unknown timm model {cfg.arch!r}; see timm.list_models('vit_*')")
     kwargs = {**arch_kwargs(cfg), "pretrained": cfg.pretrained, "drop_path_rate": cfg.drop_path_rate}
     vit = timm.create_model(cfg.arch, **kwargs)
-    for module in vit.modules():  # timm's Attention decides per module, at creation, from a global
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = cfg.fused_attn
+    set_fused_attn(vit, fused_attn_enabled(cfg.fused_attn))  # "auto" is settled where the device is known
     return VitBackbone(vit)
+
+
+def fused_attn_enabled(
+    setting: bool | str, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> bool:
+    """model.fused_attn for a run on `device` in `dtype`: "auto" is fused except in bf16 on a CPU."""
+    if isinstance(setting, bool):
+        return setting
+    return not (device is not None and device.type == "cpu" and dtype == torch.bfloat16)
+
+
+def set_fused_attn(root: nn.Module, enabled: bool) -> None:
+    """Fused or explicit attention in every timm attention module under `root` (backbone, decoders, heads).
+
+    timm's Attention decides per module, at creation, from a global setting; objectives build
+    their own timm blocks (MAE's decoder, BEiT v2's aggregation head), so the run sets it on
+    the whole objective module.
+    """
+    for module in root.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = enabled

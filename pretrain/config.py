@@ -34,8 +34,10 @@ class ModelConfig:
     # Load timm's pretrained weights (needs network access to the hub).
     pretrained: bool = False
     # timm's fused attention (F.scaled_dot_product_attention) instead of its explicit
-    # softmax(QK^T)V; same math. See docs/benchmarks.md for what it does to speed here.
-    fused_attn: bool = True
+    # softmax(QK^T)V; same math. "auto": fused, except in bf16 on a CPU, where PyTorch's
+    # fused CPU kernel (its backward above all) made an MAE ViT-S/16 step 1.2-1.5x slower
+    # (docs/benchmarks.md). true / false force it everywhere.
+    fused_attn: bool | str = "auto"
 
 
 @dataclass
@@ -229,6 +231,11 @@ def find_problems(cfg: Any) -> list[tuple[str, str]]:
             f"{m.num_heads} does not divide model.embed_dim={m.embed_dim}",
         )
     need(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", f"must be in [0, 1), got {m.drop_path_rate}")
+    need(
+        isinstance(m.fused_attn, bool) or m.fused_attn == "auto",
+        "model.fused_attn",
+        f"must be true, false or auto, got {m.fused_attn!r}",
+    )
 
     for key in ("urls", "eval_urls"):
         url = getattr(d, key)

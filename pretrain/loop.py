@@ -277,7 +277,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from objectives.base import Objective, RunContext
     from objectives.registry import get_objective_class
     from pretrain import checkpoint
-    from pretrain.backbone import arch_kwargs, build_backbone
+    from pretrain.backbone import arch_kwargs, build_backbone, fused_attn_enabled, set_fused_attn
     from pretrain.engine import build_engine, global_batch, training_dtype
     from pretrain.progress import push
     from pretrain.tracking import RunLogger
@@ -308,12 +308,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         total_steps=t.max_steps,
     )
     objective = objective_cls(cfg.objective, build_backbone(cfg.model), context)
+    dtype = training_dtype(cfg.deepspeed)
+    # The objective's own blocks too (MAE's decoder, teachers), for this device and dtype.
+    set_fused_attn(objective, fused_attn_enabled(cfg.model.fused_attn, device, dtype))
     for frozen in objective.frozen_modules().values():
         frozen.to(device).eval().requires_grad_(False)
     if t.compile:
         objective.compile()  # in place: parameter names (checkpoints, exports) stay as they are
     engine = build_engine(objective, cfg.optim, t, cfg.deepspeed)
-    dtype = training_dtype(cfg.deepspeed)
 
     train_url = info.train_url or ensure_default_dataset(cfg.data).train_url
     loader = build_train_loader(

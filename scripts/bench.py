@@ -1,7 +1,7 @@
 """Training throughput of the full stack against a plain PyTorch loop, model FLOP utilisation,
 scaling over workers, ZeRO stages, start-up time, and what each optimisation changes.
 
-    python scripts/bench.py [--model vit_small] [--objective mae] [--batch 16] [--steps 6]
+    python scripts/bench.py [--model vit_small] [--objective mae] [--batch 16] [--steps 10]
                             [--warmup 2] [--threads N] [--sections plain,stack,scaling]
 
 Everything is measured in this one run, on this machine, for the same model, objective and
@@ -12,13 +12,17 @@ plain     (a) one process, the objective module built as the workers build it, A
           `--steps` timed steps over batches already in memory (made by the real loader
           beforehand), after `--warmup` untimed ones. Rows: fp32; timm's explicit attention
           instead of the fused kernel; bf16 autocast over fp32 weights; bf16 weights (what
-          DeepSpeed's bf16 mode computes in); `torch.compile`.
+          DeepSpeed's bf16 mode computes in; explicit attention, as model.fused_attn=auto picks
+          in bf16 on a CPU) and, on a CPU, the same with the fused kernel; `torch.compile`.
+          The stack section also runs the plain loop inside one Ray Train worker (Ray's
+          processes around it, none of the stack's code).
 stack     (b) `python -m pretrain.run` as a subprocess: Ray Train, DeepSpeed, the embedded
           dataset streamed through the loader, MLflow logging every step. Throughput comes
           from the wall-clock times of MLflow's loss records of steps 1 + warmup and
           1 + warmup + steps, so logging and reporting are inside the window and start-up
           is not. Rows: 1 worker with `--threads` threads, fp32 and bf16 (b/a against the
-          matching plain row; goal >= 0.97), loader workers 0 and 2 (default 1),
+          matching plain row, measured again right after them and averaged, as the VM's
+          speed drifts; goal >= 0.97), loader workers 0 and 2 (default 1),
           trainer.compile=true.
 scaling   1 worker x 1 thread vs 2 workers x 1 thread (ZeRO 0): scaling efficiency
           = throughput(2) / (2 x throughput(1)); ZeRO stages 1, 2, 3 on 2 workers x 1 thread.
@@ -104,7 +108,7 @@ def plain_loop(
     *,
     weights: torch.dtype = torch.float32,
     autocast: bool = False,
-    fused_attn: bool = True,
+    fused_attn: bool | str = "auto",  # model.fused_attn
     compile_model: bool = False,
     count_flops: bool = False,
 ) -> tuple[float, float, float]:
@@ -116,7 +120,7 @@ def plain_loop(
     from data.stream import build_train_loader, resolve_urls
     from objectives.base import RunContext
     from objectives.registry import get_objective_class
-    from pretrain.backbone import arch_kwargs, build_backbone
+    from pretrain.backbone import arch_kwargs, build_backbone, fused_attn_enabled, set_fused_attn
     from pretrain.compose import load_config
     from pretrain.engine import param_groups, peak_lr
     from pretrain.loop import to_device
@@ -132,7 +136,9 @@ def plain_loop(
         arch_kwargs=arch_kwargs(cfg.model),
         total_steps=1 + args.warmup + args.steps,
     )
-    model = cls(cfg.objective, build_backbone(cfg.model), context).to(device=device, dtype=weights).train()
+    model = cls(cfg.objective, build_backbone(cfg.model), context)
+    set_fused_attn(model, fused_attn_enabled(cfg.model.fused_attn, device, weights))  # as train_loop does
+    model = model.to(device=device, dtype=weights).train()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=peak_lr(cfg.optim, cfg.trainer))
     loader = build_train_loader(
         cfg.data,
@@ -181,6 +187,48 @@ def plain_loop(
         step(1 + args.warmup + i)
     sync()
     return args.steps * args.batch / (time.perf_counter() - start), flops, first_s
+
+
+def plain_in_ray_train(args: argparse.Namespace, tmp: Path, threads: int) -> float:
+    """images/s of the plain loop run inside one Ray Train worker (a local Ray, as pretrain.run starts).
+
+    Our code is the same as in (a); what changes is the process around it: a Ray worker
+    beside Ray's and Ray Train's own processes. This separates their cost from the stack's.
+    """
+    import logging
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = torch.cuda.is_available()
+
+    out = tmp / "plain-in-ray-train.json"  # Ray Train v2 keeps metrics only with checkpoints
+
+    def loop(config: dict) -> None:
+        torch.set_num_threads(threads)
+        device = torch.device("cuda" if use_gpu else "cpu")
+        out.write_text(json.dumps({"images_per_s": plain_loop(args, device)[0]}))
+
+    paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {"PYTHONPATH": os.pathsep.join(paths), "PRETRAIN_CACHE": os.environ["PRETRAIN_CACHE"]}
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count(),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": env},
+    )
+    try:
+        TorchTrainer(
+            loop,
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker={"CPU": threads}),
+            run_config=RunConfig(storage_path=str(tmp / "ray"), name="plain-in-ray-train"),
+        ).fit()
+    finally:
+        ray.shutdown()
+    return float(json.loads(out.read_text())["images_per_s"])
 
 
 # ---------------------------------------------------------------- (b) the full stack
@@ -240,12 +288,16 @@ class Rows(list[Row]):
         print(f"bench: {row.section} / {row.label}: {speed}", file=sys.stderr, flush=True)
 
 
+def by_label(rows: list[Row]) -> dict[str, Row]:
+    return {row.label: row for row in rows}
+
+
 def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def print_tables(rows: Rows, peaks: dict[str, float], flops_per_sample: float, header: str) -> None:
-    by_label = {row.label: row for row in rows}
+    labelled = by_label(rows)
     print(f"\n{header}\n")
     print("| peak matmul | " + " | ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()) + " |")
     print("|---|" + "---|" * len(peaks))
@@ -253,7 +305,7 @@ def print_tables(rows: Rows, peaks: dict[str, float], flops_per_sample: float, h
     print("| section | run | img/s | vs | ratio | MFU | start s | memory GiB | note |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        base = by_label.get(row.baseline)
+        base = labelled.get(row.baseline)
         ratio = None
         if base is not None and base.images_per_s and row.images_per_s:
             ratio = row.images_per_s / base.images_per_s
@@ -272,7 +324,7 @@ def main() -> int:
     parser.add_argument("--model", default="vit_small")
     parser.add_argument("--objective", default="mae")
     parser.add_argument("--batch", type=int, default=16, help="per worker")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
@@ -295,7 +347,7 @@ def main() -> int:
             os.environ.pop(name, None)  # a local run, whatever the shell exported
 
         ips, flops, _ = plain_loop(args, device, count_flops=True)
-        rows.append(Row("plain", "a fp32", "fp32", ips, "fused attention (timm default)"))
+        rows.append(Row("plain", "a fp32", "fp32", ips, "fused attention (model.fused_attn=auto)"))
         if "plain" in sections:
             ips, _, _ = plain_loop(args, device, fused_attn=False)
             rows.append(Row("plain", "a fp32 explicit attention", "fp32", ips, "model.fused_attn=false", "a fp32"))
@@ -303,7 +355,12 @@ def main() -> int:
             rows.append(Row("plain", "a bf16 autocast", "bf16", ips, "fp32 weights, bf16 matmuls", "a fp32"))
         if "plain" in sections or "stack" in sections:
             ips, _, _ = plain_loop(args, device, weights=torch.bfloat16)
-            rows.append(Row("plain", "a bf16", "bf16", ips, "bf16 weights and optimizer", "a fp32"))
+            rows.append(
+                Row("plain", "a bf16", "bf16", ips, "bf16 weights and optimizer; explicit attention (auto)", "a fp32")
+            )
+            if device.type == "cpu":  # what auto avoids there
+                ips, _, _ = plain_loop(args, device, weights=torch.bfloat16, fused_attn=True)
+                rows.append(Row("plain", "a bf16 fused attention", "bf16", ips, "model.fused_attn=true", "a bf16"))
         if "plain" in sections and not args.no_compile:
             ips, _, first_s = plain_loop(args, device, compile_model=True)
             rows.append(Row("plain", "a fp32 compiled", "fp32", ips, f"first step {first_s:.0f} s", "a fp32"))
@@ -321,8 +378,21 @@ def main() -> int:
 
         if "stack" in sections:
             t = args.threads
-            stack("stack", "b fp32", "fp32", "a fp32", 1, t)
-            stack("stack", "b bf16", "bf16", "a bf16", 1, t, "deepspeed.precision=bf16")
+            ips = plain_in_ray_train(args, tmp, t)
+            rows.append(
+                Row("stack", "a fp32 in a Ray Train worker", "fp32", ips, "the plain loop, hosted by Ray", "a fp32")
+            )
+            stack("stack", "b fp32", "fp32", "a fp32 mean", 1, t)
+            stack("stack", "b bf16", "bf16", "a bf16 mean", 1, t, "deepspeed.precision=bf16")
+            # The VM's speed drifts by several % within minutes: b/a is taken against the mean of
+            # the plain loop measured before and right after the two stack rows.
+            for label, weights in (("a fp32", torch.float32), ("a bf16", torch.bfloat16)):
+                before = by_label(rows)[label].images_per_s
+                again, _, _ = plain_loop(args, device, weights=weights)
+                rows.append(Row("plain", f"{label} again", label.split()[1], again, "after the stack rows", label))
+                rows.append(
+                    Row("plain", f"{label} mean", label.split()[1], (before + again) / 2, "baseline of b/a", label)
+                )
             stack("stack", "b fp32 loader 0", "fp32", "b fp32", 1, t, "data.num_workers=0")
             stack("stack", "b fp32 loader 2", "fp32", "b fp32", 1, t, "data.num_workers=2")
             if not args.no_compile:
@@ -340,8 +410,8 @@ def main() -> int:
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     )
     print_tables(rows, peaks, flops, header)
-    two = {r.label: r for r in rows}
-    one, pair = two.get("1 worker x 1 thread"), two.get("2 workers x 1 thread ZeRO-0")
+    labelled = by_label(rows)
+    one, pair = labelled.get("1 worker x 1 thread"), labelled.get("2 workers x 1 thread ZeRO-0")
     if one and pair and one.images_per_s and pair.images_per_s:
         print(f"\nscaling efficiency 1 -> 2 workers: {pair.images_per_s / (2 * one.images_per_s):.3f}")
     return 0

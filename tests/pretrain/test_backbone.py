@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.backbone import build_backbone
+from pretrain.backbone import build_backbone, fused_attn_enabled, set_fused_attn
 from pretrain.config import ModelConfig
 
 
@@ -58,3 +58,23 @@ def test_fused_attention_switch_reaches_every_block_and_keeps_the_math() -> None
     assert flags == [(True, False)] * 3
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(fused(x), explicit(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_attention_auto_is_explicit_only_in_bf16_on_cpu() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert fused_attn_enabled("auto", cpu, torch.float32) and fused_attn_enabled("auto", gpu, torch.bfloat16)
+    assert not fused_attn_enabled("auto", cpu, torch.bfloat16)
+    assert fused_attn_enabled("auto")  # device not known yet (build_backbone): timm's default
+    assert fused_attn_enabled(True, cpu, torch.bfloat16) and not fused_attn_enabled(False, gpu, torch.float32)
+
+
+def test_fused_attention_switch_reaches_the_objectives_own_blocks() -> None:
+    # MAE builds its decoder from timm blocks itself; the run sets them with the encoder's.
+    from objectives.configs import MAEConfig
+    from objectives.mae import MAE
+
+    cfg = MAEConfig(decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2)
+    mae = MAE(cfg, tiny_backbone())
+    set_fused_attn(mae, False)
+    flags = [m.fused_attn for m in mae.modules() if hasattr(m, "fused_attn")]
+    assert flags == [False] * 5  # 3 encoder blocks + 2 decoder blocks

@@ -45,6 +45,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["data.urls=ftp://host/a-{0..3}.tar"], "data.urls: unsupported scheme 'ftp'"),
         (["model.img_size=30"], "model.img_size: 30 is not a multiple of model.patch_size=4"),
         (["deepspeed.zero_stage=4"], "deepspeed.zero_stage: must be one of 0, 1, 2, 3; got 4"),
+        (["model.fused_attn=sometimes"], "model.fused_attn: must be true, false or auto, got 'sometimes'"),
         (["deepspeed.precision=fp8"], "valid choices: fp32, bf16, fp16"),
         (["objective.mask_ratio=1.0"], "objective.mask_ratio: must be in (0, 1), got 1.0"),
         (["objective.decoder_num_heads=3"], "objective.decoder_num_heads: 3 does not divide decoder_embed_dim=128"),
