@@ -24,7 +24,8 @@ stack     (b) `python -m pretrain.run` as a subprocess: Ray Train, DeepSpeed, th
           matching plain row, measured again right after them and averaged, as the VM's
           speed drifts; goal >= 0.97), loader workers 0 and 2 (default 1),
           trainer.compile=true.
-scaling   1 worker x 1 thread vs 2 workers x 1 thread (ZeRO 0): scaling efficiency
+scaling   the plain loop on one thread vs 1 worker x 1 thread (b/a with cores left for
+          Ray's processes); 1 worker x 1 thread vs 2 workers x 1 thread (ZeRO 0): scaling efficiency
           = throughput(2) / (2 x throughput(1)); ZeRO stages 1, 2, 3 on 2 workers x 1 thread.
           Per-worker memory is the fullest worker's peak (sys/peak_memory_gb: resident set
           on CPU, allocated memory on GPU).
@@ -398,7 +399,12 @@ def main() -> int:
             if not args.no_compile:
                 stack("stack", "b fp32 compiled", "fp32", "b fp32", 1, t, "trainer.compile=true")
         if "scaling" in sections:
-            stack("scaling", "1 worker x 1 thread", "fp32", "", 1, 1)
+            # One thread leaves the other cores to Ray's own processes: b/a with room for them.
+            torch.set_num_threads(1)
+            ips, _, _ = plain_loop(args, device)
+            torch.set_num_threads(args.threads)
+            rows.append(Row("scaling", "a fp32 x 1 thread", "fp32", ips, "plain loop, one thread"))
+            stack("scaling", "1 worker x 1 thread", "fp32", "a fp32 x 1 thread", 1, 1)
             stack("scaling", "2 workers x 1 thread ZeRO-0", "fp32", "1 worker x 1 thread", 2, 1)
             for stage in (1, 2, 3):
                 label = f"2 workers x 1 thread ZeRO-{stage}"
