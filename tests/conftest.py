@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,3 +218,68 @@ def s3_proxy(s3_endpoint: S3EndpointProcess) -> Iterator[TcpProxy]:
     proxy.start()
     yield proxy
     proxy.stop()
+
+
+# --- forked gloo ranks: the distributed code paths (all-reduce, gather, ZeRO) in one test ------------
+
+GlooRanks = Callable[..., None]
+
+
+def _gloo_rank(target: Callable[..., None], port: int, rank: int, world: int, args: tuple[Any, ...]) -> None:
+    """Body of one forked rank: the env DeepSpeed reads, a gloo group on `port`, `target(rank, *args)`."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # a forked child must not use the parent's (copied, dead) OpenMP pool
+    os.environ.update(
+        DS_ACCELERATOR="cpu",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        target(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo_ranks(target: Callable[..., None], world: int, *args: Any, timeout: float = 300.0) -> None:
+    """Run `target(rank, *args)` on `world` forked processes in one gloo group; assert all exit 0.
+
+    A rank that fails ends the run at once (the others would wait in a collective until the
+    timeout): the survivors are killed and the assertion names every rank's exit code.
+    """
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_gloo_rank, args=(target, port, rank, world, args)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout
+    try:
+        running = {proc.sentinel: proc for proc in procs}
+        while running and (left := deadline - time.monotonic()) > 0:
+            for sentinel in wait(list(running), timeout=left):
+                if running.pop(sentinel).exitcode != 0:  # type: ignore[call-overload]
+                    running.clear()
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+    codes = [proc.exitcode for proc in procs]
+    assert codes == [0] * world, f"gloo ranks' exit codes {codes} (negative: killed by that signal)"
+
+
+@pytest.fixture
+def gloo_ranks() -> GlooRanks:
+    """`gloo_ranks(target, world, *args, timeout=300)`: see `run_gloo_ranks`."""
+    return run_gloo_ranks

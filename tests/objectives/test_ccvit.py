@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from objectives.base import MaskSpec, RunContext
@@ -266,27 +263,14 @@ def _rank_patches(rank: int, count: int) -> torch.Tensor:
     return torch.stack([patch_of(x, b, i) for b in range(x.shape[0]) for i in range(N)])[:count]
 
 
-def _prepare_worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)  # a forked child must not reuse the parent's (copied, dead) intra-op thread pool
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        model = make(kmeans_samples=75)  # ceil(75 / 2) = 38 patches per rank
-        model.prepare(iter(_rank_batches(rank)))
-        torch.save({"centroids": model.centroids, "counts": model.centroid_counts}, Path(out_dir) / f"r{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _prepare_worker(rank: int, out_dir: str) -> None:
+    model = make(kmeans_samples=75)  # ceil(75 / 2) = 38 patches per rank
+    model.prepare(iter(_rank_batches(rank)))
+    torch.save({"centroids": model.centroids, "counts": model.centroid_counts}, Path(out_dir) / f"r{rank}.pt")
 
 
-def test_two_ranks_build_the_same_centroids_as_one_process_on_both_samples(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [mp.get_context("fork").Process(target=_prepare_worker, args=(r, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
+def test_two_ranks_build_the_same_centroids_as_one_process_on_both_samples(tmp_path: Path, gloo_ranks) -> None:
+    gloo_ranks(_prepare_worker, 2, str(tmp_path), timeout=120)
     r0, r1 = (torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in range(2))
     assert torch.equal(r0["centroids"], r1["centroids"]) and torch.equal(r0["counts"], r1["counts"])
     x0, x1 = _rank_patches(0, 38), _rank_patches(1, 38)

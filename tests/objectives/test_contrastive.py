@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -216,34 +214,15 @@ def _run(x1: torch.Tensor, x2: torch.Tensor, keys: torch.Tensor, world: int) -> 
     return results
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    # A forked child must not use the parent's OpenMP pool (it hangs once earlier tests started it).
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        x1, x2, keys = (t[rank * N : (rank + 1) * N] for t in _inputs())
-        gathered = gather_with_grad(x1)
-        results = _run(x1, x2, keys, world=2)
-        torch.save({"results": results, "gathered": gathered}, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, out_dir: str) -> None:
+    x1, x2, keys = (t[rank * N : (rank + 1) * N] for t in _inputs())
+    gathered = gather_with_grad(x1)
+    results = _run(x1, x2, keys, world=2)
+    torch.save({"results": results, "gathered": gathered}, Path(out_dir) / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path: Path) -> None:
-    ctx = mp.get_context("fork")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path: Path, gloo_ranks) -> None:
+    gloo_ranks(_worker, 2, str(tmp_path), timeout=120)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     x1, x2, keys = _inputs()
     torch.testing.assert_close(ranks[0]["gathered"], x1)

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from objectives.kmeans import (
     SPLIT_EPS,
@@ -182,37 +179,19 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return x[:55], x[55:]  # the ranks hold different numbers of points
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)  # a forked child must not reuse the parent's (copied, dead) intra-op thread pool
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(1000 + rank)  # rank-local RNG differs; results must not depend on it
-        x = _data()[rank]
-        results = {init: kmeans(x, 8, iters=6, init=init, seed=3) for init in ("random", "kmeans++")}
-        torch.save(
-            {f"{k}.{f}": getattr(r, f) for k, r in results.items() for f in ("centroids", "counts")}
-            | {f"{k}.scalars": torch.tensor([r.mse, r.splits]) for k, r in results.items()},
-            Path(out_dir) / f"rank{rank}.pt",
-        )
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, out_dir: str) -> None:
+    torch.manual_seed(1000 + rank)  # rank-local RNG differs; results must not depend on it
+    x = _data()[rank]
+    results = {init: kmeans(x, 8, iters=6, init=init, seed=3) for init in ("random", "kmeans++")}
+    torch.save(
+        {f"{k}.{f}": getattr(r, f) for k, r in results.items() for f in ("centroids", "counts")}
+        | {f"{k}.scalars": torch.tensor([r.mse, r.splits]) for k, r in results.items()},
+        Path(out_dir) / f"rank{rank}.pt",
+    )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_ranks_agree_and_equal_one_process_on_concatenated_data(tmp_path: Path) -> None:
-    ctx = mp.get_context("fork")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
+def test_two_ranks_agree_and_equal_one_process_on_concatenated_data(tmp_path: Path, gloo_ranks) -> None:
+    gloo_ranks(_worker, 2, str(tmp_path), timeout=120)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key

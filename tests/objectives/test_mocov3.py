@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from objectives.base import DataNeeds, RunContext
 from objectives.configs import MoCoV3Config, ViewAugmentConfig
@@ -188,68 +184,49 @@ def _engine(precision: str, seed: int) -> Any:
     return build_engine(objective, OptimConfig(base_lr=None, lr=1e-2), trainer, ds)
 
 
-def _zero3_worker(port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool
-    os.environ.update(
-        DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
-    )
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        import deepspeed
+def _zero3_worker(rank: int, out_dir: str) -> None:
+    import deepspeed
 
-        from pretrain import checkpoint
+    from pretrain import checkpoint
 
-        engine = _engine("fp32", seed=0)
-        model = engine.module
-        qkv = model.backbone.vit.blocks[0].attn.qkv.weight
-        result: dict[str, object] = {"partitioned": hasattr(qkv, "ds_id") and qkv.numel() == 0}
-        batch = {"views": views(4, 5)}
-        torch.manual_seed(1)
-        out = engine(batch)
-        engine.backward(out.loss)
-        engine.step()
-        result["old"] = {k: v.clone() for k, v in model.momentum_encoder.state_dict().items()}
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            result["query"] = {n: p.detach().clone() for n, p in model._online().named_parameters()}
-        model.after_step(0)
-        result["m"] = float(model.current_momentum)
-        result["new"] = {k: v.clone() for k, v in model.momentum_encoder.state_dict().items()}
-        checkpoint.save(engine, Path(out_dir) / "ckpt", rank=0, step=1, data_state={})
-        # A fresh engine from other initial weights, restored from the checkpoint.
-        fresh = _engine("fp32", seed=1)
-        checkpoint.restore(fresh, Path(out_dir) / "ckpt", rank=0, world_size=1)
-        result["restored"] = {k: v.clone() for k, v in fresh.module.momentum_encoder.state_dict().items()}
-        result["restored_m"] = float(fresh.module.current_momentum)
-        # bf16: parameters are cast, the key encoder's buffers stay float32, a step runs.
-        half = _engine("bf16", seed=0)
-        torch.manual_seed(1)
-        out = half({"views": [v.bfloat16() for v in views(4, 5)]})
-        half.backward(out.loss)
-        half.step()
-        half.module.after_step(0)
-        result["bf16"] = {
-            "param": str(half.module.predictor[0].weight.dtype),
-            "key": str(half.module.momentum_encoder.get_buffer("projector.0.weight").dtype),
-            "loss": float(out.loss.detach()),
-        }
-        torch.save(result, Path(out_dir) / "result.pt")
-    finally:
-        dist.destroy_process_group()
+    engine = _engine("fp32", seed=0)
+    model = engine.module
+    qkv = model.backbone.vit.blocks[0].attn.qkv.weight
+    result: dict[str, object] = {"partitioned": hasattr(qkv, "ds_id") and qkv.numel() == 0}
+    batch = {"views": views(4, 5)}
+    torch.manual_seed(1)
+    out = engine(batch)
+    engine.backward(out.loss)
+    engine.step()
+    result["old"] = {k: v.clone() for k, v in model.momentum_encoder.state_dict().items()}
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        result["query"] = {n: p.detach().clone() for n, p in model._online().named_parameters()}
+    model.after_step(0)
+    result["m"] = float(model.current_momentum)
+    result["new"] = {k: v.clone() for k, v in model.momentum_encoder.state_dict().items()}
+    checkpoint.save(engine, Path(out_dir) / "ckpt", rank=0, step=1, data_state={})
+    # A fresh engine from other initial weights, restored from the checkpoint.
+    fresh = _engine("fp32", seed=1)
+    checkpoint.restore(fresh, Path(out_dir) / "ckpt", rank=0, world_size=1)
+    result["restored"] = {k: v.clone() for k, v in fresh.module.momentum_encoder.state_dict().items()}
+    result["restored_m"] = float(fresh.module.current_momentum)
+    # bf16: parameters are cast, the key encoder's buffers stay float32, a step runs.
+    half = _engine("bf16", seed=0)
+    torch.manual_seed(1)
+    out = half({"views": [v.bfloat16() for v in views(4, 5)]})
+    half.backward(out.loss)
+    half.step()
+    half.module.after_step(0)
+    result["bf16"] = {
+        "param": str(half.module.predictor[0].weight.dtype),
+        "key": str(half.module.momentum_encoder.get_buffer("projector.0.weight").dtype),
+        "loss": float(out.loss.detach()),
+    }
+    torch.save(result, Path(out_dir) / "result.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_momentum_update_under_zero3_and_checkpoint_round_trip(tmp_path: Path) -> None:
-    proc = mp.get_context("fork").Process(target=_zero3_worker, args=(_free_port(), str(tmp_path)))
-    proc.start()
-    proc.join(timeout=300)
-    if proc.exitcode is None:
-        proc.kill()
-    assert proc.exitcode == 0
+def test_momentum_update_under_zero3_and_checkpoint_round_trip(tmp_path: Path, gloo_ranks) -> None:
+    gloo_ranks(_zero3_worker, 1, str(tmp_path))
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     assert result["partitioned"]  # ZeRO-3 really split the query parameters; the EMA had to gather them
     m, old, query, new = result["m"], result["old"], result["query"], result["new"]

@@ -448,76 +448,46 @@ def test_semaim_order_heat_map_follows_the_ranks_of_the_semantic_order() -> None
 # --- ZeRO-3, two ranks: pictures run outside the root's forward, on partitioned parameters -----------
 
 
-def _zero3_worker(rank: int, port: int, out_dir: str) -> None:
-    import os
+def _zero3_worker(rank: int, out_dir: str) -> None:
+    import pretrain.engine
+    from pretrain.config import DeepSpeedConfig, OptimConfig, TrainerConfig
 
-    import torch.distributed as dist
+    base_config = pretrain.engine.deepspeed_config
 
-    os.environ.update(
-        DS_ACCELERATOR="cpu",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_WORLD_SIZE="2",
+    def partition_everything(ds: DeepSpeedConfig, trainer: TrainerConfig) -> dict:
+        # Tiny parameters are normally kept whole (persistence threshold 1e5 elements); a ViT-B
+        # pos_embed (151k) is not. Partition all, as at scale.
+        config = base_config(ds, trainer)
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        return config
+
+    pretrain.engine.deepspeed_config = partition_everything
+    mae = small_mae(True).train()
+    engine = pretrain.engine.build_engine(
+        mae,
+        OptimConfig(lr=1e-3),
+        TrainerConfig(batch_size=4, num_workers=2, max_steps=4),
+        DeepSpeedConfig(zero_stage=3, precision="bf16"),
     )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        import pretrain.engine
-        from pretrain.config import DeepSpeedConfig, OptimConfig, TrainerConfig
-
-        base_config = pretrain.engine.deepspeed_config
-
-        def partition_everything(ds: DeepSpeedConfig, trainer: TrainerConfig) -> dict:
-            # Tiny parameters are normally kept whole (persistence threshold 1e5 elements); a ViT-B
-            # pos_embed (151k) is not. Partition all, as at scale.
-            config = base_config(ds, trainer)
-            config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-            return config
-
-        pretrain.engine.deepspeed_config = partition_everything
-        mae = small_mae(True).train()
-        engine = pretrain.engine.build_engine(
-            mae,
-            OptimConfig(lr=1e-3),
-            TrainerConfig(batch_size=4, num_workers=2, max_steps=4),
-            DeepSpeedConfig(zero_stage=3, precision="bf16"),
-        )
-        assert engine.module.mask_token.numel() == 0 and engine.module.backbone.vit.pos_embed.numel() == 0
-        pixels = uint8_images(4, 20 + rank)  # each rank its own images
-        batch = {"views": [normalised(pixels).bfloat16()], "mask": random_masks(4, 30 + rank)}
-        engine.backward(engine(batch).loss)
-        engine.step()
-        engine.module.eval()
-        with torch.no_grad():
-            picture = engine.module.pictures(batch)["mae_reconstruction"]
-        engine.module.train()
-        engine.backward(engine(batch).loss)  # training goes on afterwards
-        engine.step()
-        expected = to_uint8_images(batch["views"][0], MEAN, STD)
-        saved = {"picture": torch.from_numpy(picture), "expected": torch.from_numpy(expected), "mask": batch["mask"]}
-        torch.save(saved, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    assert engine.module.mask_token.numel() == 0 and engine.module.backbone.vit.pos_embed.numel() == 0
+    pixels = uint8_images(4, 20 + rank)  # each rank its own images
+    batch = {"views": [normalised(pixels).bfloat16()], "mask": random_masks(4, 30 + rank)}
+    engine.backward(engine(batch).loss)
+    engine.step()
+    engine.module.eval()
+    with torch.no_grad():
+        picture = engine.module.pictures(batch)["mae_reconstruction"]
+    engine.module.train()
+    engine.backward(engine(batch).loss)  # training goes on afterwards
+    engine.step()
+    expected = to_uint8_images(batch["views"][0], MEAN, STD)
+    saved = {"picture": torch.from_numpy(picture), "expected": torch.from_numpy(expected), "mask": batch["mask"]}
+    torch.save(saved, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.slow  # DeepSpeed may JIT-build its CPU shm op first (minutes on 2 cores)
-def test_mae_pictures_under_zero3_bf16_on_two_ranks(tmp_path) -> None:
-    import multiprocessing as mp
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_zero3_worker, args=(r, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=900)
-    assert [p.exitcode for p in procs] == [0, 0]
+def test_mae_pictures_under_zero3_bf16_on_two_ranks(tmp_path, gloo_ranks) -> None:
+    gloo_ranks(_zero3_worker, 2, str(tmp_path), timeout=900)
     for rank in range(2):
         saved = {k: v.numpy() for k, v in torch.load(tmp_path / f"rank{rank}.pt", weights_only=True).items()}
         picture, mask = saved["picture"], saved["mask"]

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from objectives.quantizer import NormEMAQuantizer, cosine_kmeans
@@ -181,41 +178,24 @@ def _build(seed: int, **kwargs: object) -> NormEMAQuantizer:
     return NormEMAQuantizer(dim=4, **kwargs).train()
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(1000 + rank)  # rank-local RNG differs; results must not depend on it
-        ema_z, km_x = _rank_data(rank)
-        q = _build(0, num_codes=6, kmeans_init=False, decay=0.8)
-        codes = q(ema_z).codes
-        stats = q.usage_stats(codes, sync=True)
-        km = _build(0, num_codes=3, kmeans_init=True)
-        km(km_x)
-        dead = _build(0, num_codes=32, kmeans_init=False, restart_dead_codes=True, dead_code_window=1)
-        dead(ema_z)
-        torch.save(
-            {"ema": q.codebook, "stats": stats, "kmeans": km.codebook, "restart": dead.codebook},
-            Path(out_dir) / f"rank{rank}.pt",
-        )
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, out_dir: str) -> None:
+    torch.manual_seed(1000 + rank)  # rank-local RNG differs; results must not depend on it
+    ema_z, km_x = _rank_data(rank)
+    q = _build(0, num_codes=6, kmeans_init=False, decay=0.8)
+    codes = q(ema_z).codes
+    stats = q.usage_stats(codes, sync=True)
+    km = _build(0, num_codes=3, kmeans_init=True)
+    km(km_x)
+    dead = _build(0, num_codes=32, kmeans_init=False, restart_dead_codes=True, dead_code_window=1)
+    dead(ema_z)
+    torch.save(
+        {"ema": q.codebook, "stats": stats, "kmeans": km.codebook, "restart": dead.codebook},
+        Path(out_dir) / f"rank{rank}.pt",
+    )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_ranks_agree_and_equal_one_process_on_concatenated_data(tmp_path: Path) -> None:
-    ctx = mp.get_context("fork")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
+def test_two_ranks_agree_and_equal_one_process_on_concatenated_data(tmp_path: Path, gloo_ranks) -> None:
+    gloo_ranks(_worker, 2, str(tmp_path), timeout=120)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for key in ("ema", "kmeans", "restart"):
         assert torch.equal(r0[key], r1[key]), key

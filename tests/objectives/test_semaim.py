@@ -413,79 +413,49 @@ def test_registry_data_needs_and_config_problems() -> None:
 # --- ZeRO-3, two ranks: the EMA gathers partitioned parameters and survives a checkpoint ------------
 
 
-def _zero3_worker(rank: int, port: int, out_dir: str) -> None:
-    import os
+def _zero3_worker(rank: int, out_dir: str) -> None:
+    import deepspeed
 
-    import torch.distributed as dist
+    from pretrain.config import DeepSpeedConfig, OptimConfig, TrainerConfig
+    from pretrain.engine import build_engine
 
-    os.environ.update(
-        DS_ACCELERATOR="cpu",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_WORLD_SIZE="2",
+    torch.manual_seed(0)  # the same initial weights on both ranks
+    backbone = build_backbone(ModelConfig(arch=ARCH, **TINY))
+    sem = SemAIM(SemAIMConfig(order_source="ema"), backbone, RunContext(total_steps=8))
+    init = {n: p.detach().clone() for n, p in backbone.vit.named_parameters()}
+    engine = build_engine(
+        sem,
+        OptimConfig(lr=1e-2),
+        TrainerConfig(batch_size=2, num_workers=2, max_steps=8),
+        DeepSpeedConfig(zero_stage=3, precision="bf16"),
     )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        import deepspeed
-
-        from pretrain.config import DeepSpeedConfig, OptimConfig, TrainerConfig
-        from pretrain.engine import build_engine
-
-        torch.manual_seed(0)  # the same initial weights on both ranks
-        backbone = build_backbone(ModelConfig(arch=ARCH, **TINY))
-        sem = SemAIM(SemAIMConfig(order_source="ema"), backbone, RunContext(total_steps=8))
-        init = {n: p.detach().clone() for n, p in backbone.vit.named_parameters()}
-        engine = build_engine(
-            sem,
-            OptimConfig(lr=1e-2),
-            TrainerConfig(batch_size=2, num_workers=2, max_steps=8),
-            DeepSpeedConfig(zero_stage=3, precision="bf16"),
-        )
-        vit = engine.module.backbone.vit
-        assert all(hasattr(p, "ds_id") for p in vit.parameters())  # really partitioned
-        lives, losses = [], []
-        for step in range(2):
-            x = images(2, 10 * step + rank).to(torch.bfloat16)  # each rank its own images
-            torch.manual_seed(100 * step + rank)
-            out = engine({"views": [x]})
-            engine.backward(out.loss)
-            engine.step()
-            engine.module.after_step(step)
-            losses.append(float(out.loss.detach()))
-            with deepspeed.zero.GatheredParameters(list(vit.parameters())):
-                lives.append({n: p.detach().clone() for n, p in vit.named_parameters()})
-        ema = {n: b.clone() for n, b in engine.module.ema.encoder.vit.named_buffers()}
-        engine.save_checkpoint(str(Path(out_dir) / "ckpt"), tag="t")
-        with torch.no_grad():
-            for buffer in engine.module.ema.buffers():
-                buffer.zero_()
-        engine.load_checkpoint(str(Path(out_dir) / "ckpt"), tag="t")
-        restored = {n: b.clone() for n, b in engine.module.ema.encoder.vit.named_buffers()}
-        result = {"init": init, "lives": lives, "ema": ema, "restored": restored, "losses": losses}
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    vit = engine.module.backbone.vit
+    assert all(hasattr(p, "ds_id") for p in vit.parameters())  # really partitioned
+    lives, losses = [], []
+    for step in range(2):
+        x = images(2, 10 * step + rank).to(torch.bfloat16)  # each rank its own images
+        torch.manual_seed(100 * step + rank)
+        out = engine({"views": [x]})
+        engine.backward(out.loss)
+        engine.step()
+        engine.module.after_step(step)
+        losses.append(float(out.loss.detach()))
+        with deepspeed.zero.GatheredParameters(list(vit.parameters())):
+            lives.append({n: p.detach().clone() for n, p in vit.named_parameters()})
+    ema = {n: b.clone() for n, b in engine.module.ema.encoder.vit.named_buffers()}
+    engine.save_checkpoint(str(Path(out_dir) / "ckpt"), tag="t")
+    with torch.no_grad():
+        for buffer in engine.module.ema.buffers():
+            buffer.zero_()
+    engine.load_checkpoint(str(Path(out_dir) / "ckpt"), tag="t")
+    restored = {n: b.clone() for n, b in engine.module.ema.encoder.vit.named_buffers()}
+    result = {"init": init, "lives": lives, "ema": ema, "restored": restored, "losses": losses}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.mark.slow  # DeepSpeed may JIT-build its CPU shm op first (minutes on 2 cores)
-def test_ema_under_zero3_bf16_on_two_ranks(tmp_path: Path) -> None:
-    import multiprocessing as mp
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_zero3_worker, args=(r, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=900)
-    assert [p.exitcode for p in procs] == [0, 0]
+def test_ema_under_zero3_bf16_on_two_ranks(tmp_path: Path, gloo_ranks) -> None:
+    gloo_ranks(_zero3_worker, 2, str(tmp_path), timeout=900)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert all(math.isfinite(v) for v in r0["losses"] + r1["losses"])
     d0, d1 = 0.999, 0.9999  # steps 0 and 1: the ramp is 12.5% of 8 steps = 1 step

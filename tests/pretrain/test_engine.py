@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -119,57 +116,28 @@ def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, 8, generator=g), torch.randn(BATCH, 4, generator=g)
 
 
-def _zero0_rank(port: int, rank: int, world: int, out_dir: str) -> None:
-    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool
-    os.environ.update(
-        DS_ACCELERATOR="cpu",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-    )
-    import torch.distributed as dist
+def _zero0_rank(rank: int, world: int, out_dir: str) -> None:
+    from pretrain.engine import build_engine
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        from pretrain.engine import build_engine
-
-        torch.manual_seed(0)
-        trainer = TrainerConfig(num_workers=world, batch_size=BATCH, max_steps=STEPS)
-        engine = build_engine(Regressor(), OPTIM, trainer, DeepSpeedConfig(zero_stage=0, grad_clip=CLIP))
-        grads = []
-        for step in range(STEPS):
-            engine.backward(engine(*_batch(rank, step)))
-            grads.append({n: p.grad.detach().clone() for n, p in engine.module.named_parameters()})
-            engine.step()
-        params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-        result = {"allreduce": engine.enable_backward_allreduce, "grads": grads, "params": params}
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    trainer = TrainerConfig(num_workers=world, batch_size=BATCH, max_steps=STEPS)
+    engine = build_engine(Regressor(), OPTIM, trainer, DeepSpeedConfig(zero_stage=0, grad_clip=CLIP))
+    grads = []
+    for step in range(STEPS):
+        engine.backward(engine(*_batch(rank, step)))
+        grads.append({n: p.grad.detach().clone() for n, p in engine.module.named_parameters()})
+        engine.step()
+    params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    result = {"allreduce": engine.enable_backward_allreduce, "grads": grads, "params": params}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_zero0_step_equals_plain_torch(tmp_path: Path, world: int) -> None:
+def test_zero0_step_equals_plain_torch(tmp_path: Path, world: int, gloo_ranks) -> None:
     # One rank skips DeepSpeed's gradient all-reduce (a copy of every gradient through a flat
     # buffer and back); two ranks keep it. Both must match plain torch on the mean loss over
     # the ranks' batches: the same gradients, the same clipping, the same AdamW updates.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        mp.get_context("fork").Process(target=_zero0_rank, args=(port, rank, world, str(tmp_path)))
-        for rank in range(world)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=300)
-        if proc.exitcode is None:
-            proc.kill()
-    assert [proc.exitcode for proc in procs] == [0] * world
+    gloo_ranks(_zero0_rank, world, world, str(tmp_path))
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
     assert [r["allreduce"] for r in results] == [world > 1] * world
 
