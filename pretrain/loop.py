@@ -10,11 +10,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pretrain.config import PretrainConfig
+
+if TYPE_CHECKING:
+    from objectives.base import Objective
 
 log = logging.getLogger("pretrain.worker")
 
@@ -267,6 +270,28 @@ def draw_pictures(
             log.info("logged pictures: %s", ", ".join(sorted(pictures)))
 
 
+def build_objective(
+    cfg: PretrainConfig, device: torch.device, dtype: torch.dtype, *, tracking_uri: str, total_steps: int
+) -> Objective:
+    """`cfg.objective` on a fresh `cfg.model` backbone, on the CPU, with attention set for `device`/`dtype`."""
+    from objectives.base import RunContext
+    from objectives.registry import get_objective_class
+    from pretrain.backbone import arch_kwargs, build_backbone, fused_attn_enabled, set_fused_attn
+
+    context = RunContext(
+        tracking_uri=tracking_uri,
+        input_mean=tuple(cfg.data.mean),
+        input_std=tuple(cfg.data.std),
+        arch=cfg.model.arch,
+        arch_kwargs=arch_kwargs(cfg.model),
+        total_steps=total_steps,
+    )
+    objective = get_objective_class(cfg.objective.name)(cfg.objective, build_backbone(cfg.model), context)
+    # The objective's own blocks too (MAE's decoder, teachers), not only the backbone's.
+    set_fused_attn(objective, fused_attn_enabled(cfg.model.fused_attn, device, dtype))
+    return objective
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point on each worker."""
     import ray.train
@@ -274,10 +299,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     from data.default import ensure_default_dataset
     from data.stream import build_train_loader, resolve_urls
-    from objectives.base import Objective, RunContext
+    from objectives.base import Objective
     from objectives.registry import get_objective_class
     from pretrain import checkpoint
-    from pretrain.backbone import arch_kwargs, build_backbone, fused_attn_enabled, set_fused_attn
     from pretrain.engine import build_engine, global_batch, training_dtype
     from pretrain.progress import push
     from pretrain.tracking import RunLogger
@@ -299,18 +323,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # Same initial weights on every rank (DeepSpeed also broadcasts rank 0's).
     torch.manual_seed(cfg.seed)
     objective_cls = get_objective_class(cfg.objective.name)
-    context = RunContext(
-        tracking_uri=info.tracking_uri,
-        input_mean=tuple(cfg.data.mean),
-        input_std=tuple(cfg.data.std),
-        arch=cfg.model.arch,
-        arch_kwargs=arch_kwargs(cfg.model),
-        total_steps=t.max_steps,
-    )
-    objective = objective_cls(cfg.objective, build_backbone(cfg.model), context)
     dtype = training_dtype(cfg.deepspeed)
-    # The objective's own blocks too (MAE's decoder, teachers), for this device and dtype.
-    set_fused_attn(objective, fused_attn_enabled(cfg.model.fused_attn, device, dtype))
+    objective = build_objective(cfg, device, dtype, tracking_uri=info.tracking_uri, total_steps=t.max_steps)
     for frozen in objective.frozen_modules().values():
         frozen.to(device).eval().requires_grad_(False)
     if t.compile:
@@ -479,7 +493,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
             state = encoder_state(engine, rank=rank, zero_stage=cfg.deepspeed.zero_stage)
             if state is not None:  # fire and forget: the actor starts a task, training goes on
-                info.evaluator.submit.remote(state, context.arch_kwargs, step)
+                info.evaluator.submit.remote(state, objective.context.arch_kwargs, step)
         if fault_mode == "raise" and step == fault_step and start_step < fault_step:
             raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV})")
     draw_pictures(engine, next(batches), rank=rank, device=device, dtype=dtype, logger=logger)

@@ -119,26 +119,15 @@ def plain_loop(
 
     from data.default import ensure_default_dataset
     from data.stream import build_train_loader, resolve_urls
-    from objectives.base import RunContext
     from objectives.registry import get_objective_class
-    from pretrain.backbone import arch_kwargs, build_backbone, fused_attn_enabled, set_fused_attn
     from pretrain.compose import load_config
     from pretrain.engine import param_groups, peak_lr
-    from pretrain.loop import to_device
+    from pretrain.loop import build_objective, to_device
 
     cfg = OmegaConf.to_object(load_config([*base_overrides(args), f"model.fused_attn={str(fused_attn).lower()}"]))
     torch.manual_seed(0)
     cls = get_objective_class(cfg.objective.name)
-    context = RunContext(
-        tracking_uri="",
-        input_mean=tuple(cfg.data.mean),
-        input_std=tuple(cfg.data.std),
-        arch=cfg.model.arch,
-        arch_kwargs=arch_kwargs(cfg.model),
-        total_steps=1 + args.warmup + args.steps,
-    )
-    model = cls(cfg.objective, build_backbone(cfg.model), context)
-    set_fused_attn(model, fused_attn_enabled(cfg.model.fused_attn, device, weights))  # as train_loop does
+    model = build_objective(cfg, device, weights, tracking_uri="", total_steps=1 + args.warmup + args.steps)
     model = model.to(device=device, dtype=weights).train()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=peak_lr(cfg.optim, cfg.trainer))
     loader = build_train_loader(
