@@ -1,7 +1,8 @@
-"""DeepSpeed engine set-up: config dict, AdamW parameter groups, warmup + cosine schedule."""
+"""DeepSpeed engine set-up: config dict, AdamW (parameter groups, fused kernel), warmup + cosine schedule."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -90,18 +91,43 @@ def training_dtype(ds: DeepSpeedConfig) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ds.precision]
 
 
+@functools.cache
+def fused_adamw_available(device_type: str) -> bool:
+    """Whether torch's fused AdamW kernel runs on this device type (probed with one step on one scalar)."""
+    probe = torch.zeros(1, device=device_type, requires_grad=True)
+    probe.grad = torch.ones_like(probe)
+    try:
+        torch.optim.AdamW([probe], fused=True).step()
+    except RuntimeError:  # no fused kernel for this device type
+        return False
+    return True
+
+
+def build_optimizer(module: nn.Module, optim: OptimConfig, trainer: TrainerConfig) -> torch.optim.AdamW:
+    """torch's AdamW on the two parameter groups, fused where the device has the kernel.
+
+    The default (a per-tensor loop on CPU) took 100-210 ms per step for MAE ViT-S/16's 47 M
+    parameters on a 2-core CPU, the fused kernel 35 ms: ~8% of a bf16 step, where DeepSpeed runs
+    AdamW on fp32 master weights (docs/benchmarks.md). The update is the same formula.
+    """
+    devices = {p.device.type for p in module.parameters() if p.requires_grad}
+    fused = len(devices) == 1 and fused_adamw_available(devices.pop())
+    return torch.optim.AdamW(
+        param_groups(module, optim.weight_decay),
+        lr=peak_lr(optim, trainer),
+        betas=(optim.betas[0], optim.betas[1]),
+        eps=optim.eps,
+        fused=fused or None,
+    )
+
+
 def build_engine(module: nn.Module, optim: OptimConfig, trainer: TrainerConfig, ds: DeepSpeedConfig) -> Any:
     """deepspeed.initialize on the trainable module with AdamW and the lr schedule."""
     import deepspeed
 
     from pretrain.checkpoint import install_safe_checkpoint_engine
 
-    optimizer = torch.optim.AdamW(
-        param_groups(module, optim.weight_decay),
-        lr=peak_lr(optim, trainer),
-        betas=(optim.betas[0], optim.betas[1]),
-        eps=optim.eps,
-    )
+    optimizer = build_optimizer(module, optim, trainer)
     factor = lr_schedule(optim, trainer)
     engine, _, _, _ = deepspeed.initialize(
         model=module,

@@ -8,10 +8,11 @@ Everything is measured in this one run, on this machine, for the same model, obj
 per-worker batch, and printed as markdown tables (docs/benchmarks.md holds a copy):
 
 peak      matmul FLOP/s of this CPU/GPU (square torch.mm, fp32 and bf16), measured first.
-plain     (a) one process, the objective module built as the workers build it, AdamW,
-          `--steps` timed steps over batches already in memory (made by the real loader
-          beforehand), after `--warmup` untimed ones. Rows: fp32; timm's explicit attention
-          instead of the fused kernel; bf16 autocast over fp32 weights; bf16 weights (what
+plain     (a) one process, the objective module built as the workers build it, the workers'
+          AdamW (fused kernel), `--steps` timed steps over batches already in memory (made by
+          the real loader beforehand), after `--warmup` untimed ones. Rows: fp32; timm's
+          explicit attention instead of the fused kernel; torch's default (unfused) AdamW, in
+          fp32 and bf16; bf16 autocast over fp32 weights; bf16 weights (what
           DeepSpeed's bf16 mode computes in; explicit attention, as model.fused_attn=auto picks
           in bf16 on a CPU) and, on a CPU, the same with the fused kernel; `torch.compile`.
           The stack section also runs the plain loop inside one Ray Train worker (Ray's
@@ -112,6 +113,7 @@ def plain_loop(
     fused_attn: bool | str = "auto",  # model.fused_attn
     compile_model: bool = False,
     count_flops: bool = False,
+    fused_adamw: bool = True,
 ) -> tuple[float, float, float]:
     """(images/s, model FLOP per sample or 0, seconds of the first step) of the bare loop."""
     from omegaconf import OmegaConf
@@ -121,7 +123,7 @@ def plain_loop(
     from data.stream import build_train_loader, resolve_urls
     from objectives.registry import get_objective_class
     from pretrain.compose import load_config
-    from pretrain.engine import param_groups, peak_lr
+    from pretrain.engine import build_optimizer, param_groups, peak_lr
     from pretrain.loop import build_objective, to_device
 
     cfg = OmegaConf.to_object(load_config([*base_overrides(args), f"model.fused_attn={str(fused_attn).lower()}"]))
@@ -129,7 +131,11 @@ def plain_loop(
     cls = get_objective_class(cfg.objective.name)
     model = build_objective(cfg, device, weights, tracking_uri="", total_steps=1 + args.warmup + args.steps)
     model = model.to(device=device, dtype=weights).train()
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=peak_lr(cfg.optim, cfg.trainer))
+    if fused_adamw:  # the workers' optimizer: fused where the device has the kernel
+        optimizer = build_optimizer(model, cfg.optim, cfg.trainer)
+    else:  # torch's default implementation for the device (a per-tensor loop on CPU)
+        groups = param_groups(model, cfg.optim.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=peak_lr(cfg.optim, cfg.trainer), betas=tuple(cfg.optim.betas))
     loader = build_train_loader(
         cfg.data,
         cls.data_needs(cfg.objective),
@@ -341,6 +347,8 @@ def main() -> int:
         if "plain" in sections:
             ips, _, _ = plain_loop(args, device, fused_attn=False)
             rows.append(Row("plain", "a fp32 explicit attention", "fp32", ips, "model.fused_attn=false", "a fp32"))
+            ips, _, _ = plain_loop(args, device, fused_adamw=False)
+            rows.append(Row("plain", "a fp32 unfused AdamW", "fp32", ips, "torch's default AdamW", "a fp32"))
             ips, _, _ = plain_loop(args, device, autocast=True)
             rows.append(Row("plain", "a bf16 autocast", "bf16", ips, "fp32 weights, bf16 matmuls", "a fp32"))
         if "plain" in sections or "stack" in sections:
@@ -351,6 +359,9 @@ def main() -> int:
             if device.type == "cpu":  # what auto avoids there
                 ips, _, _ = plain_loop(args, device, weights=torch.bfloat16, fused_attn=True)
                 rows.append(Row("plain", "a bf16 fused attention", "bf16", ips, "model.fused_attn=true", "a bf16"))
+        if "plain" in sections:
+            ips, _, _ = plain_loop(args, device, weights=torch.bfloat16, fused_adamw=False)
+            rows.append(Row("plain", "a bf16 unfused AdamW", "bf16", ips, "torch's default AdamW", "a bf16"))
         if "plain" in sections and not args.no_compile:
             ips, _, first_s = plain_loop(args, device, compile_model=True)
             rows.append(Row("plain", "a fp32 compiled", "fp32", ips, f"first step {first_s:.0f} s", "a fp32"))

@@ -12,7 +12,15 @@ import torch
 from torch import nn
 
 from pretrain.config import DeepSpeedConfig, OptimConfig, TrainerConfig
-from pretrain.engine import deepspeed_config, global_batch, lr_schedule, param_groups, peak_lr, warmup_cosine
+from pretrain.engine import (
+    build_optimizer,
+    deepspeed_config,
+    global_batch,
+    lr_schedule,
+    param_groups,
+    peak_lr,
+    warmup_cosine,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,6 +75,31 @@ def test_warmup_then_half_cosine() -> None:
     assert [factor(s) * 2.0 for s in range(10)] == pytest.approx(
         [warmup_cosine(s, total=10, warmup=2, peak=2.0, floor=0.2) for s in range(10)]
     )
+
+
+def test_fused_adamw_on_cpu_matches_the_reference_loop() -> None:
+    # build_optimizer picks torch's fused kernel where the device has one (the CPU does); its
+    # updates must be those of torch's per-tensor reference loop, groups and decay included.
+    optim, trainer = OptimConfig(base_lr=None, lr=0.01, weight_decay=0.05), TrainerConfig()
+    torch.manual_seed(0)
+    fused_model, loop_model = Tiny(), Tiny()
+    loop_model.load_state_dict(fused_model.state_dict())
+    start = fused_model.proj.weight.detach().clone()
+    fused = build_optimizer(fused_model, optim, trainer)
+    assert fused.defaults["fused"] is True
+    loop = torch.optim.AdamW(
+        param_groups(loop_model, optim.weight_decay), lr=0.01, betas=tuple(optim.betas), eps=optim.eps, foreach=False
+    )
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        for a, b in zip(fused_model.parameters(), loop_model.parameters(), strict=True):
+            if a.requires_grad:
+                a.grad = torch.randn(a.shape, generator=g)
+                b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+    torch.testing.assert_close(dict(fused_model.named_parameters()), dict(loop_model.named_parameters()))
+    assert (fused_model.proj.weight - start).abs().min() > 0  # every weight moved
 
 
 @pytest.mark.parametrize(("precision", "key"), [("fp32", None), ("bf16", "bf16"), ("fp16", "fp16")])
@@ -136,7 +169,8 @@ def _zero0_rank(rank: int, world: int, out_dir: str) -> None:
 def test_zero0_step_equals_plain_torch(tmp_path: Path, world: int, gloo_ranks) -> None:
     # One rank skips DeepSpeed's gradient all-reduce (a copy of every gradient through a flat
     # buffer and back); two ranks keep it. Both must match plain torch on the mean loss over
-    # the ranks' batches: the same gradients, the same clipping, the same AdamW updates.
+    # the ranks' batches: the same gradients, the same clipping, the same AdamW updates (the
+    # engine's fused kernel against torch's per-tensor loop).
     gloo_ranks(_zero0_rank, world, world, str(tmp_path))
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
     assert [r["allreduce"] for r in results] == [world > 1] * world
