@@ -124,7 +124,7 @@ def plain_loop(
     from data.stream import build_train_loader, resolve_urls
     from objectives.registry import get_objective_class
     from pretrain.compose import load_config
-    from pretrain.engine import build_optimizer, param_groups, peak_lr
+    from pretrain.engine import build_optimizer
     from pretrain.loop import build_objective, to_device
 
     cfg = OmegaConf.to_object(load_config([*base_overrides(args), f"model.fused_attn={str(fused_attn).lower()}"]))
@@ -132,11 +132,9 @@ def plain_loop(
     cls = get_objective_class(cfg.objective.name)
     model = build_objective(cfg, device, weights, tracking_uri="", total_steps=1 + args.warmup + args.steps)
     model = model.to(device=device, dtype=weights).train()
-    if fused_adamw:  # the workers' optimizer: fused where the device has the kernel
-        optimizer = build_optimizer(model, cfg.optim, cfg.trainer)
-    else:  # torch's default implementation for the device (a per-tensor loop on CPU)
-        groups = param_groups(model, cfg.optim.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=peak_lr(cfg.optim, cfg.trainer), betas=tuple(cfg.optim.betas))
+    # The workers' optimizer (fused where the device has the kernel), or torch's default for the
+    # device (a per-tensor loop on CPU).
+    optimizer = build_optimizer(model, cfg.optim, cfg.trainer, allow_fused=fused_adamw)
     loader = build_train_loader(
         cfg.data,
         cls.data_needs(cfg.objective),
