@@ -91,18 +91,27 @@ def connect_ray(cfg: PretrainConfig) -> str:
     # Background evaluation tasks run beside the workers (eval.every_steps).
     eval_cpus = cfg.eval.num_cpus if cfg.eval.enabled and cfg.eval.every_steps else 0.0
     need_cpus = int(t.num_workers * t.cpus_per_worker + eval_cpus + 0.999)
+    start_local_ray(need_cpus)
+    return "started a local Ray instance"
+
+
+def start_local_ray(num_cpus: int = 0, runtime_env: dict[str, Any] | None = None) -> None:
+    """A new Ray instance on this machine, as `pretrain.run` starts one: at least `num_cpus` CPUs
+    (all of the machine's where it has more), the dashboard on 127.0.0.1, warnings and up."""
+    import ray
+
     ray.init(
         # "local": a new instance even where `ray start` left one running on this machine.
         address="local",
-        num_cpus=max(os.cpu_count() or 1, need_cpus),
+        num_cpus=max(os.cpu_count() or 1, num_cpus),
         # The dashboard serves Ray's state API (Ray Train uses it); it binds 127.0.0.1.
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         log_to_driver=True,
         configure_logging=True,
         logging_level=logging.WARNING,
+        runtime_env=runtime_env,
     )
-    return "started a local Ray instance"
 
 
 def worker_env(cfg: PretrainConfig) -> dict[str, str]:

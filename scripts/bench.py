@@ -190,11 +190,11 @@ def plain_in_ray_train(args: argparse.Namespace, tmp: Path, threads: int) -> flo
     Our code is the same as in (a); what changes is the process around it: a Ray worker
     beside Ray's and Ray Train's own processes. This separates their cost from the stack's.
     """
-    import logging
-
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from pretrain.launch import start_local_ray
 
     use_gpu = torch.cuda.is_available()
 
@@ -207,14 +207,7 @@ def plain_in_ray_train(args: argparse.Namespace, tmp: Path, threads: int) -> flo
 
     paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {"PYTHONPATH": os.pathsep.join(paths), "PRETRAIN_CACHE": os.environ["PRETRAIN_CACHE"]}
-    ray.init(
-        address="local",
-        num_cpus=os.cpu_count(),
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        logging_level=logging.WARNING,
-        runtime_env={"env_vars": env},
-    )
+    start_local_ray(runtime_env={"env_vars": env})
     try:
         TorchTrainer(
             loop,

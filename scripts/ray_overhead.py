@@ -15,12 +15,15 @@ full stack against a plain loop at about 1 - total / 100 (docs/benchmarks.md). L
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import sys
 import tempfile
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -91,6 +94,8 @@ def main() -> int:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pretrain.launch import start_local_ray
+
     sleep_s = args.settle + args.seconds + 5
     result: dict = {}
 
@@ -101,13 +106,7 @@ def main() -> int:
         time.sleep(args.settle)
         result["rows"] = sample(args.seconds)
 
-    ray.init(
-        address="local",
-        num_cpus=os.cpu_count(),
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        logging_level=logging.WARNING,
-    )
+    start_local_ray()
     sampler = threading.Thread(target=measure)
     sampler.start()
     try:
