@@ -7,9 +7,9 @@ placement-group cleaner needs), runs a TorchTrainer with one worker that only sl
 `--settle` seconds for the worker group to come up, then reads every process's and every
 thread's CPU ticks of the driver and its descendants (all of the local Ray's
 processes) from /proc twice, `--seconds` apart. Prints the share of one core taken
-by each process and, summed over processes, by each thread name. On a node with N cores
-and a training step whose intra-op threads wait for each other, this total bounds the
-full stack against a plain loop at about 1 - total / 100 (docs/benchmarks.md). Linux only.
+by each process and, summed over processes, by each thread name. On a 2-core node with both
+cores training, whose two intra-op threads wait for each other (a core taken stalls both),
+the full stack runs at about 1 - total / 100 of a plain loop (docs/benchmarks.md). Linux only.
 """
 
 from __future__ import annotations
