@@ -41,7 +41,7 @@ import hashlib
 import logging
 import posixpath
 from collections.abc import Generator, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from braceexpand import braceexpand
@@ -49,6 +49,8 @@ from torch.utils.data import DataLoader
 
 from data.config import DATA_SCHEMES, DataConfig, unsupported_scheme
 from data.manifest import read_manifest
+from data.masks import mask_generator
+from data.needs import DataNeeds
 from data.reader import (
     BAD_FIELD,
     EPOCH_FIELD,
@@ -63,9 +65,6 @@ from data.reader import (
 )
 from data.shards import KEY_FIELD
 from data.views import ToNormalizedFloat, build_view_transform, draft_min_size
-
-if TYPE_CHECKING:
-    from objectives.base import DataNeeds
 
 logger = logging.getLogger(__name__)
 
@@ -478,8 +477,6 @@ def build_train_loader(
     """The endless, resumable stream of what `needs` asks for (views, masks) for one rank."""
     mask = None
     if needs.mask is not None:
-        from objectives.masking import mask_generator
-
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         grid = (img_size // patch_size, img_size // patch_size)

@@ -10,36 +10,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from data.needs import DataNeeds, MaskSpec
+from objectives.artifacts import model_type
+
 if TYPE_CHECKING:
     import numpy as np
 
-    from pretrain.backbone import VitBackbone
+    from objectives.components.backbone import VitBackbone
 
-
-@dataclass(frozen=True)
-class MaskSpec:
-    """A patch mask the data pipeline draws per sample, in its loader workers.
-
-    kind: a generator registered in `objectives.masking.MASK_GENERATORS`
-    ("random": a uniform random subset, as MAE). ratio: fraction of patches masked.
-    """
-
-    kind: str
-    ratio: float
-
-
-@dataclass(frozen=True)
-class DataNeeds:
-    """What an objective asks the data pipeline for.
-
-    views: number of independently augmented crops of each image; a batch carries
-    them as `batch["views"]`, a list of `views` tensors of shape (B, 3, H, W).
-    mask: if set, a batch also carries `batch["mask"]`, a bool tensor (B, N) over
-    the patch grid of the model (True = masked), drawn from the sample's seed.
-    """
-
-    views: int = 1
-    mask: MaskSpec | None = None
+__all__ = ["DataNeeds", "ExportedModel", "LossOutput", "MaskSpec", "Objective", "RunContext"]
 
 
 # ImageNet statistics: the data pipeline's default normalisation.
@@ -70,18 +49,24 @@ class RunContext:
 
 @dataclass
 class ExportedModel:
-    """A directory an objective wrote at the end of training for a later stage to load.
+    """An artifact directory (`objectives.artifacts`) an objective wrote at the end of training for a later stage.
 
     name: the logged model's name in the MLflow run (`runs:/<run_id>/<name>`) and the
-    folder under `<run dir>/export/`. registered_name: registry name ("" = not
-    registered); `models:/<registered_name>/latest` is the newest version.
+    folder under `<run dir>/export/`. kind: the artifact kind ("encoder", "tokenizer",
+    "centroids"). registered_name: registry name ("" = not registered);
+    `models:/<registered_name>/latest` is the newest version.
     """
 
     name: str
     path: Path
-    model_type: str
+    kind: str
     registered_name: str = ""
     params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def model_type(self) -> str:
+        """The MLflow logged-model type ("pretrain.<kind>")."""
+        return model_type(self.kind)
 
 
 class LossOutput(NamedTuple):
@@ -99,11 +84,15 @@ class Objective(nn.Module):
     """Base class: an objective wraps a backbone and owns everything method-specific.
 
     Subclasses set `name` and `config_class`, and are registered with
-    `objectives.registry.register`.
+    `objectives.registry.register`. The data they need: `views` augmented crops per image
+    and, with `mask_kind` ("random" | "block", `data.masks`), a per-sample mask of
+    `cfg.mask_ratio`; override `data_needs` for anything else.
     """
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    views: ClassVar[int] = 1
+    mask_kind: ClassVar[str | None] = None
 
     def __init__(self, cfg: Any, backbone: VitBackbone, context: RunContext | None = None) -> None:
         super().__init__()
@@ -114,7 +103,17 @@ class Objective(nn.Module):
     @classmethod
     def data_needs(cls, cfg: Any) -> DataNeeds:
         """Views/masks this objective needs from the data pipeline."""
-        return DataNeeds()
+        mask = MaskSpec(cls.mask_kind, cfg.mask_ratio) if cls.mask_kind else None
+        return DataNeeds(views=cls.views, mask=mask)
+
+    def batch_mask(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, N) bool mask of a batch (drawn by the data pipeline), or one drawn here for a direct call."""
+        from objectives.components.masking import batch_mask
+
+        spec = self.data_needs(self.cfg).mask
+        if spec is None:
+            raise ValueError(f"objective {self.name!r} asks the data pipeline for no mask")
+        return batch_mask(batch, spec, self.backbone.grid_size, batch["views"][0].device)
 
     def forward(self, batch: dict[str, Any]) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -139,8 +138,8 @@ class Objective(nn.Module):
         training batch as `forward` gets it (on the device, in the training dtype); rank 0 logs
         each as `pictures/<name>.png`. Under ZeRO-3 every rank must run the same modules in the
         same order, so an override never branches on the rank or skips a submodule on the data;
-        it runs the model inside `objectives.pictures.gathered_outside_forward(self)` and uses at
-        most the first `objectives.pictures.MAX_IMAGES` images. The default draws nothing.
+        it runs the model inside `objectives.components.zero.gathered_outside_forward(self)` and uses
+        at most the first `objectives.components.pictures.MAX_IMAGES` images. The default draws nothing.
         """
         return {}
 
@@ -164,17 +163,16 @@ class Objective(nn.Module):
     def export(self, out_dir: Path) -> list[ExportedModel]:
         """Write what later stages load; rank 0, after the last step, with full parameters.
 
-        The default exports the encoder in the teacher layout (timm key names in
-        safetensors + teacher.json), so `objective.teacher.source=runs:/<run_id>/encoder`
-        makes it the teacher of a VQ-KD or MaskDistill run. Objectives that train a
-        tokenizer add it here.
+        The default exports the encoder as an encoder artifact (timm key names; also loadable
+        with timm's `local-dir:`), so `objective.teacher.source=runs:/<run_id>/encoder` makes
+        it the teacher of a VQ-KD or MaskDistill run. Objectives that train a tokenizer add it here.
         """
-        from objectives.teacher import save_teacher
+        from objectives.artifacts import save_encoder
 
         ctx = self.context
         if not ctx.arch:
             return []
-        path = save_teacher(
+        path = save_encoder(
             self.encoder(), out_dir / "encoder", ctx.arch, ctx.arch_kwargs, mean=ctx.input_mean, std=ctx.input_std
         )
-        return [ExportedModel("encoder", path, "pretrain.encoder", params={"arch": ctx.arch})]
+        return [ExportedModel("encoder", path, "encoder", params={"arch": ctx.arch})]

@@ -17,16 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 from torch import nn
 
-from objectives.base import DataNeeds, LossOutput, MaskSpec, Objective, RunContext
+from objectives.base import LossOutput, Objective, RunContext
+from objectives.components.aggregation import aggregation_blocks, aggregation_layer, beit_init, encode_with_aggregation
+from objectives.components.backbone import VitBackbone
+from objectives.components.pictures import MAX_IMAGES, display_scale, grid, id_map, to_uint8_images
+from objectives.components.tokenizer import VQTokenizer, load_tokenizer
+from objectives.components.zero import gathered_outside_forward
 from objectives.configs import BEiTv2Config
-from objectives.masking import draw_masks
-from objectives.pictures import MAX_IMAGES, display_scale, gathered_outside_forward, grid, id_map, to_uint8_images
 from objectives.registry import register
-from objectives.tokenizer import VQTokenizer, load_tokenizer
-from pretrain.backbone import VitBackbone
 
 
 def masked_targets(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -40,11 +40,7 @@ class BEiTv2(Objective):
 
     name = "beitv2"
     config_class = BEiTv2Config
-
-    @classmethod
-    def data_needs(cls, cfg: BEiTv2Config) -> DataNeeds:
-        """One crop and a block-wise mask, drawn in the loader workers."""
-        return DataNeeds(views=1, mask=MaskSpec("block", cfg.mask_ratio))
+    mask_kind = "block"  # one crop and a block-wise mask, drawn in the loader workers
 
     def __init__(
         self,
@@ -68,28 +64,12 @@ class BEiTv2(Objective):
                 f"encoder's {backbone.grid_size}; train the tokenizer with the same model.img_size/patch_size"
             )
         self.attach_frozen("tokenizer", tokenizer)
-        width = backbone.embed_dim
-        self.early_layers = max(1, backbone.depth - 3) if cfg.early_layers is None else cfg.early_layers
-        if not 1 <= self.early_layers <= backbone.depth:
-            raise ValueError(f"objective.early_layers={self.early_layers}: the encoder has {backbone.depth} blocks")
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        heads = int(backbone.vit.blocks[0].attn.num_heads)
-        self.aggregation_blocks = nn.ModuleList(Block(width, heads, qkv_bias=True) for _ in range(cfg.head_layers))
+        self.early_layers = aggregation_layer(cfg.early_layers, backbone.depth)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim))
+        self.aggregation_blocks = aggregation_blocks(backbone, cfg.head_layers)
         # One LM head for both branches (--shared_lm_head True), over the tokenizer's vocabulary.
-        self.lm_head = nn.Linear(width, tokenizer.num_codes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # BEiT's initialisation of the new modules: truncated normal (std 0.02), zero biases, unit norms.
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        for module in [self.lm_head, *self.aggregation_blocks.modules()]:
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        self.lm_head = nn.Linear(backbone.embed_dim, tokenizer.num_codes)
+        beit_init(self.mask_token, [self.lm_head, *self.aggregation_blocks.modules()])
 
     @torch.no_grad()
     def targets(self, images: torch.Tensor) -> torch.Tensor:
@@ -98,25 +78,15 @@ class BEiTv2(Objective):
 
     def logits(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LM-head logits at the masked positions (M, V): from the final layer and from the aggregation branch."""
-        bb = self.backbone
-        prefix = bb.num_prefix_tokens
-        tokens = bb.embed_patches(images, mask=mask, mask_token=self.mask_token)
-        last = bb.depth - 1
-        out = bb.encode(tokens, return_blocks=(self.early_layers - 1, last))
-        final = out.tokens[:, prefix:][mask]  # normed final patch tokens at masked positions: (M, D)
-        # Aggregation input: the final CLS (before the norm) + block `early_layers`' patch tokens.
-        x = torch.cat([out.block_outputs[last][:, :1], out.block_outputs[self.early_layers - 1][:, prefix:]], dim=1)
-        for block in self.aggregation_blocks:
-            x = block(x)
-        aggregated = bb.vit.norm(x)[:, 1:][mask]  # the shared final norm: (M, D)
-        return self.lm_head(final), self.lm_head(aggregated)
+        final, x = encode_with_aggregation(
+            self.backbone, images, mask, self.mask_token, self.early_layers, self.aggregation_blocks
+        )
+        aggregated = self.backbone.vit.norm(x)[:, 1:][mask]  # the shared final norm: (M, D)
+        return self.lm_head(final[mask]), self.lm_head(aggregated)
 
     def forward(self, batch: dict[str, Any]) -> LossOutput:
         images = batch["views"][0]
-        mask = batch.get("mask")
-        if mask is None:
-            mask = draw_masks(self.data_needs(self.cfg).mask, images.shape[0], self.backbone.grid_size, images.device)
-        mask = mask.bool()
+        mask = self.batch_mask(batch)  # (B, N)
         labels = masked_targets(self.targets(images), mask)  # (M,)
         final_logits, agg_logits = self.logits(images, mask)
         mim = F.cross_entropy(final_logits.float(), labels)
@@ -142,10 +112,7 @@ class BEiTv2(Objective):
         EMPTY_COLOUR (neutral grey); the codes come from the final-layer LM head.
         """
         images = batch["views"][0][:MAX_IMAGES]  # (B, 3, H, W)
-        mask = batch.get("mask")
-        if mask is None:
-            mask = draw_masks(self.data_needs(self.cfg).mask, images.shape[0], self.backbone.grid_size, images.device)
-        mask = mask[:MAX_IMAGES].bool()  # (B, N)
+        mask = self.batch_mask(batch)[:MAX_IMAGES]  # (B, N)
         codes = self.targets(images)  # (B, N), the frozen tokenizer
         with gathered_outside_forward(self):
             final_logits, _ = self.logits(images, mask)  # (M, V); the aggregation branch runs too (ZeRO-3 order)

@@ -24,12 +24,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 from torch import nn
 
-from objectives.base import DataNeeds, ExportedModel, LossOutput, MaskSpec, Objective, RunContext
-from objectives.configs import CCViTConfig
-from objectives.kmeans import (
+from objectives.base import ExportedModel, LossOutput, Objective, RunContext
+from objectives.components.aggregation import aggregation_blocks, aggregation_layer, beit_init, encode_with_aggregation
+from objectives.components.backbone import VitBackbone
+from objectives.components.kmeans import (
     from_pixels,
     image_patches,
     kmeans,
@@ -39,11 +39,10 @@ from objectives.kmeans import (
     save_centroids,
     to_pixels,
 )
-from objectives.mae import masked_patch_mse, patchify, unpatchify
-from objectives.masking import draw_masks
-from objectives.pictures import MAX_IMAGES, display_scale, grid, id_map, to_uint8_images, usage_histogram
+from objectives.components.patches import masked_patch_mse, patchify, unpatchify
+from objectives.components.pictures import MAX_IMAGES, display_scale, grid, id_map, to_uint8_images, usage_histogram
+from objectives.configs import CCViTConfig
 from objectives.registry import register
-from pretrain.backbone import VitBackbone
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +79,7 @@ class CCViT(Objective):
     centroid_counts: torch.Tensor
     centroids_ready: torch.Tensor
     kmeans_stats: torch.Tensor
-
-    @classmethod
-    def data_needs(cls, cfg: CCViTConfig) -> DataNeeds:
-        """One crop and a block-wise mask, drawn in the loader workers."""
-        return DataNeeds(views=1, mask=MaskSpec("block", cfg.mask_ratio))
+    mask_kind = "block"  # one crop and a block-wise mask, drawn in the loader workers
 
     def __init__(
         self,
@@ -117,29 +112,14 @@ class CCViT(Objective):
         self.register_buffer("kmeans_stats", torch.tensor(stats))
         self.num_replaced = round(backbone.num_patches * cfg.replace_ratio)
         width = backbone.embed_dim
-        self.early_layers = max(1, backbone.depth - 3) if cfg.early_layers is None else cfg.early_layers
-        if not 1 <= self.early_layers <= backbone.depth:
-            raise ValueError(f"objective.early_layers={self.early_layers}: the encoder has {backbone.depth} blocks")
+        self.early_layers = aggregation_layer(cfg.early_layers, backbone.depth)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        heads = int(backbone.vit.blocks[0].attn.num_heads)
-        self.aggregation_blocks = nn.ModuleList(Block(width, heads, qkv_bias=True) for _ in range(cfg.head_layers))
+        self.aggregation_blocks = aggregation_blocks(backbone, cfg.head_layers)
         # --shared_lm_head False: the pixel branch has its own norm and head (modeling_pretrain.py cls_pt_*).
         self.pixel_norm = nn.LayerNorm(width, eps=1e-6)
         self.pixel_head = nn.Linear(width, dim)
         self.lm_head = nn.Linear(width, k)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # BEiT's initialisation of the new modules: truncated normal (std 0.02), zero biases, unit norms.
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        for module in [self.lm_head, self.pixel_head, self.pixel_norm, *self.aggregation_blocks.modules()]:
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        beit_init(self.mask_token, [self.lm_head, self.pixel_head, self.pixel_norm, *self.aggregation_blocks.modules()])
 
     @property
     def num_centroids(self) -> int:
@@ -225,23 +205,14 @@ class CCViT(Objective):
 
     def encode(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final normed patch tokens and the pixel branch's normed tokens: both (B, N, D)."""
-        bb = self.backbone
-        prefix = bb.num_prefix_tokens
-        tokens = bb.embed_patches(images, mask=mask, mask_token=self.mask_token)
-        last = bb.depth - 1
-        out = bb.encode(tokens, return_blocks=(self.early_layers - 1, last))
-        # Pixel branch input: the final CLS (before the norm) + block `early_layers`' patch tokens.
-        x = torch.cat([out.block_outputs[last][:, :1], out.block_outputs[self.early_layers - 1][:, prefix:]], dim=1)
-        for block in self.aggregation_blocks:
-            x = block(x)
-        return out.tokens[:, prefix:], self.pixel_norm(x)[:, 1:]
+        final, x = encode_with_aggregation(
+            self.backbone, images, mask, self.mask_token, self.early_layers, self.aggregation_blocks
+        )
+        return final, self.pixel_norm(x)[:, 1:]
 
     def forward(self, batch: dict[str, Any]) -> LossOutput:
         images = batch["views"][0]
-        mask = batch.get("mask")
-        if mask is None:
-            mask = draw_masks(self.data_needs(self.cfg).mask, images.shape[0], self.backbone.grid_size, images.device)
-        mask = mask.bool()
+        mask = self.batch_mask(batch)  # (B, N)
         c = self.corrupt(images, mask)
         targets = mask | c.replaced  # (B, N): masked + replaced positions
         labels = c.codes[targets]  # (T,)

@@ -14,43 +14,15 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from objectives.base import DataNeeds, LossOutput, MaskSpec, Objective, RunContext
+from objectives.base import LossOutput, Objective, RunContext
+from objectives.components.backbone import VitBackbone
+from objectives.components.masking import RandomMask, masking_from_mask, random_masking
+from objectives.components.patches import masked_patch_mse, patchify, unpatchify
+from objectives.components.pictures import MASK_GREY, MAX_IMAGES, display_scale, grid, to_uint8_images
+from objectives.components.pos_embed import sincos_2d
+from objectives.components.zero import gathered_outside_forward
 from objectives.configs import MAEConfig
-from objectives.masking import masking_from_mask, random_masking
-from objectives.pictures import MASK_GREY, MAX_IMAGES, display_scale, gathered_outside_forward, grid, to_uint8_images
-from objectives.pos_embed import sincos_2d
 from objectives.registry import register
-from pretrain.backbone import VitBackbone
-
-
-def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, N, patch * patch * C), patches row-major, pixels (p, q, c) inside."""
-    b, c, h, w = images.shape
-    gh, gw = h // patch, w // patch
-    x = images.reshape(b, c, gh, patch, gw, patch)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, patch * patch * c)
-
-
-def unpatchify(patches: torch.Tensor, patch: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
-    """Inverse of `patchify`: (B, N, p*p*C) -> (B, C, H, W)."""
-    b = patches.shape[0]
-    gh, gw = grid
-    x = patches.reshape(b, gh, gw, patch, patch, channels)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, gh * patch, gw * patch)
-
-
-def masked_patch_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
-    """Mean over masked patches of the per-patch MSE (MAE forward_loss).
-
-    pred, target: (B, N, P); mask: (B, N), 1 = masked. With norm_pix the target of
-    each patch is (x - mean) / sqrt(var + 1e-6) over that patch's pixels.
-    """
-    if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)  # unbiased, as the reference implementation
-        target = (target - mean) / (var + 1.0e-6) ** 0.5
-    per_patch = ((pred - target) ** 2).mean(dim=-1)  # (B, N)
-    return (per_patch * mask).sum() / mask.sum()
 
 
 @register
@@ -59,11 +31,7 @@ class MAE(Objective):
 
     name = "mae"
     config_class = MAEConfig
-
-    @classmethod
-    def data_needs(cls, cfg: MAEConfig) -> DataNeeds:
-        """One crop and a uniform random mask of `mask_ratio`, drawn in the loader workers."""
-        return DataNeeds(views=1, mask=MaskSpec("random", cfg.mask_ratio))
+    mask_kind = "random"  # one crop and a uniform random mask of mask_ratio, drawn in the loader workers
 
     def __init__(self, cfg: MAEConfig, backbone: VitBackbone, context: RunContext | None = None) -> None:
         super().__init__(cfg, backbone, context)
@@ -109,13 +77,16 @@ class MAE(Objective):
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop CLS: (B, N, p*p*3)
 
+    def masking(self, batch: dict[str, Any], tokens: torch.Tensor) -> RandomMask:
+        """Keep/restore indices of the batch's mask (drawn by the data pipeline), else of a random one (MAE's shuffle)."""
+        if "mask" in batch:
+            return masking_from_mask(batch["mask"][: tokens.shape[0]].bool())
+        return random_masking(tokens.shape[0], tokens.shape[1], self.cfg.mask_ratio, device=tokens.device)
+
     def forward(self, batch: dict[str, Any]) -> LossOutput:
         images = batch["views"][0]  # (B, 3, H, W), normalised
         tokens = self.backbone.embed_patches(images)  # (B, N, D)
-        if "mask" in batch:  # drawn by the data pipeline, off the training thread
-            masking = masking_from_mask(batch["mask"])
-        else:
-            masking = random_masking(tokens.shape[0], tokens.shape[1], self.cfg.mask_ratio, device=tokens.device)
+        masking = self.masking(batch, tokens)
         latent = self.backbone.encode(tokens, keep_idx=masking.keep_idx).tokens  # (B, 1 + K, D)
         pred = self.forward_decoder(latent, masking.restore_idx)
         target = patchify(images, self.backbone.patch_size)
@@ -133,16 +104,13 @@ class MAE(Objective):
         patch = self.backbone.patch_size
         with gathered_outside_forward(self):
             tokens = self.backbone.embed_patches(images)  # (B, N, D)
-            if "mask" in batch:
-                masking = masking_from_mask(batch["mask"][:MAX_IMAGES].bool())
-            else:
-                masking = random_masking(tokens.shape[0], tokens.shape[1], self.cfg.mask_ratio, device=tokens.device)
+            masking = self.masking(batch, tokens)
             latent = self.backbone.encode(tokens, keep_idx=masking.keep_idx).tokens  # (B, 1 + K, D)
             pred = self.forward_decoder(latent, masking.restore_idx).float()  # (B, N, p*p*3)
         target = patchify(images.float(), patch)  # (B, N, p*p*3), normalised-image units
-        if self.cfg.norm_pix_loss:
+        if self.cfg.norm_pix_loss:  # the inverse of normalise_patches, with the original patch's statistics
             mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)  # unbiased, as masked_patch_mse
+            var = target.var(dim=-1, keepdim=True)
             pred = pred * (var + 1.0e-6) ** 0.5 + mean
         masked = masking.mask.bool().unsqueeze(-1)  # (B, N, 1)
         grid_size = self.backbone.grid_size

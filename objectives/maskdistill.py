@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from objectives.base import DataNeeds, LossOutput, MaskSpec, Objective, RunContext
+from objectives.base import LossOutput, Objective, RunContext
+from objectives.components.aggregation import beit_init
+from objectives.components.backbone import VitBackbone
+from objectives.components.teacher import Teacher, attach_teacher
 from objectives.configs import MaskDistillConfig
-from objectives.masking import draw_masks
 from objectives.registry import register
-from objectives.teacher import Teacher, load_teacher
-from pretrain.backbone import VitBackbone
 
 
 def masked_feature_loss(
@@ -54,6 +54,7 @@ class MaskDistill(Objective):
 
     name = "maskdistill"
     config_class = MaskDistillConfig
+    mask_kind = "block"  # one crop and a BEiT block-wise mask of mask_ratio, drawn in the loader workers
 
     def __init__(
         self,
@@ -64,34 +65,12 @@ class MaskDistill(Objective):
         teacher: Teacher | None = None,
     ) -> None:
         super().__init__(cfg, backbone, context)
-        if teacher is None:
-            # Re-normalises the batch's images to the teacher's own statistics (CLIP's differ from ImageNet's).
-            teacher = load_teacher(
-                cfg.teacher,
-                img_size=backbone.grid_size[0] * backbone.patch_size,
-                input_mean=self.context.input_mean,
-                input_std=self.context.input_std,
-                tracking_uri=self.context.tracking_uri or None,
-            )
-        if teacher.grid_size != backbone.grid_size:
-            raise ValueError(
-                f"the teacher's patch grid {teacher.grid_size} differs from the encoder's {backbone.grid_size}; "
-                "use a teacher with the same patch size"
-            )
-        self.attach_frozen("teacher", teacher)
+        teacher = attach_teacher(self, cfg.teacher, teacher)
         width = backbone.embed_dim
-        # BEiT's learned mask token, trunc-normal(0.02) like BEiT v2's init.
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))  # BEiT's learned mask token
         # MIM head: one fully connected layer, student width -> teacher feature size (both reimplementations).
         self.head = nn.Linear(width, teacher.feature_dim)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-
-    @classmethod
-    def data_needs(cls, cfg: MaskDistillConfig) -> DataNeeds:
-        """One crop and a BEiT block-wise mask of `mask_ratio`, drawn in the loader workers."""
-        return DataNeeds(views=1, mask=MaskSpec("block", cfg.mask_ratio))
+        beit_init(self.mask_token, [self.head])
 
     def predict(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Student predictions of the teacher features at every position: (B, N, D_teacher).
@@ -104,11 +83,7 @@ class MaskDistill(Objective):
 
     def forward(self, batch: dict[str, Any]) -> LossOutput:
         images = batch["views"][0]  # (B, 3, H, W), normalised
-        if "mask" in batch:  # drawn by the data pipeline, off the training thread
-            mask = batch["mask"].to(device=images.device, dtype=torch.bool)
-        else:
-            spec = self.data_needs(self.cfg).mask
-            mask = draw_masks(spec, images.shape[0], self.backbone.grid_size, images.device)
+        mask = self.batch_mask(batch)  # (B, N)
         teacher = self.frozen_modules()["teacher"]
         target = teacher(images).patches  # (B, N, D_teacher), LayerNorm-ed, no grad
         pred = self.predict(images, mask)

@@ -9,10 +9,8 @@ momentum copy of ViT + projector (no predictor). For two views x1, x2 (Alg. 1):
     f_k <- m f_k + (1 - m) f_q after every optimizer step, m: 0.99 -> 1 (half cosine)
 
 Recipe from facebookresearch/moco-v3 (main_moco.py, moco/builder.py MoCo_ViT, vits.py,
-CONFIG.md); see `MoCoV3Config`. The momentum encoder is a `buffer_copy`: its weights
-are buffers, so DeepSpeed checkpoints them (resume keeps it), never optimises them and
-never partitions them under ZeRO-3 (a whole float32 copy on every rank, as DDP holds it
-in the official code); the update gathers ZeRO-3-partitioned query parameters.
+CONFIG.md); see `MoCoV3Config`. The momentum encoder is a `buffer_copy`
+(objectives.components.ema): checkpointed, never optimised, never partitioned.
 """
 
 from __future__ import annotations
@@ -23,13 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from objectives.augment import ViewAugment
-from objectives.base import DataNeeds, LossOutput, Objective, RunContext
+from objectives.base import LossOutput, Objective, RunContext
+from objectives.components.augment import ViewAugment
+from objectives.components.backbone import VitBackbone
+from objectives.components.contrastive import info_nce, projection_mlp
+from objectives.components.ema import buffer_copy, momentum_at, momentum_update
+from objectives.components.pos_embed import sincos_2d
 from objectives.configs import MoCoV3Config
-from objectives.contrastive import buffer_copy, info_nce, momentum_at, momentum_update, projection_mlp
-from objectives.pos_embed import sincos_2d
 from objectives.registry import register
-from pretrain.backbone import VitBackbone
 
 
 @torch.no_grad()
@@ -51,11 +50,7 @@ class MoCoV3(Objective):
 
     name = "mocov3"
     config_class = MoCoV3Config
-
-    @classmethod
-    def data_needs(cls, cfg: MoCoV3Config) -> DataNeeds:
-        """Two independently cropped and flipped views; the colour part is done in `forward`."""
-        return DataNeeds(views=2)
+    views = 2  # independently cropped and flipped; the colour part is done in `forward`
 
     def __init__(self, cfg: MoCoV3Config, backbone: VitBackbone, context: RunContext | None = None) -> None:
         super().__init__(cfg, backbone, context)

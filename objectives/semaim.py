@@ -18,8 +18,6 @@ Official code: skyoux/SemAIM (models/models_semaim.py, engines/engine_pretrain.p
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 from typing import Any, NamedTuple
 
@@ -29,14 +27,16 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
-from objectives.base import DataNeeds, LossOutput, Objective, RunContext
+from objectives.base import LossOutput, Objective, RunContext
+from objectives.components.backbone import VitBackbone
+from objectives.components.ema import EmaEncoder
+from objectives.components.patches import normalise_patches, patchify
+from objectives.components.pictures import MAX_IMAGES, display_scale, grid, heat_map, to_uint8_images
+from objectives.components.pos_embed import sincos_2d
+from objectives.components.teacher import Teacher, attach_teacher
+from objectives.components.zero import gathered_outside_forward
 from objectives.configs import SemAIMConfig
-from objectives.mae import patchify
-from objectives.pictures import MAX_IMAGES, display_scale, gathered_outside_forward, grid, heat_map, to_uint8_images
-from objectives.pos_embed import sincos_2d
 from objectives.registry import register
-from objectives.teacher import Teacher, load_teacher
-from pretrain.backbone import VitBackbone
 
 # --- the order ---------------------------------------------------------------------
 
@@ -110,13 +110,6 @@ def gaussian_blur(images: torch.Tensor, kernel_size: int, sigma: float) -> torch
     return F.conv2d(images, weight, padding=kernel_size // 2, groups=channels)
 
 
-def normalise_patches(patches: torch.Tensor, eps: float = 1.0e-6) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) over each patch's values (unbiased var, as MAE/SemAIM's norm_pix_loss)."""
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True)
-    return (patches - mean) / (var + eps) ** 0.5
-
-
 # --- attention with a mask, reusing a timm Block's weights -----------------------------
 
 BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -183,65 +176,6 @@ class QueryBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, D / H)
         g = g + self.proj(out.transpose(1, 2).reshape(g.shape))
         return g + self.mlp(self.norm2(g))
-
-
-# --- EMA encoder -----------------------------------------------------------------------
-
-
-class EmaEncoder(nn.Module):
-    """An EMA copy of the encoder, held in fp32 *buffers*.
-
-    Buffers are checkpointed with the objective (so resume restores them) and are never trained nor
-    partitioned by ZeRO-3. Always in eval mode, like timm's ModelEma copy.
-    """
-
-    def __init__(self, backbone: VitBackbone) -> None:
-        super().__init__()
-        vit = copy.deepcopy(backbone.vit)
-        for module in vit.modules():
-            for name, param in list(module._parameters.items()):
-                if param is not None:
-                    del module._parameters[name]
-                    module.register_buffer(name, param.detach().float().clone())
-        self.encoder = VitBackbone(vit)
-        self.train(False)
-
-    def train(self, mode: bool = True) -> EmaEncoder:
-        return super().train(False)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> EmaEncoder:
-        # Follow device moves but stay fp32: a half-precision cast of the whole objective (DeepSpeed
-        # < 0.19 casts buffers too) would round away updates of (1 - 0.9999) x the weights.
-        device = next(self.buffers()).device
-        probe = fn(torch.zeros((), device=device))
-        if probe.dtype != torch.float32:
-            return super()._apply(lambda t: t.to(device=probe.device), recurse)
-        return super()._apply(fn, recurse)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Final normalised tokens (B, prefix + N, D), float32."""
-        return self.encoder(images.float())
-
-    @torch.no_grad()
-    def update(self, live: nn.Module, decay: float) -> None:
-        """ema = decay * ema + (1 - decay) * live, for every parameter and buffer of the live timm ViT."""
-        ema = dict(self.encoder.vit.named_buffers())
-        for name, value in [*live.named_parameters(), *live.named_buffers()]:
-            target = ema[name]
-            if target.is_floating_point():
-                target.mul_(decay).add_(value.detach().to(target.dtype), alpha=1.0 - decay)
-            else:
-                target.copy_(value)
-
-
-def _gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager[Any]:
-    """ZeRO-3: gather partitioned parameters for reading outside a forward; a no-op otherwise."""
-    if not any(hasattr(p, "ds_id") for p in params):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 # --- the objective -----------------------------------------------------------------------
@@ -319,33 +253,15 @@ class SemAIM(Objective):
 
     def _attach_teacher(self, teacher: Teacher | None) -> int:
         """SemAIM*: hold the frozen teacher (loaded from cfg.teacher unless given); returns its feature size."""
-        backbone = self.backbone
-        if teacher is None:
-            teacher = load_teacher(
-                dataclasses.replace(self.cfg.teacher, return_cls=True),  # its CLS gives the order
-                img_size=backbone.grid_size[0] * backbone.patch_size,
-                input_mean=self.context.input_mean,
-                input_std=self.context.input_std,
-                tracking_uri=self.context.tracking_uri or None,
-            )
-        if teacher.grid_size != backbone.grid_size:
-            raise ValueError(
-                f"the teacher's patch grid {teacher.grid_size} differs from the encoder's {backbone.grid_size}; "
-                "use a teacher with the same patch size"
-            )
-        if not teacher.return_cls:
+        if teacher is not None and not teacher.return_cls:
             raise ValueError("SemAIM* orders patches by the teacher's CLS: build the teacher with return_cls=True")
-        self.attach_frozen("teacher", teacher)
+        # Its CLS gives the order: return_cls whatever the config says.
+        teacher = attach_teacher(self, dataclasses.replace(self.cfg.teacher, return_cls=True), teacher)
         return teacher.feature_dim
 
     def _orders_by_ema(self) -> bool:
         cfg = self.cfg
         return cfg.order == "semantic" and cfg.target == "pixels" and cfg.order_source == "ema"
-
-    @classmethod
-    def data_needs(cls, cfg: SemAIMConfig) -> DataNeeds:
-        """One crop, no mask: every patch is predicted (in the order computed in `forward`)."""
-        return DataNeeds(views=1)
 
     # --- order ---------------------------------------------------------------------
     def order_from_tokens(self, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -462,6 +378,4 @@ class SemAIM(Objective):
         """EMA update of the order encoder after each optimizer step (timm ModelEma.update)."""
         if self.ema is None:
             return
-        vit = self.backbone.vit
-        with _gathered(list(vit.parameters())):
-            self.ema.update(vit, self.ema_decay_at(step))
+        self.ema.update(self.backbone.vit, self.ema_decay_at(step))

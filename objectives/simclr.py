@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from objectives.augment import ViewAugment
-from objectives.base import DataNeeds, LossOutput, Objective, RunContext
+from objectives.base import LossOutput, Objective, RunContext
+from objectives.components.augment import ViewAugment
+from objectives.components.backbone import VitBackbone
+from objectives.components.contrastive import nt_xent, projection_mlp
 from objectives.configs import SimCLRConfig
-from objectives.contrastive import nt_xent, projection_mlp
 from objectives.registry import register
-from pretrain.backbone import VitBackbone
 
 
 @register
@@ -33,11 +33,7 @@ class SimCLR(Objective):
 
     name = "simclr"
     config_class = SimCLRConfig
-
-    @classmethod
-    def data_needs(cls, cfg: SimCLRConfig) -> DataNeeds:
-        """Two independently cropped and flipped views; the colour part is done in `forward`."""
-        return DataNeeds(views=2)
+    views = 2  # independently cropped and flipped; the colour part is done in `forward`
 
     def __init__(self, cfg: SimCLRConfig, backbone: VitBackbone, context: RunContext | None = None) -> None:
         super().__init__(cfg, backbone, context)

@@ -20,23 +20,16 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from objectives.base import DataNeeds, ExportedModel, LossOutput, Objective, RunContext
+from objectives.artifacts import registry_name, source_name
+from objectives.base import ExportedModel, LossOutput, Objective, RunContext
+from objectives.components.backbone import VitBackbone
+from objectives.components.pictures import MAX_IMAGES, display_scale, grid, id_map, to_uint8_images, usage_histogram
+from objectives.components.quantizer import NormEMAQuantizer
+from objectives.components.teacher import Teacher, attach_teacher
+from objectives.components.tokenizer import encode_head, save_tokenizer, tokenize
+from objectives.components.zero import gathered_outside_forward
 from objectives.configs import VQKDConfig
-from objectives.pictures import (
-    MAX_IMAGES,
-    display_scale,
-    gathered_outside_forward,
-    grid,
-    id_map,
-    to_uint8_images,
-    usage_histogram,
-)
-from objectives.quantizer import NormEMAQuantizer
 from objectives.registry import register
-from objectives.teacher import Teacher, load_teacher
-from objectives.tokenizer import encode_head, save_tokenizer, tokenize
-from pretrain.backbone import VitBackbone
-from pretrain.registry import registry_name
 
 
 def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -70,20 +63,7 @@ class VQKD(Objective):
             restart_dead_codes=cfg.restart_dead_codes,
             dead_code_window=cfg.dead_code_window,
         )
-        if teacher is None:
-            teacher = load_teacher(
-                cfg.teacher,
-                img_size=backbone.grid_size[0] * backbone.patch_size,
-                input_mean=self.context.input_mean,
-                input_std=self.context.input_std,
-                tracking_uri=self.context.tracking_uri or None,
-            )
-        if teacher.grid_size != backbone.grid_size:
-            raise ValueError(
-                f"the teacher's patch grid {teacher.grid_size} differs from the encoder's {backbone.grid_size}; "
-                "use a teacher with the same patch size"
-            )
-        self.attach_frozen("teacher", teacher)
+        teacher = attach_teacher(self, cfg.teacher, teacher)
         dec = cfg.decoder_embed_dim
         self.decoder_embed = nn.Linear(cfg.code_dim, dec)
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, backbone.num_patches, dec))
@@ -94,11 +74,6 @@ class VQKD(Objective):
         # Decoder task layer: Linear, Tanh, Linear to the teacher's feature size.
         self.decode_head = nn.Sequential(nn.Linear(dec, dec), nn.Tanh(), nn.Linear(dec, teacher.feature_dim))
         nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
-
-    @classmethod
-    def data_needs(cls, cfg: VQKDConfig) -> DataNeeds:
-        """One crop per image, no mask."""
-        return DataNeeds(views=1)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> pre-quantisation vectors (B, N, code_dim)."""
@@ -114,27 +89,7 @@ class VQKD(Objective):
         """`objective.registered_name`, else "vqkd-<teacher>" (e.g. vqkd-vit_base_patch16_clip_224.openai)."""
         if self.cfg.registered_name:
             return self.cfg.registered_name
-        source = self.cfg.teacher.source
-        if source.startswith("runs:/"):  # runs:/<run_id>/encoder -> that run's name
-            leaf = self._run_name(source.removeprefix("runs:/").split("/")[0])
-        elif source.startswith("models:/"):  # models:/<name>@<alias> or /<version> -> <name>
-            leaf = source.removeprefix("models:/").split("@")[0].split("/")[0]
-        else:  # timm:<name> -> <name>; <run dir>/export/encoder -> <run name>; other paths -> last part
-            parts = Path(source.removeprefix("timm:").rstrip("/")).parts or ("teacher",)
-            leaf = parts[-3] if len(parts) >= 3 and parts[-2] == "export" else parts[-1]
-        return registry_name(f"vqkd-{leaf}")
-
-    def _run_name(self, run_id: str) -> str:
-        """The MLflow run's name, else "run-<first 8 characters of the id>"."""
-        if self.context.tracking_uri:
-            from mlflow import MlflowClient
-            from mlflow.exceptions import MlflowException
-
-            try:
-                return MlflowClient(self.context.tracking_uri).get_run(run_id).info.run_name or f"run-{run_id[:8]}"
-            except MlflowException:
-                pass
-        return f"run-{run_id[:8]}"
+        return registry_name(f"vqkd-{source_name(self.cfg.teacher.source, self.context.tracking_uri or None)}")
 
     def export(self, out_dir: Path) -> list[ExportedModel]:
         """The encoder (teacher layout) and the tokenizer, registered as `registered_name()`."""
@@ -154,7 +109,7 @@ class VQKD(Objective):
             extra={"teacher": self.cfg.teacher.source},
         )
         params = {"teacher": self.cfg.teacher.source, "num_codes": str(self.cfg.num_codes), "arch": ctx.arch}
-        return [*exported, ExportedModel("tokenizer", path, "pretrain.tokenizer", self.registered_name(), params)]
+        return [*exported, ExportedModel("tokenizer", path, "tokenizer", self.registered_name(), params)]
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         """Quantised vectors (B, N, code_dim) -> predicted teacher features (B, N, D_teacher)."""

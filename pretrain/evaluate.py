@@ -202,7 +202,7 @@ def log_result(result: EvalResult, *, tracking_uri: str, run_id: str, step: int 
     suffix = f"-step{step:08d}" if step is not None else ""
     client.log_text(run_id, json.dumps(asdict(result), indent=2), f"eval/results{suffix}.json")
     if result.confusion:
-        from objectives.pictures import confusion_image
+        from objectives.components.pictures import confusion_image
 
         client.log_image(run_id, confusion_image(np.array(result.confusion)), f"eval/confusion{suffix}.png")
 
@@ -211,7 +211,7 @@ def log_result(result: EvalResult, *, tracking_uri: str, run_id: str, step: int 
 
 
 def _default_output(uri: str) -> Path:
-    from pretrain.registry import registry_name
+    from objectives.artifacts import registry_name
 
     stem = registry_name(uri.removeprefix("models:/").removeprefix("runs:/"))
     return Path("runs") / "eval" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -77,7 +77,7 @@ def export_models(
                 found[item.name] = dest
                 # The encoder is evaluated, logged and registered by the driver (pretrain.publish).
                 if tracking_uri and run_id and item.model_type != ENCODER_MODEL_TYPE:
-                    from pretrain.registry import log_model_dir
+                    from pretrain.model_registry import log_model_dir
 
                     found[item.name] = log_model_dir(
                         item.path,
@@ -90,7 +90,7 @@ def export_models(
                     )
                 log.info("exported %s: %s (files in %s)", item.name, found[item.name], dest)
     if tracking_uri and run_id and found:
-        from pretrain.registry import set_run_tags
+        from pretrain.model_registry import set_run_tags
 
         set_run_tags(tracking_uri, run_id, {f"{EXPORT_TAG}{name}": uri for name, uri in found.items()})
     return found

@@ -1,15 +1,14 @@
 """Encoders for evaluation: load an exported timm ViT from any URI, a random-init twin, frozen features.
 
-An exported encoder is the `save_teacher` layout (teacher.safetensors with timm's key
-names + teacher.json with the `timm.create_model` call and the input mean/std),
-behind a `models:/` or `runs:/` URI, in a local directory or at an fsspec URL.
+An exported encoder is an encoder artifact (`objectives.artifacts`: timm's key names, the
+`timm.create_model` call and the input mean/std), behind a `models:/` or `runs:/` URI, in
+a local directory or at an fsspec URL.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -34,34 +33,12 @@ class Encoder:
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def copy_dir_from(url: str, dst: Path, storage_options: dict[str, Any] | None = None) -> Path:
-    """Copy the files of directory `url` (a local path or fsspec URL) into `dst`; returns `dst`."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    if not fs.isdir(path):
-        raise FileNotFoundError(f"{url}: no such directory")
-    dst.mkdir(parents=True, exist_ok=True)
-    for remote in fs.find(path):
-        local = dst / remote[len(path.rstrip("/")) + 1 :]
-        local.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(remote, str(local))
-    return dst
-
-
 def load_encoder(uri: str, *, tracking_uri: str | None, storage_options: dict[str, Any] | None = None) -> Encoder:
     """The encoder behind a models:/ or runs:/ URI, a local directory, or an fsspec directory URL."""
-    import tempfile
-
-    from data.config import url_scheme
     from objectives.base import IMAGENET_MEAN, IMAGENET_STD
-    from objectives.teacher import load_exported_vit
+    from objectives.components.teacher import load_encoder as load_encoder_artifact
 
-    with tempfile.TemporaryDirectory(prefix="encoder-") as tmp:
-        source = uri
-        if not uri.startswith(("models:/", "runs:/")) and url_scheme(uri) != "file":
-            source = str(copy_dir_from(uri, Path(tmp), storage_options))
-        vit, meta = load_exported_vit(source, tracking_uri=tracking_uri)
+    vit, meta = load_encoder_artifact(uri, tracking_uri=tracking_uri, storage_options=storage_options)
     return Encoder(
         vit=vit,
         arch=meta.get("arch", ""),

@@ -8,8 +8,9 @@ Runs after training (pretrain.launch: in the driver on one node, else in a Ray t
    to the run as `eval/*` metrics, `eval/results.json` and a confusion-matrix picture;
 3. log the encoder as an MLflow model of the run, loadable with
    `mlflow.pytorch.load_model` (torch.export `pt2`, input example and signature), with
-   the safetensors weights, teacher.json, README.md (the model card) and eval.json
-   beside it, so `runs:/<run_id>/encoder` also loads as a teacher;
+   the encoder artifact's files (model.safetensors, pretrain.json, timm's config.json),
+   README.md (the model card) and eval.json beside it, so `runs:/<run_id>/encoder` also
+   loads as a teacher, and with timm's `local-dir:`;
 4. register a version under `<objective>-<model>` (or tracking.registered_model) with
    lineage tags; `models:/<name>/latest` is the newest (MLflow reserves the alias
    `latest`), and the alias `best` moves only when eval.select_metric beats its holder.
@@ -38,7 +39,7 @@ EVAL_FILE = "eval.json"
 
 def registered_name(cfg: PretrainConfig) -> str:
     """tracking.registered_model, else <objective>-<model.name or arch>."""
-    from pretrain.registry import registry_name
+    from objectives.artifacts import registry_name
 
     return registry_name(cfg.tracking.registered_model or f"{cfg.objective.name}-{cfg.model.name or cfg.model.arch}")
 
@@ -146,9 +147,12 @@ def model_card(
         "## Load it",
         "",
         "```python",
-        "import timm, safetensors.torch",
+        "import timm",
+        'model = timm.create_model("local-dir:<this folder>", pretrained=True)',
+        "# or, with the weights file alone:",
+        "import safetensors.torch",
         f"model = timm.create_model({encoder.arch!r}, {kwargs})",
-        'model.load_state_dict(safetensors.torch.load_file("teacher.safetensors"), strict=True)',
+        'model.load_state_dict(safetensors.torch.load_file("model.safetensors"), strict=True)',
         "```",
         "",
         f"or `mlflow.pytorch.load_model('models:/{name}/{version or 'latest'}')` (a torch.export program: "
@@ -186,7 +190,7 @@ def log_encoder(
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
-    from pretrain.registry import _default_tracking_uri
+    from objectives.artifacts import model_type, using_tracking_uri
 
     vit = encoder.vit.float().cpu().eval()
     example = np.zeros((2, 3, encoder.img_size, encoder.img_size), dtype=np.float32)
@@ -200,10 +204,10 @@ def log_encoder(
         client.get_run(run_id).info.experiment_id,
         name=name,
         source_run_id=run_id,
-        model_type="pretrain.encoder",
+        model_type=model_type("encoder"),
         params={"arch": encoder.arch, **{f"arch_kwargs.{k}": str(v) for k, v in encoder.arch_kwargs.items()}},
     )
-    with _default_tracking_uri(tracking_uri):
+    with using_tracking_uri(tracking_uri):
         mlflow.pytorch.log_model(
             vit,
             name=name,
@@ -222,7 +226,7 @@ def register(*, name: str, model_id: str, run_id: str, tracking_uri: str, tags: 
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pretrain.registry import _default_tracking_uri
+    from objectives.artifacts import using_tracking_uri
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
@@ -230,7 +234,7 @@ def register(*, name: str, model_id: str, run_id: str, tracking_uri: str, tags: 
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    with _default_tracking_uri(tracking_uri):
+    with using_tracking_uri(tracking_uri):
         version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
@@ -261,15 +265,16 @@ def publish_encoder(
     cfg: PretrainConfig, *, run_dir: str, run_name: str, tracking_uri: str, run_id: str, steps: int
 ) -> dict[str, Any]:
     """Evaluate, card, log and register the run's exported encoder; returns what the summary prints."""
+    from objectives.artifacts import download_dir
     from pretrain.evaluate import eval_sources, evaluate_encoder, log_result
-    from pretrain.features import copy_dir_from, load_encoder, pick_device
+    from pretrain.features import load_encoder, pick_device
     from pretrain.loop import configure_logging
 
     configure_logging()
     export_url = f"{run_dir.rstrip('/')}/export/encoder"
     with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
         # One copy of the weights (from object storage too): loaded, then logged with the model.
-        files = copy_dir_from(export_url, Path(tmp), cfg.data.storage_options)  # teacher.safetensors + .json
+        files = download_dir(export_url, Path(tmp), cfg.data.storage_options)  # the encoder artifact
         encoder = load_encoder(str(files), tracking_uri=tracking_uri or None)
         encoder.source = export_url
         result = None

@@ -115,14 +115,14 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
         import torch
         from mlflow import MlflowClient
 
-        from objectives.teacher import log_teacher_to_mlflow
+        from pretrain.model_registry import log_teacher
 
         mlflow_url = exports["MLFLOW_TRACKING_URI"]
         client = MlflowClient(mlflow_url, mlflow_url)
         torch.manual_seed(0)
         kwargs = {"img_size": 32, "patch_size": 4, "embed_dim": 24, "depth": 1, "num_heads": 2, "num_classes": 0}
         teacher_run = client.create_run(client.create_experiment("teachers")).info.run_id
-        teacher_uri = log_teacher_to_mlflow(
+        teacher_uri = log_teacher(
             timm.create_model("vit_tiny_patch16_224", **kwargs),
             "vit_tiny_patch16_224",
             kwargs,
@@ -218,8 +218,8 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
         assert any(p.endswith("teacher.safetensors") for p in artifacts)
 
         # The encoder gathered whole under ZeRO-3 loads as a teacher of a next stage, by its runs:/ URI.
+        from objectives.components.teacher import load_teacher
         from objectives.configs import TeacherConfig
-        from objectives.teacher import load_teacher
 
         encoder = load_teacher(TeacherConfig(source=f"runs:/{mim_run}/encoder"), tracking_uri=mlflow_url)
         assert sum(p.numel() for p in encoder.parameters()) > 10_000

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from objectives.teacher import log_teacher_to_mlflow
+from pretrain.model_registry import log_teacher
 from pretrain.run import main
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ def test_maskdistill_bf16_zero1_teacher_from_mlflow(ray_local: None, runs, tmp_p
     torch.manual_seed(0)
     kwargs = {"img_size": 32, "patch_size": 4, "embed_dim": 24, "depth": 1, "num_heads": 2, "num_classes": 0}
     teacher_run = client.create_run(client.create_experiment("teachers")).info.run_id
-    source = log_teacher_to_mlflow(
+    source = log_teacher(
         timm.create_model(ARCH, **kwargs), ARCH, kwargs, run_id=teacher_run, tracking_uri=uri, name="teacher"
     )
     client.set_terminated(teacher_run)

@@ -10,16 +10,16 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from data.masks import block_patch_mask
+from objectives.artifacts import save_encoder
 from objectives.base import MaskSpec, RunContext
 from objectives.beitv2 import BEiTv2, masked_targets
+from objectives.components.tokenizer import VQTokenizer, load_tokenizer
 from objectives.configs import BEiTv2Config, TeacherConfig, VQKDConfig
-from objectives.masking import block_patch_mask
-from objectives.teacher import save_teacher
-from objectives.tokenizer import VQTokenizer, load_tokenizer
 from objectives.vqkd import VQKD
 from pretrain.backbone import arch_kwargs, build_backbone
 from pretrain.config import ModelConfig
-from pretrain.registry import log_model_dir
+from pretrain.model_registry import log_model_dir
 
 ARCH = "vit_tiny_patch16_224"
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}
@@ -34,7 +34,7 @@ def vqkd(tmp_path_factory: pytest.TempPathFactory) -> VQKD:
     """A VQ-KD objective a few steps into training (codebook k-means-initialised and EMA-updated)."""
     torch.manual_seed(0)
     teacher = timm.create_model(ARCH, num_classes=0, **{**TINY, "depth": 2})
-    tdir = save_teacher(teacher, tmp_path_factory.mktemp("teacher") / "t", ARCH, {**TINY, "depth": 2, "num_classes": 0})
+    tdir = save_encoder(teacher, tmp_path_factory.mktemp("teacher") / "t", ARCH, {**TINY, "depth": 2, "num_classes": 0})
     cfg = VQKDConfig(
         teacher=TeacherConfig(source=str(tdir)),
         num_codes=NUM_CODES,
@@ -82,8 +82,8 @@ def make(tokenizer: VQTokenizer, **overrides: object) -> BEiTv2:
 
 
 def test_exported_tokenizer_gives_the_training_runs_codes(vqkd: VQKD, exported: Path) -> None:
-    meta = json.loads((exported / "tokenizer.json").read_text())
-    assert meta["kind"] == "vqkd" and meta["num_codes"] == NUM_CODES and meta["arch"] == ARCH
+    meta = json.loads((exported / "pretrain.json").read_text())
+    assert meta["kind"] == "tokenizer" and meta["num_codes"] == NUM_CODES and meta["arch"] == ARCH
     x = images(6, 10)
     tokenizer = load_tokenizer(str(exported), input_mean=MEAN, input_std=STD)
     assert not tokenizer.renormalize  # same normalisation as the tokenizer's training data

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data.masks import block_patch_mask
 from objectives.base import MaskSpec, RunContext
 from objectives.ccvit import CCViT, random_unmasked
+from objectives.components.kmeans import kmeans, load_centroids, random_init
 from objectives.configs import CCViTConfig
-from objectives.kmeans import kmeans, load_centroids, random_init
-from objectives.masking import block_patch_mask
 from objectives.registry import get_objective_class
 from pretrain.backbone import arch_kwargs, build_backbone
 from pretrain.config import ModelConfig
@@ -207,7 +207,7 @@ def test_export_and_reuse_the_centroids(tmp_path: Path) -> None:
     items = {item.name: item for item in model.export(tmp_path)}
     assert set(items) == {"encoder", "centroids"}
     assert items["centroids"].registered_name == f"ccvit-centroids-{K}x{PATCH}"
-    meta = json.loads((items["centroids"].path / "centroids.json").read_text())
+    meta = json.loads((items["centroids"].path / "pretrain.json").read_text())
     assert meta["num_centroids"] == K and meta["patch_size"] == PATCH and meta["usage"] == 0.75
     # objective.tokenizer=<dir> reuses them: same centroids, same vocabulary, the build's statistics.
     reused = CCViT(config(tokenizer=str(items["centroids"].path), num_centroids=99), build_backbone(MODEL), CONTEXT)
@@ -283,7 +283,7 @@ def test_two_ranks_build_the_same_centroids_as_one_process_on_both_samples(tmp_p
 def test_centroids_from_the_mlflow_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
-    from pretrain.registry import log_model_dir
+    from pretrain.model_registry import log_model_dir
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     model = make(random_centroids(5))

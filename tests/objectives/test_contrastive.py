@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torchvision.transforms.v2.functional as TF
 from torch import nn
 
-from objectives.augment import (
+from objectives.components.augment import (
     ViewAugment,
     adjust_brightness,
     adjust_contrast,
@@ -23,17 +23,15 @@ from objectives.augment import (
     rgb_to_grayscale,
     solarize,
 )
-from objectives.configs import ViewAugmentConfig
-from objectives.contrastive import (
+from objectives.components.contrastive import (
     SyncBatchNorm1d,
-    buffer_copy,
     gather_with_grad,
     info_nce,
-    momentum_at,
-    momentum_update,
     nt_xent,
     projection_mlp,
 )
+from objectives.components.ema import buffer_copy, momentum_at, momentum_update
+from objectives.configs import ViewAugmentConfig
 
 # --- losses against loops ----------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from objectives.kmeans import (
+from objectives.components.kmeans import (
     SPLIT_EPS,
     from_pixels,
     image_patches,
@@ -138,9 +138,9 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     centroids = torch.rand(10, 4 * 4 * 3, generator=torch.Generator().manual_seed(4))
     counts = torch.arange(10.0)
     path = save_centroids(tmp_path / "c", centroids, patch_size=4, counts=counts, extra={"usage": 0.9})
-    meta = json.loads((path / "centroids.json").read_text())
-    assert meta["kind"] == "ccvit-centroids" and meta["num_centroids"] == 10 and meta["patch_size"] == 4
-    for source in (str(path), str(path / "centroids.safetensors")):
+    meta = json.loads((path / "pretrain.json").read_text())
+    assert meta["kind"] == "centroids" and meta["num_centroids"] == 10 and meta["patch_size"] == 4
+    for source in (str(path), str(path / "model.safetensors")):
         stored = load_centroids(source)
         assert torch.equal(stored.centroids, centroids) and torch.equal(stored.counts, counts)
         assert stored.meta["usage"] == 0.9

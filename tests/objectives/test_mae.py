@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
+from objectives.components.masking import random_masking
+from objectives.components.patches import masked_patch_mse, patchify, unpatchify
+from objectives.components.pos_embed import sincos_1d, sincos_2d
 from objectives.configs import MAEConfig
-from objectives.mae import MAE, masked_patch_mse, patchify, unpatchify
-from objectives.masking import random_masking
-from objectives.pos_embed import sincos_1d, sincos_2d
+from objectives.mae import MAE
 from pretrain.backbone import build_backbone
 from pretrain.config import ModelConfig
 

@@ -9,12 +9,13 @@ import pytest
 import timm
 import torch
 
+from data.masks import block_patch_mask
+from objectives.artifacts import save_encoder
 from objectives.base import DataNeeds, MaskSpec, RunContext
+from objectives.components.teacher import load_teacher
 from objectives.configs import MaskDistillConfig, TeacherConfig
 from objectives.maskdistill import MaskDistill, masked_feature_loss
-from objectives.masking import block_patch_mask
 from objectives.registry import get_objective_class
-from objectives.teacher import load_teacher, save_teacher
 from pretrain.backbone import build_backbone
 from pretrain.config import ModelConfig
 
@@ -31,7 +32,7 @@ MASKED_PER_IMAGE = round(N * 0.4)  # block masks hit the count exactly: 6 of 16
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = timm.create_model(ARCH, num_classes=0, **TEACHER)
-    return save_teacher(model, tmp_path_factory.mktemp("teacher") / "tiny", ARCH, {**TEACHER, "num_classes": 0})
+    return save_encoder(model, tmp_path_factory.mktemp("teacher") / "tiny", ARCH, {**TEACHER, "num_classes": 0})
 
 
 def make(teacher_dir: Path, **overrides: object) -> MaskDistill:
@@ -167,7 +168,7 @@ def test_teacher_is_frozen_and_outside_the_trained_module(teacher_dir: Path) -> 
 def test_run_context_and_a_prebuilt_teacher(teacher_dir: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     vit = timm.create_model(ARCH, num_classes=0, **TEACHER)
-    clip_like = save_teacher(vit, tmp_path / "t", ARCH, {**TEACHER, "num_classes": 0}, mean=[0.5] * 3, std=[0.25] * 3)
+    clip_like = save_encoder(vit, tmp_path / "t", ARCH, {**TEACHER, "num_classes": 0}, mean=[0.5] * 3, std=[0.25] * 3)
     backbone = build_backbone(ModelConfig(arch=ARCH, **STUDENT))
     cfg = MaskDistillConfig(teacher=TeacherConfig(source=str(clip_like), layer=1, normalize="layer_norm"))
     # The run's data statistics reach the teacher, which re-normalises to its own (0.5, 0.25).

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from objectives.base import DataNeeds, RunContext
+from objectives.components.pos_embed import sincos_2d
 from objectives.configs import MoCoV3Config, ViewAugmentConfig
 from objectives.mocov3 import MoCoV3
-from objectives.pos_embed import sincos_2d
 from objectives.registry import get_objective_class
 from pretrain.backbone import build_backbone
 from pretrain.config import ModelConfig

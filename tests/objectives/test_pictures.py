@@ -10,13 +10,11 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from data.masks import block_patch_mask, random_patch_mask
 from objectives.base import RunContext
 from objectives.beitv2 import BEiTv2
 from objectives.ccvit import CCViT
-from objectives.configs import BEiTv2Config, CCViTConfig, MAEConfig, SemAIMConfig, SimCLRConfig, VQKDConfig
-from objectives.mae import MAE
-from objectives.masking import block_patch_mask, random_patch_mask
-from objectives.pictures import (
+from objectives.components.pictures import (
     BAR_COLOUR,
     EMPTY_COLOUR,
     HISTOGRAM_TEXT_HEIGHT,
@@ -30,10 +28,12 @@ from objectives.pictures import (
     to_uint8_images,
     usage_histogram,
 )
+from objectives.components.teacher import Teacher
+from objectives.components.tokenizer import VQTokenizer, encode_head
+from objectives.configs import BEiTv2Config, CCViTConfig, MAEConfig, SemAIMConfig, SimCLRConfig, VQKDConfig
+from objectives.mae import MAE
 from objectives.semaim import SemAIM
 from objectives.simclr import SimCLR
-from objectives.teacher import Teacher
-from objectives.tokenizer import VQTokenizer, encode_head
 from objectives.vqkd import VQKD
 from pretrain.backbone import build_backbone
 from pretrain.config import ModelConfig

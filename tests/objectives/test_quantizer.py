@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from objectives.quantizer import NormEMAQuantizer, cosine_kmeans
+from objectives.components.quantizer import NormEMAQuantizer, cosine_kmeans
 
 
 def _unit(v: list[float]) -> list[float]:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur as tv_gaussian_blur
 
+from objectives.artifacts import save_encoder
 from objectives.base import DataNeeds, RunContext
 from objectives.configs import SemAIMConfig, TeacherConfig
 from objectives.registry import get_objective_class
@@ -23,7 +24,6 @@ from objectives.semaim import (
     order_ranks,
     two_stream_masks,
 )
-from objectives.teacher import save_teacher
 from pretrain.backbone import build_backbone
 from pretrain.config import ModelConfig
 
@@ -289,7 +289,7 @@ def test_random_order_and_gradients_reach_encoder_query_blocks_and_head() -> Non
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = timm.create_model(ARCH, num_classes=0, **TEACHER)
-    return save_teacher(model, tmp_path_factory.mktemp("teacher") / "tiny", ARCH, {**TEACHER, "num_classes": 0})
+    return save_encoder(model, tmp_path_factory.mktemp("teacher") / "tiny", ARCH, {**TEACHER, "num_classes": 0})
 
 
 def test_teacher_target_and_teacher_order(teacher_dir: Path) -> None:

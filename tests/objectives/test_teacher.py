@@ -9,10 +9,11 @@ import pytest
 import timm
 import torch
 
+from objectives.artifacts import fetch, save_encoder
 from objectives.base import Objective
+from objectives.components.teacher import load_teacher
 from objectives.configs import TeacherConfig
-from objectives.teacher import load_teacher, log_teacher_to_mlflow, save_teacher
-from pretrain.registry import download_model_dir
+from pretrain.model_registry import log_teacher
 
 ARCH = "vit_tiny_patch16_224"
 KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 0}
@@ -41,9 +42,9 @@ def by_hand(vit: torch.nn.Module, images: torch.Tensor, layer: int) -> torch.Ten
 
 @pytest.mark.parametrize("layer", [-1, 0])
 def test_local_safetensors_matches_hand_run(tmp_path: Path, vit, images, layer: int) -> None:
-    save_teacher(vit, tmp_path / "t", ARCH, KWARGS)
+    save_encoder(vit, tmp_path / "t", ARCH, KWARGS)
     teacher = load_teacher(
-        TeacherConfig(source=str(tmp_path / "t" / "teacher.safetensors"), layer=layer, return_cls=True)
+        TeacherConfig(source=str(tmp_path / "t" / "model.safetensors"), layer=layer, return_cls=True)
     )
     out = teacher(images)
     expected = by_hand(vit, images, layer)
@@ -70,7 +71,7 @@ def test_mlflow_registered_and_runs_uri(tmp_path: Path, monkeypatch, vit, images
     client = mlflow.MlflowClient(uri, uri)
     exp = client.create_experiment("teachers", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id
-    model_uri = log_teacher_to_mlflow(
+    model_uri = log_teacher(
         vit, ARCH, KWARGS, run_id=run_id, tracking_uri=uri, registered_name="tiny-teacher"
     )
     assert model_uri == "models:/tiny-teacher/1"
@@ -80,12 +81,12 @@ def test_mlflow_registered_and_runs_uri(tmp_path: Path, monkeypatch, vit, images
         teacher = load_teacher(TeacherConfig(source=source), tracking_uri=uri)
         torch.testing.assert_close(teacher(images).patches, expected)
     # The logged files are the plain layout: no MLmodel, no pickle.
-    files = download_model_dir(model_uri, tmp_path / "dl", tracking_uri=uri)
-    assert sorted(os.listdir(files)) == ["teacher.json", "teacher.safetensors"]
+    files = fetch(model_uri, tmp_path / "dl", tracking_uri=uri)
+    assert sorted(os.listdir(files)) == ["config.json", "model.safetensors", "pretrain.json"]
 
 
 def test_frozen_and_kept_out_of_objective_parameters(tmp_path: Path, vit, images) -> None:
-    save_teacher(vit, tmp_path, ARCH, KWARGS)
+    save_encoder(vit, tmp_path, ARCH, KWARGS)
     teacher = load_teacher(TeacherConfig(source=str(tmp_path)))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     teacher.train()
@@ -100,7 +101,7 @@ def test_frozen_and_kept_out_of_objective_parameters(tmp_path: Path, vit, images
 
 
 def test_layer_norm_targets(tmp_path: Path, vit, images) -> None:
-    save_teacher(vit, tmp_path, ARCH, KWARGS)
+    save_encoder(vit, tmp_path, ARCH, KWARGS)
     out = load_teacher(TeacherConfig(source=str(tmp_path), layer=0, normalize="layer_norm"))(images)
     raw = by_hand(vit, images, 0)[:, 1:]
     mean, var = out.patches.mean(-1), out.patches.var(-1, unbiased=False)
@@ -112,7 +113,7 @@ def test_layer_norm_targets(tmp_path: Path, vit, images) -> None:
 
 def test_renormalises_inputs_and_resamples_positions(tmp_path: Path, vit, images) -> None:
     data_mean, data_std, t_mean, t_std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3], [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
-    save_teacher(vit, tmp_path, ARCH, KWARGS, mean=t_mean, std=t_std)
+    save_encoder(vit, tmp_path, ARCH, KWARGS, mean=t_mean, std=t_std)
     teacher = load_teacher(TeacherConfig(source=str(tmp_path)), input_mean=data_mean, input_std=data_std)
     view = (1, 3, 1, 1)
     pixels = images * torch.tensor(data_std).view(view) + torch.tensor(data_mean).view(view)
@@ -139,7 +140,7 @@ def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
 
 
 def test_one_line_errors(tmp_path: Path, vit) -> None:
-    save_teacher(vit, tmp_path / "t", ARCH, KWARGS)
+    save_encoder(vit, tmp_path / "t", ARCH, KWARGS)
     cases = [
         (TeacherConfig(source="s3://bucket/t.safetensors"), ValueError, "unknown scheme"),
         (TeacherConfig(source=str(tmp_path / "nope.safetensors")), FileNotFoundError, "no such file"),
@@ -177,7 +178,7 @@ def test_project_applies_head_to_every_final_token(tmp_path: Path, images) -> No
     torch.manual_seed(2)
     kwargs = {**KWARGS, "num_classes": 8}  # a CLIP-style projection head to 8 dims
     clip_like = timm.create_model(ARCH, **kwargs).eval()
-    save_teacher(clip_like, tmp_path, ARCH, kwargs)
+    save_encoder(clip_like, tmp_path, ARCH, kwargs)
     teacher = load_teacher(TeacherConfig(source=str(tmp_path), project=True))
     expected = by_hand(clip_like, images, -1)[:, 1:] @ clip_like.head.weight.T + clip_like.head.bias
     assert teacher.feature_dim == 8

@@ -8,8 +8,8 @@ import pytest
 import timm
 import torch
 
+from objectives.artifacts import save_encoder
 from objectives.configs import TeacherConfig, VQKDConfig
-from objectives.teacher import save_teacher
 from objectives.vqkd import VQKD, cosine_distance
 from pretrain.backbone import build_backbone
 from pretrain.config import ModelConfig
@@ -21,7 +21,7 @@ TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY)
-    return save_teacher(
+    return save_encoder(
         model, tmp_path_factory.mktemp("teacher") / "tiny", "vit_tiny_patch16_224", {**TINY, "num_classes": 0}
     )
 

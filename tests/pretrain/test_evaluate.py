@@ -81,7 +81,7 @@ def registered_encoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A tiny timm encoder logged and registered (as pretrain.publish does) in a sqlite store; its store URI."""
     import timm
 
-    from objectives.teacher import save_teacher
+    from objectives.artifacts import save_encoder
     from pretrain.features import load_encoder
     from pretrain.publish import BEST_ALIAS, log_encoder, promote_best, register
 
@@ -89,7 +89,7 @@ def registered_encoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.chdir(tmp_path)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     torch.manual_seed(0)
-    files = save_teacher(timm.create_model(ARCH, **KWARGS), tmp_path / "export", ARCH, KWARGS)
+    files = save_encoder(timm.create_model(ARCH, **KWARGS), tmp_path / "export", ARCH, KWARGS)
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=store)
@@ -158,9 +158,9 @@ def test_evaluate_cli_mistakes_are_one_line(registered_encoder: str, capsys) -> 
         (
             [f"tracking.uri={store}", "model_uri=models:/nope@best"],
             1,
-            "error: Registered Model with name=nope not found",
+            "error: models:/nope@best: not found in the MLflow store",
         ),
-        (["model_uri=/no/such/dir"], 1, "error: /no/such/dir: no teacher.safetensors there"),
+        (["model_uri=/no/such/dir"], 1, "error: /no/such/dir: no encoder there (no model.safetensors + pretrain.json)"),
     ]
     for argv, code, start in cases:
         assert main(argv) == code, argv

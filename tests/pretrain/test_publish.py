@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from objectives.teacher import save_teacher
+from objectives.artifacts import save_encoder
 from pretrain.config import PretrainConfig
 from pretrain.evaluate import EvalResult, result_table
 from pretrain.features import Encoder, load_encoder
@@ -40,7 +40,7 @@ def _encoder(tmp_path: Path, seed: int) -> tuple[Encoder, Path]:
 
     torch.manual_seed(seed)
     vit = timm.create_model(ARCH, **KWARGS).eval()
-    files = save_teacher(vit, tmp_path / f"export-{seed}", ARCH, KWARGS, mean=[0.5] * 3, std=[0.25] * 3)
+    files = save_encoder(vit, tmp_path / f"export-{seed}", ARCH, KWARGS, mean=[0.5] * 3, std=[0.25] * 3)
     return load_encoder(str(files), tracking_uri=None), files
 
 
@@ -73,9 +73,9 @@ def test_logged_encoder_loads_with_mlflow_pytorch_and_as_a_teacher(store: str, t
     images = torch.randn(3, 3, 16, 16)  # batch 3: the exported program's batch dimension is dynamic
     with torch.no_grad():
         expected = encoder.vit(images)
-    from pretrain.registry import _default_tracking_uri
+    from objectives.artifacts import using_tracking_uri
 
-    with _default_tracking_uri(store):  # as a user would: MLFLOW_TRACKING_URI
+    with using_tracking_uri(store):  # as a user would: MLFLOW_TRACKING_URI
         program = mlflow.pytorch.load_model("models:/mae-vit_test/1")
     with torch.no_grad():
         torch.testing.assert_close(program(images), expected, rtol=0, atol=1e-6)
@@ -86,7 +86,7 @@ def test_logged_encoder_loads_with_mlflow_pytorch_and_as_a_teacher(store: str, t
         with torch.no_grad():
             torch.testing.assert_close(again.vit(images), expected, rtol=0, atol=0)
     plain = timm.create_model(ARCH, **KWARGS)
-    plain.load_state_dict(load_file(str(tmp_path / "export-0" / "teacher.safetensors")), strict=True)
+    plain.load_state_dict(load_file(str(tmp_path / "export-0" / "model.safetensors")), strict=True)
 
 
 def test_best_alias_moves_only_when_the_metric_beats_the_holder(store: str, tmp_path: Path) -> None:

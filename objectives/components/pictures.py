@@ -3,19 +3,17 @@
 Renderers use numpy and PIL only. Every renderer returns an (H, W, 3) uint8 array; `grid`
 lays panels out in rows and upscales them (nearest neighbour) so that 32-pixel images stay
 legible. `Objective.pictures` returns `{name: array}`; rank 0 logs each as
-`pictures/<name>.png`. `gathered_outside_forward` makes the model callable from
-`pictures` under DeepSpeed ZeRO-3.
+`pictures/<name>.png`. `objectives.components.zero.gathered_outside_forward` makes the
+model callable from `pictures` under DeepSpeed ZeRO-3.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torch import nn
 
 # At most this many images of a batch go into a picture.
 MAX_IMAGES = 8
@@ -273,38 +271,3 @@ def confusion_image(matrix: np.ndarray, class_names: list[str] | None = None, ce
         turned = label.rotate(90, expand=True)  # reads bottom to top
         canvas.paste(turned, (margin_left + centre, margin_top - 2 - turned.height))  # column i
     return np.asarray(canvas).copy()
-
-
-# --- ZeRO-3 ------------------------------------------------------------------------------------------
-
-
-def bypassed_parameters(root: nn.Module) -> list[nn.Parameter]:
-    """Parameters that no submodule's own forward gathers under ZeRO-3.
-
-    These are the root's own parameters (e.g. MAE's `mask_token`) and those of container
-    modules whose forward the objectives bypass (the timm ViT's `cls_token`/`pos_embed`);
-    in training the root's forward gathers them (`pretrain.engine.register_bypassed_parameters`).
-    """
-    params = list(root.parameters(recurse=False))
-    for module in root.modules():
-        if module is not root and next(module.children(), None) is not None:
-            params.extend(module.parameters(recurse=False))
-    return params
-
-
-@contextlib.contextmanager
-def gathered_outside_forward(root: nn.Module) -> Iterator[None]:
-    """ZeRO-3: gather `bypassed_parameters` while the model runs outside the root's forward; else a no-op.
-
-    `Objective.pictures` is called as a method, so the root's forward hook, which gathers
-    them in training, never fires; leaf modules still gather their own weights when called.
-    A collective: every rank must enter it (as every rank calls `pictures`).
-    """
-    params = [p for p in bypassed_parameters(root) if hasattr(p, "ds_id")]
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield

@@ -2,11 +2,9 @@
 
 `save_tokenizer` writes what `VQKD.export` hands to MLflow; `load_tokenizer` reads it
 back from a local directory, `runs:/<run_id>/tokenizer` or `models:/vqkd-<teacher>/latest`.
-The layout is plain files, loaded with safetensors only:
-
-    <dir>/tokenizer.safetensors   backbone.vit.* (timm key names), encode_head.*, codebook
-    <dir>/tokenizer.json          {"format": 1, "kind": "vqkd", "arch", "arch_kwargs",
-                                   "code_dim", "num_codes", "mean", "std", "teacher", "usage"}
+It is a "tokenizer" artifact (`objectives.artifacts`): tensors backbone.vit.* (timm key
+names), encode_head.* and codebook; metadata arch, arch_kwargs, code_dim, num_codes, mean,
+std and the teacher it was distilled from.
 
 The encoder path is VQ-KD's own (`VitBackbone` -> Linear-Tanh-Linear -> l2-normalise ->
 nearest code), so a loaded tokenizer gives exactly the codes the training run assigned.
@@ -14,8 +12,6 @@ nearest code), so a loaded tokenizer gives exactly the codes the training run as
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,14 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from objectives.quantizer import nearest_code
-from objectives.teacher import input_affine
-from pretrain.backbone import VitBackbone
-
-WEIGHTS_FILE = "tokenizer.safetensors"
-META_FILE = "tokenizer.json"
-LAYOUT_FORMAT = 1
-KIND = "vqkd"
+from objectives.artifacts import MODEL_URI_SCHEMES, Artifact, ArtifactError, read_artifact, save_artifact
+from objectives.components.backbone import VitBackbone
+from objectives.components.quantizer import nearest_code
+from objectives.components.teacher import input_affine
 
 
 def encode_head(width: int, code_dim: int) -> nn.Sequential:
@@ -106,22 +98,11 @@ def save_tokenizer(
     std: Sequence[float] | None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the layout above into directory `path`; tensors in fp32."""
-    from safetensors.torch import save_file
-
-    def plain(t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().cpu()
-        return (t.float() if t.is_floating_point() else t).contiguous().clone()
-
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {f"backbone.vit.{k}": plain(v) for k, v in backbone.vit.state_dict().items()}
-    state.update({f"encode_head.{k}": plain(v) for k, v in head.state_dict().items()})
-    state["codebook"] = plain(codebook)
-    save_file(state, str(out / WEIGHTS_FILE))
+    """Write the tokenizer artifact into directory `path`; tensors in fp32."""
+    tensors = {f"backbone.vit.{k}": v for k, v in backbone.vit.state_dict().items()}
+    tensors.update({f"encode_head.{k}": v for k, v in head.state_dict().items()})
+    tensors["codebook"] = codebook
     meta = {
-        "format": LAYOUT_FORMAT,
-        "kind": KIND,
         "arch": arch,
         "arch_kwargs": dict(arch_kwargs),
         "code_dim": int(codebook.shape[1]),
@@ -130,8 +111,7 @@ def save_tokenizer(
         "std": None if std is None else [float(s) for s in std],
         **(extra or {}),
     }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return out
+    return save_artifact(path, "tokenizer", tensors, meta)
 
 
 def train_hint(img_size: int | None = None, patch_size: int | None = None) -> str:
@@ -151,59 +131,33 @@ def load_tokenizer(
     input_std: Sequence[float] | None = None,
 ) -> VQTokenizer:
     """The frozen tokenizer at `source`: a `models:/`/`runs:/` URI or a local directory."""
-    from pretrain.registry import MODEL_URI_SCHEMES, download_model_dir
-
-    if not source:
-        raise ValueError(f"objective.tokenizer is empty; {train_hint()}")
-    if source.startswith(MODEL_URI_SCHEMES):
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                local = download_model_dir(source, tmp, tracking_uri=tracking_uri)
-            except Exception as err:  # MlflowException, OSError...: one line with the way out
-                first = (str(err).strip().splitlines() or [""])[0][:200]
-                raise FileNotFoundError(
-                    f"objective.tokenizer={source}: not found in the MLflow store {tracking_uri or '(default)'} "
-                    f"({type(err).__name__}: {first}); {train_hint()}"
-                ) from None
-            return _from_dir(local, source, input_mean, input_std)
-    if "://" in source:
-        raise ValueError(
+    if "://" in source and not source.startswith(MODEL_URI_SCHEMES):
+        raise ArtifactError(
             f"objective.tokenizer={source}: use models:/<name>@<alias>, runs:/<run_id>/tokenizer or a path"
         )
-    return _from_dir(Path(source).expanduser(), source, input_mean, input_std)
+    if not source:
+        raise ArtifactError(f"objective.tokenizer is empty; {train_hint()}")
+    artifact = read_artifact(source, "tokenizer", tracking_uri=tracking_uri, hint=train_hint())
+    return _from_artifact(artifact, input_mean, input_std)
 
 
-def _from_dir(
-    path: Path, label: str, input_mean: Sequence[float] | None, input_std: Sequence[float] | None
+def _from_artifact(
+    artifact: Artifact, input_mean: Sequence[float] | None, input_std: Sequence[float] | None
 ) -> VQTokenizer:
     import timm
-    from safetensors.torch import load_file
 
-    if path.is_file() and path.name == WEIGHTS_FILE:
-        path = path.parent
-    weights, meta_path = path / WEIGHTS_FILE, path / META_FILE
-    if not (weights.is_file() and meta_path.is_file()):
-        raise FileNotFoundError(f"objective.tokenizer={label}: no {WEIGHTS_FILE} + {META_FILE} there; {train_hint()}")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("kind") != KIND or meta.get("format") != LAYOUT_FORMAT:
-        raise ValueError(
-            f"objective.tokenizer={label}: kind {meta.get('kind')!r} format {meta.get('format')!r}, "
-            f"expected {KIND!r} format {LAYOUT_FORMAT}"
-        )
-    state = load_file(str(weights), device="cpu")
+    meta = artifact.meta
     backbone = VitBackbone(timm.create_model(meta["arch"], pretrained=False, **meta["arch_kwargs"]))
-    backbone.vit.load_state_dict(
-        {k.removeprefix("backbone.vit."): v for k, v in state.items() if k.startswith("backbone.vit.")}
-    )
+    backbone.vit.load_state_dict(artifact.prefixed("backbone.vit."))
     head = encode_head(backbone.embed_dim, int(meta["code_dim"]))
-    head.load_state_dict({k.removeprefix("encode_head."): v for k, v in state.items() if k.startswith("encode_head.")})
+    head.load_state_dict(artifact.prefixed("encode_head."))
     return VQTokenizer(
         backbone,
         head,
-        state["codebook"],
+        artifact.tensors["codebook"],
         input_mean=input_mean,
         input_std=input_std,
         tokenizer_mean=meta.get("mean"),
         tokenizer_std=meta.get("std"),
-        source=label,
+        source=artifact.source,
     )

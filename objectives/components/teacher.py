@@ -1,15 +1,11 @@
 """Frozen teachers: a timm ViT that maps normalised images to patch features.
 
 Shared by the objectives that regress or quantise a teacher's features (VQ-KD,
-MaskDistill, SemAIM*). A teacher comes from timm's pretrained weights, an MLflow
-model URI, or a local file, and is only ever loaded from safetensors or with
-`torch.load(weights_only=True)`: a pickle that builds objects is refused.
-
-On-disk layout written by `save_teacher` (and logged to MLflow as a model's files):
-
-    <dir>/teacher.safetensors   the timm state dict (timm's key names)
-    <dir>/teacher.json          {"format": 1, "arch": <timm name>, "arch_kwargs": {...},
-                                 "mean": [3 floats] | null, "std": [3 floats] | null}
+MaskDistill, SemAIM*): `attach_teacher` loads one, checks its patch grid against the
+encoder's and holds it outside the objective's parameters. A teacher comes from timm's
+pretrained weights, an encoder artifact (`objectives.artifacts`: a local directory, a
+`runs:/` or `models:/` URI), or a bare weights file, and is only ever loaded from
+safetensors or with `torch.load(weights_only=True)`: a pickle that builds objects is refused.
 
 Inputs: images normalised with the data pipeline's mean/std. When `load_teacher` is
 given those (`input_mean`/`input_std`) and the teacher was trained with other ones
@@ -21,25 +17,31 @@ images are never resized.
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from objectives.artifacts import (
+    LEGACY_STEMS,
+    META_FILE,
+    MODEL_URI_SCHEMES,
+    ArtifactError,
+    ArtifactNotFound,
+    read_artifact,
+)
 from objectives.configs import TEACHER_FILE_SUFFIXES, TEACHER_NORMALIZE, TeacherConfig
+
+if TYPE_CHECKING:
+    from objectives.base import Objective
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "teacher.safetensors"
-META_FILE = "teacher.json"
-LAYOUT_FORMAT = 1
 # Nested checkpoints (DeiT/MAE "model", Lightning "state_dict") hold the weights under one of these.
 NESTED_KEYS = ("model", "state_dict", "teacher")
 
@@ -172,82 +174,6 @@ class Teacher(nn.Module):
         return TeacherOutput(patches=patches, cls=cls)
 
 
-# --- saving ----------------------------------------------------------------------
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().cpu()
-    return (t.float() if t.is_floating_point() else t).contiguous().clone()
-
-
-def save_teacher(
-    model: nn.Module,
-    path: str | Path,
-    arch: str,
-    arch_kwargs: dict[str, Any] | None = None,
-    *,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> Path:
-    """Write `model`'s state dict as <path>/teacher.safetensors + teacher.json; returns the directory.
-
-    mean/std: the input normalisation the model was trained with (None: same as the data's).
-    """
-    from safetensors.torch import save_file
-
-    if isinstance(model, Teacher):
-        model = model.vit
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    # contiguous clones: safetensors refuses tensors that share storage (tied or sliced weights).
-    # fp32 whatever the training precision (bf16/fp16 parameters are widened).
-    state = {k: _plain(v) for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE))
-    meta = {
-        "format": LAYOUT_FORMAT,
-        "arch": arch,
-        "arch_kwargs": dict(arch_kwargs or {}),
-        "mean": None if mean is None else [float(m) for m in mean],
-        "std": None if std is None else [float(s) for s in std],
-    }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return out
-
-
-def log_teacher_to_mlflow(
-    model: nn.Module,
-    arch: str,
-    arch_kwargs: dict[str, Any] | None = None,
-    *,
-    run_id: str,
-    tracking_uri: str | None = None,
-    name: str = "teacher",
-    registered_name: str = "",
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> str:
-    """Log the `save_teacher` layout as an MLflow 3 logged model of run `run_id`; returns its URI.
-
-    No MLmodel flavor and no pickle: the model's files are just the layout. The run then
-    resolves `runs:/<run_id>/<name>`; with `registered_name` a new registry version is made
-    and `models:/<registered_name>/<version>` returned, else `runs:/<run_id>/<name>`.
-    """
-    from pretrain.registry import log_model_dir
-
-    params = {"arch": arch, **{f"arch_kwargs.{k}": str(v) for k, v in (arch_kwargs or {}).items()}}
-    with tempfile.TemporaryDirectory() as tmp:
-        save_teacher(model, tmp, arch, arch_kwargs, mean=mean, std=std)
-        return log_model_dir(
-            tmp,
-            run_id=run_id,
-            tracking_uri=tracking_uri,
-            name=name,
-            model_type="pretrain.teacher",
-            params=params,
-            registered_name=registered_name,
-        )
-
-
 # --- loading ---------------------------------------------------------------------
 
 
@@ -263,15 +189,23 @@ def load_teacher(
     source = cfg.source
     if source.startswith("timm:"):
         vit, mean, std = _from_timm(source.removeprefix("timm:"), cfg, img_size)
-    elif source.startswith(("models:/", "runs:/")):
-        vit, mean, std = _from_mlflow(source, cfg, img_size, tracking_uri)
-    elif "://" in source:
-        raise ValueError(
+    elif "://" in source and not source.startswith(MODEL_URI_SCHEMES):
+        raise ArtifactError(
             f"teacher source {source!r}: unknown scheme; use timm:<name>, models:/<name>@<alias>, "
             f"runs:/<run_id>/<path>, or a local {'/'.join(TEACHER_FILE_SUFFIXES)} file or directory"
         )
     else:
-        vit, mean, std = _from_path(Path(source), cfg, img_size)
+        state, meta = _read_weights(source, tracking_uri)
+        vit = build_timm_model(
+            _pick_arch(source, cfg.arch, meta.get("arch", "")),
+            {**meta.get("arch_kwargs", {}), **cfg.arch_kwargs},
+            state,
+            label=f"teacher source {source}",
+            hint="set objective.teacher.arch/arch_kwargs to the network the weights came from",
+        )
+        if img_size is not None and tuple(vit.patch_embed.img_size) != (img_size, img_size):
+            vit.set_input_size(img_size=(img_size, img_size))  # bicubic resampling of the position embedding
+        mean, std = meta.get("mean"), meta.get("std")
     log.info("teacher %s: %s, layer %d, normalize %s", source, type(vit).__name__, cfg.layer, cfg.normalize)
     return Teacher(
         vit,
@@ -285,6 +219,30 @@ def load_teacher(
         teacher_std=std,
         source=source,
     )
+
+
+def attach_teacher(objective: Objective, cfg: TeacherConfig, teacher: Teacher | None = None) -> Teacher:
+    """The objective's frozen teacher: loaded from `cfg` unless given, on the encoder's grid, held outside its parameters.
+
+    The teacher sees the batch's images, re-normalised to its own statistics (CLIP's differ
+    from ImageNet's) and at the encoder's image size (position embedding resampled).
+    """
+    backbone, ctx = objective.backbone, objective.context
+    if teacher is None:
+        teacher = load_teacher(
+            cfg,
+            img_size=backbone.grid_size[0] * backbone.patch_size,
+            input_mean=ctx.input_mean,
+            input_std=ctx.input_std,
+            tracking_uri=ctx.tracking_uri or None,
+        )
+    if teacher.grid_size != backbone.grid_size:
+        raise ValueError(
+            f"the teacher's patch grid {teacher.grid_size} differs from the encoder's {backbone.grid_size}; "
+            "use a teacher with the same patch size"
+        )
+    objective.attach_frozen("teacher", teacher)
+    return teacher
 
 
 Stats = Sequence[float] | None
@@ -304,48 +262,38 @@ def _from_timm(name: str, cfg: TeacherConfig, img_size: int | None) -> tuple[nn.
         first_line = (str(err).strip().splitlines() or [""])[0][:200]
         raise RuntimeError(
             f"teacher source timm:{name}: could not get pretrained weights ({type(err).__name__}: {first_line}); "
-            "without network access save the teacher with objectives.teacher.save_teacher and pass a local "
+            "without network access save the teacher with objectives.artifacts.save_encoder and pass a local "
             "path or a models:/ URI as objective.teacher.source"
         ) from None
     cfg_data = getattr(vit, "pretrained_cfg", {}) or {}
     return vit.eval(), cfg_data.get("mean"), cfg_data.get("std")
 
 
-def _from_mlflow(
-    uri: str, cfg: TeacherConfig, img_size: int | None, tracking_uri: str | None
-) -> tuple[nn.Module, Stats, Stats]:
-    from pretrain.registry import download_model_dir
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = download_model_dir(uri, tmp, tracking_uri=tracking_uri)
-        if not (local / WEIGHTS_FILE).is_file():
-            found = sorted(p.name for p in local.iterdir()) if local.is_dir() else [local.name]
-            raise FileNotFoundError(
-                f"teacher source {uri}: no {WEIGHTS_FILE} in its files ({found}); "
-                "log teachers with objectives.teacher.log_teacher_to_mlflow"
-            )
-        return _from_path(local, cfg, img_size, label=uri)
+def _is_bare_file(path: Path) -> bool:
+    """A weights file outside an artifact directory (.pt/.pth, or a .safetensors with no metadata beside it)."""
+    if path.suffix in (".pt", ".pth"):
+        return True
+    if path.suffix != ".safetensors":
+        return False
+    return not ((path.parent / META_FILE).is_file() or (path.parent / f"{LEGACY_STEMS['encoder']}.json").is_file())
 
 
-def _from_path(
-    path: Path, cfg: TeacherConfig, img_size: int | None, *, label: str = ""
-) -> tuple[nn.Module, Stats, Stats]:
-    label = label or str(path)
-    if path.is_dir():
-        path = path / WEIGHTS_FILE
+def _read_weights(source: str, tracking_uri: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, artifact metadata or {}) of an encoder artifact or a bare weights file."""
+    path = Path(source).expanduser()
+    if source.startswith(MODEL_URI_SCHEMES) or not _is_bare_file(path):
+        hint = "save teachers with objectives.artifacts.save_encoder (or log them to MLflow in that layout)"
+        if not source.startswith(MODEL_URI_SCHEMES) and not path.exists():
+            raise ArtifactNotFound(f"teacher source {source}: no such file {path}")
+        artifact = read_artifact(source, "encoder", tracking_uri=tracking_uri, hint=hint)
+        return artifact.tensors, artifact.meta
     if not path.is_file():
-        raise FileNotFoundError(f"teacher source {label}: no such file {path}")
-    if path.suffix not in TEACHER_FILE_SUFFIXES:
-        raise ValueError(f"teacher source {label}: unsupported file type {path.suffix!r}; use {TEACHER_FILE_SUFFIXES}")
-    meta_path = path.with_suffix(".json")
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    arch = _pick_arch(label, cfg.arch, meta.get("arch", ""))
-    kwargs = {**meta.get("arch_kwargs", {}), **cfg.arch_kwargs}
-    state = _read_state_dict(path, label)
-    vit = _build(arch, kwargs, state, label)
-    if img_size is not None and tuple(vit.patch_embed.img_size) != (img_size, img_size):
-        vit.set_input_size(img_size=(img_size, img_size))  # bicubic resampling of the position embedding
-    return vit, meta.get("mean"), meta.get("std")
+        raise ArtifactNotFound(f"teacher source {source}: no such file {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu"), {}
+    return _read_torch_file(path, source), {}
 
 
 def _pick_arch(label: str, configured: str, stored: str) -> str:
@@ -361,11 +309,8 @@ def _pick_arch(label: str, configured: str, stored: str) -> str:
     return configured or stored
 
 
-def _read_state_dict(path: Path, label: str) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+def _read_torch_file(path: Path, label: str) -> dict[str, torch.Tensor]:
+    """A state dict from a .pt/.pth file, weights only; nested under "model"/"state_dict"/"teacher" is fine."""
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -383,48 +328,51 @@ def _read_state_dict(path: Path, label: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in loaded.items()}
 
 
-def _build(arch: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor], label: str) -> nn.Module:
-    """timm model `arch` with the weights of `state`; a one-line error when they do not fit."""
+def build_timm_model(
+    arch: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor], *, label: str, hint: str
+) -> nn.Module:
+    """timm model `arch` with the weights of `state` (strict); a one-line error when they do not fit."""
     import timm
 
     if not timm.is_model(arch):
-        raise ValueError(f"teacher source {label}: unknown timm arch {arch!r}; see timm.list_models('vit_*')")
+        raise ValueError(f"{label}: unknown timm arch {arch!r}; see timm.list_models('vit_*')")
     vit = timm.create_model(arch, pretrained=False, **kwargs)
     expected = vit.state_dict()
     if getattr(vit, "num_classes", 0) == 0:
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a classifier the teacher never uses
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a classifier the model never uses
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     if missing or unexpected or wrong_shape:
         examples = (missing + unexpected + wrong_shape)[:3]
         raise ValueError(
-            f"teacher source {label}: weights do not fit arch {arch!r} with {kwargs}: {len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(wrong_shape)} wrong-shape keys (e.g. {examples}); "
-            "set objective.teacher.arch/arch_kwargs to the network the weights came from"
+            f"{label}: weights do not fit arch {arch!r} with {kwargs}: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(wrong_shape)} wrong-shape keys (e.g. {examples}); {hint}"
         )
     vit.load_state_dict(state)
     return vit
 
 
-def load_exported_vit(source: str, *, tracking_uri: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """The timm ViT of a `save_teacher` layout (an exported encoder) and its teacher.json.
+def load_encoder(
+    source: str, *, tracking_uri: str | None = None, storage_options: dict[str, Any] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The timm model of an encoder artifact (local, fsspec URL, runs:/ or models:/) and its metadata.
 
-    source: `models:/...`, `runs:/...` or a local directory/file. The weights must fit
-    the recorded architecture exactly (strict load), from safetensors or weights_only.
+    The weights must fit the recorded architecture exactly (strict load).
     """
-    cfg = TeacherConfig(source=source)
-    with tempfile.TemporaryDirectory() as tmp:
-        if source.startswith(("models:/", "runs:/")):
-            from pretrain.registry import download_model_dir
-
-            path, label = download_model_dir(source, tmp, tracking_uri=tracking_uri), source
-        else:
-            path, label = Path(source), source
-        weights = path / WEIGHTS_FILE if path.is_dir() else path
-        meta_path = weights.with_suffix(".json")
-        if not weights.is_file():
-            raise FileNotFoundError(f"{label}: no {WEIGHTS_FILE} there; is it an exported encoder?")
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        vit, _, _ = _from_path(weights, cfg, None, label=label)
+    artifact = read_artifact(
+        source,
+        "encoder",
+        tracking_uri=tracking_uri,
+        storage_options=storage_options,
+        hint="is it an exported encoder (<run dir>/export/encoder)?",
+    )
+    meta = artifact.meta
+    vit = build_timm_model(
+        _pick_arch(source, "", meta.get("arch", "")),
+        dict(meta.get("arch_kwargs", {})),
+        artifact.tensors,
+        label=source,
+        hint="the files do not match their metadata",
+    )
     return vit.eval(), meta

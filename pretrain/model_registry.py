@@ -1,28 +1,23 @@
-"""MLflow 3 logged models made of plain files (safetensors + json), and the registry.
+"""MLflow 3 logged models made of plain files (an artifact directory, `objectives.artifacts`), and the registry.
 
 A model here is a directory of files, never a pickle: `log_model_dir` logs it as an
 MLflow 3 `LoggedModel` of a run (so `runs:/<run_id>/<name>` and `models:/<model_id>`
-resolve to it) and optionally registers a version with the alias `latest`;
-`download_model_dir` fetches the files behind any of those URIs. MLflow reserves the
-alias `latest`: `models:/<name>/latest` already means the newest version.
+resolve to it) and optionally registers a version; `objectives.artifacts.fetch` gets the
+files back from any of those URIs. MLflow reserves the alias `latest`:
+`models:/<name>/latest` already means the newest version.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-MODEL_URI_SCHEMES = ("models:/", "runs:/")
+from objectives.artifacts import model_type, save_encoder, using_tracking_uri
 
-
-def registry_name(text: str) -> str:
-    """A registered-model name from free text: [A-Za-z0-9._-], no leading/trailing separators."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")
-    return name[:200] or "model"
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def log_model_dir(
@@ -62,46 +57,45 @@ def log_model_dir(
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    with _default_tracking_uri(tracking_uri):
+    with using_tracking_uri(tracking_uri):
         version = client.create_model_version(
             registered_name, source=f"models:/{logged.model_id}", run_id=run_id, model_id=logged.model_id
         )
     return f"models:/{registered_name}/{version.version}"
 
 
-@contextlib.contextmanager
-def _default_tracking_uri(uri: str | None) -> Iterator[None]:
-    """Point the process-wide tracking URI at `uri` meanwhile.
+def log_teacher(
+    model: nn.Module,
+    arch: str,
+    arch_kwargs: dict[str, Any] | None = None,
+    *,
+    run_id: str,
+    tracking_uri: str | None = None,
+    name: str = "teacher",
+    registered_name: str = "",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> str:
+    """Log a timm model as an encoder artifact of run `run_id` (a teacher for later stages); returns its URI.
 
-    MLflow 3 resolves a version's `models:/<model_id>` source (when registering and when
-    downloading) with a default `MlflowClient()`, whatever store the caller named.
+    No MLmodel flavor and no pickle: the model's files are just the artifact layout.
     """
-    if not uri:
-        yield
-        return
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
-
-
-def download_model_dir(uri: str, dst: str | Path, *, tracking_uri: str | None) -> Path:
-    """The files of a `models:/...` or `runs:/...` URI, downloaded under `dst`."""
-    import mlflow.artifacts
-
-    with _default_tracking_uri(tracking_uri):
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri or None, registry_uri=tracking_uri or None
+    params = {"arch": arch, **{f"arch_kwargs.{k}": str(v) for k, v in (arch_kwargs or {}).items()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_encoder(model, tmp, arch, arch_kwargs, mean=mean, std=std)
+        return log_model_dir(
+            tmp,
+            run_id=run_id,
+            tracking_uri=tracking_uri,
+            name=name,
+            model_type=model_type("encoder"),
+            params=params,
+            registered_name=registered_name,
         )
-    return Path(local)
 
 
 def set_run_tags(tracking_uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    """Set string tags on a run."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)

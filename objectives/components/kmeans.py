@@ -12,20 +12,16 @@ each rank assigns its own points, the per-centroid sums and counts are all-reduc
 faiss: init = k distinct random points (drawn on rank 0 and broadcast), Lloyd
 iterations, empty clusters re-seeded by splitting a populated one.
 
-Patches are flattened like `objectives.mae.patchify`: pixels (row, column, channel)
-inside a patch. Centroid files (`save_centroids` / `load_centroids`):
-
-    <dir>/centroids.safetensors   centroids (K, p*p*3) float32, counts (K,) float32
-    <dir>/centroids.json          {"format": 1, "kind": "ccvit-centroids", "num_centroids",
-                                   "patch_size", "layout", ... build statistics}
+Patches are flattened like `objectives.components.patches.patchify`: pixels (row, column,
+channel) inside a patch. `save_centroids` / `load_centroids` write and read a "centroids"
+artifact (`objectives.artifacts`): tensors centroids (K, p*p*3) and counts (K,); metadata
+num_centroids, patch_size, the patch layout and the build statistics.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,9 +29,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from objectives.artifacts import MODEL_URI_SCHEMES, ArtifactError, ArtifactNotFound, read_artifact, save_artifact
+from objectives.components.patches import patchify
+from objectives.components.quantizer import nearest_code
 from objectives.configs import KMEANS_INIT_CHOICES as KMEANS_INITS
-from objectives.mae import patchify
-from objectives.quantizer import nearest_code
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +41,7 @@ SPLIT_EPS = 1 / 1024
 # Points per chunk of the nearest-centroid search: bounds memory at CHUNK x K scores.
 CHUNK_SIZE = 16384
 
-WEIGHTS_FILE = "centroids.safetensors"
-META_FILE = "centroids.json"
-LAYOUT_FORMAT = 1
-KIND = "ccvit-centroids"
-LAYOUT = "patch pixels (row, column, channel) row-major, values in [0, 1] (objectives.mae.patchify)"
+LAYOUT = "patch pixels (row, column, channel) row-major, values in [0, 1] (objectives.components.patches.patchify)"
 
 
 # --- pixels and patches -------------------------------------------------------------
@@ -272,30 +265,13 @@ def save_centroids(
     counts: torch.Tensor | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the layout of the module docstring into directory `path`."""
-    from safetensors.torch import save_file
-
+    """Write the centroids artifact (see the module docstring) into directory `path`."""
     k, d = centroids.shape
     if d != patch_size * patch_size * 3:
         raise ValueError(f"centroids of {d} dims do not match {patch_size}x{patch_size}x3 patches")
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    counts = torch.zeros(k) if counts is None else counts
-    state = {
-        "centroids": centroids.detach().float().cpu().contiguous().clone(),
-        "counts": counts.detach().float().cpu().contiguous().clone(),
-    }
-    save_file(state, str(out / WEIGHTS_FILE))
-    meta = {
-        "format": LAYOUT_FORMAT,
-        "kind": KIND,
-        "num_centroids": int(k),
-        "patch_size": int(patch_size),
-        "layout": LAYOUT,
-        **(extra or {}),
-    }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return out
+    tensors = {"centroids": centroids, "counts": torch.zeros(k) if counts is None else counts}
+    meta = {"num_centroids": int(k), "patch_size": int(patch_size), "layout": LAYOUT, **(extra or {})}
+    return save_artifact(path, "centroids", tensors, meta)
 
 
 def build_hint() -> str:
@@ -311,7 +287,7 @@ class StoredCentroids(NamedTuple):
 
     centroids: torch.Tensor  # (K, p*p*3) float32, pixels in [0, 1]
     counts: torch.Tensor  # (K,) sample points per centroid when they were built (zeros if unknown)
-    meta: dict[str, Any]  # centroids.json
+    meta: dict[str, Any]  # the artifact's metadata
 
 
 def load_centroids(source: str, *, tracking_uri: str | None = None) -> StoredCentroids:
@@ -320,51 +296,21 @@ def load_centroids(source: str, *, tracking_uri: str | None = None) -> StoredCen
     A .npy is the official train_faiss_kmeans.py output: (K, 3*p*p) with channel-first
     patches, reordered here to (row, column, channel).
     """
-    from pretrain.registry import MODEL_URI_SCHEMES, download_model_dir
-
-    if source.startswith(MODEL_URI_SCHEMES):
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                local = download_model_dir(source, tmp, tracking_uri=tracking_uri)
-            except Exception as err:  # MlflowException, OSError...: one line with the way out
-                first = (str(err).strip().splitlines() or [""])[0][:200]
-                raise FileNotFoundError(
-                    f"objective.tokenizer={source}: not found in the MLflow store {tracking_uri or '(default)'} "
-                    f"({type(err).__name__}: {first}); {build_hint()}"
-                ) from None
-            return _from_dir(local, source)
-    if "://" in source:
-        raise ValueError(f"objective.tokenizer={source}: use models:/..., runs:/<run_id>/centroids or a local path")
-    path = Path(source).expanduser()
-    if path.suffix == ".npy":
-        return _from_faiss_npy(path, source)
-    return _from_dir(path, source)
-
-
-def _from_dir(path: Path, label: str) -> StoredCentroids:
-    from safetensors.torch import load_file
-
-    if path.is_file() and path.name == WEIGHTS_FILE:
-        path = path.parent
-    weights, meta_path = path / WEIGHTS_FILE, path / META_FILE
-    if not (weights.is_file() and meta_path.is_file()):
-        raise FileNotFoundError(f"objective.tokenizer={label}: no {WEIGHTS_FILE} + {META_FILE} there; {build_hint()}")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("kind") != KIND or meta.get("format") != LAYOUT_FORMAT:
-        raise ValueError(
-            f"objective.tokenizer={label}: kind {meta.get('kind')!r} format {meta.get('format')!r}, "
-            f"expected {KIND!r} format {LAYOUT_FORMAT}"
-        )
-    state = load_file(str(weights), device="cpu")
-    centroids = state["centroids"].float()
-    return StoredCentroids(centroids, state.get("counts", torch.zeros(centroids.shape[0])).float(), meta)
+    if "://" in source and not source.startswith(MODEL_URI_SCHEMES):
+        raise ArtifactError(f"objective.tokenizer={source}: use models:/..., runs:/<run_id>/centroids or a local path")
+    if source.endswith(".npy"):
+        return _from_faiss_npy(Path(source).expanduser(), source)
+    artifact = read_artifact(source, "centroids", tracking_uri=tracking_uri, hint=build_hint())
+    centroids = artifact.tensors["centroids"].float()
+    counts = artifact.tensors.get("counts", torch.zeros(centroids.shape[0])).float()
+    return StoredCentroids(centroids, counts, artifact.meta)
 
 
 def _from_faiss_npy(path: Path, label: str) -> StoredCentroids:
     import numpy as np
 
     if not path.is_file():
-        raise FileNotFoundError(f"objective.tokenizer={label}: no such file; {build_hint()}")
+        raise ArtifactNotFound(f"objective.tokenizer={label}: no such file; {build_hint()}")
     array = np.load(path, allow_pickle=False)
     patch = int(round(math.sqrt(array.shape[1] / 3))) if array.ndim == 2 else 0
     if array.ndim != 2 or 3 * patch * patch != array.shape[1]:
@@ -372,5 +318,5 @@ def _from_faiss_npy(path: Path, label: str) -> StoredCentroids:
     k = array.shape[0]
     # official layout: (channel, row, column) per patch -> ours: (row, column, channel)
     centroids = torch.from_numpy(array).float().view(k, 3, patch, patch).permute(0, 2, 3, 1).reshape(k, -1)
-    meta = {"format": LAYOUT_FORMAT, "kind": KIND, "num_centroids": k, "patch_size": patch, "source": "faiss .npy"}
+    meta = {"kind": "centroids", "num_centroids": k, "patch_size": patch, "source": "faiss .npy"}
     return StoredCentroids(centroids.contiguous(), torch.zeros(k), meta)

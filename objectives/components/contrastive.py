@@ -1,4 +1,4 @@
-"""Shared pieces of the contrastive objectives (SimCLR, MoCo v3): gathers, losses, heads, momentum copies.
+"""Shared pieces of the contrastive objectives (SimCLR, MoCo v3): gathers, losses and heads.
 
 Conventions across ranks. Every rank computes the loss of its own anchors (a mean
 over its local batch) against candidates gathered from all ranks, and DeepSpeed
@@ -13,10 +13,6 @@ statistics. Local batches must have the same size on every rank.
 
 from __future__ import annotations
 
-import copy
-import math
-from collections.abc import Iterator
-from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -222,76 +218,3 @@ def projection_mlp(
         elif last_bn:
             layers.append(SyncBatchNorm1d(dim_out, affine=False))
     return nn.Sequential(*layers)
-
-
-# --- momentum encoders -------------------------------------------------------------------------
-
-
-def momentum_at(step: int, total_steps: int, base: float) -> float:
-    """MoCo v3's momentum schedule: 1 - (1 - base) * (1 + cos(pi * step / total)) / 2 (main_moco.py `adjust_moco_momentum`).
-
-    base at step 0, 1 at `total_steps` (and after).
-    """
-    if total_steps < 1:
-        raise ValueError(f"the momentum schedule needs total_steps >= 1, got {total_steps}")
-    progress = min(max(step, 0) / total_steps, 1.0)
-    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - base)
-
-
-def buffer_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of `module` whose parameters are buffers of the same names (a momentum encoder).
-
-    Buffers are in `state_dict` (DeepSpeed checkpoints carry them), are never handed to the
-    optimizer and are never partitioned by ZeRO-3, so a momentum encoder held this way
-    stays whole on every rank and survives resume. DeepSpeed casts parameters, not
-    buffers, to bf16/fp16: the copy keeps the float32 of its source.
-    """
-    clone = copy.deepcopy(module)
-    for sub in clone.modules():
-        for name, param in list(sub._parameters.items()):
-            del sub._parameters[name]
-            sub.register_buffer(name, None if param is None else param.detach().clone())
-    return clone
-
-
-# Parameters gathered at once under ZeRO-3 for the momentum update (bounds the memory of a gather).
-EMA_GATHER_NUMEL = 1 << 26
-
-
-def _chunks(pairs: list[tuple[nn.Parameter, torch.Tensor]], max_numel: int) -> Iterator[list]:
-    chunk: list[tuple[nn.Parameter, torch.Tensor]] = []
-    size = 0
-    for pair in pairs:
-        numel = pair[1].numel()  # the buffer has the full shape even when the parameter is partitioned
-        if chunk and size + numel > max_numel:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(pair)
-        size += numel
-    if chunk:
-        yield chunk
-
-
-@torch.no_grad()
-def momentum_update(online: nn.Module, target: nn.Module, m: float, *, max_numel: int = EMA_GATHER_NUMEL) -> None:
-    """target <- m * target + (1 - m) * online, for every parameter of `online` (by name).
-
-    `target` is a `buffer_copy` of `online`: its buffer of the same name receives the
-    update (BatchNorm running statistics of `target` are its own, not averaged, as in
-    moco-v3 `_update_momentum_encoder`, which only visits parameters). Under ZeRO-3
-    (parameters carry `ds_id`) the online parameters are gathered in chunks of at most
-    `max_numel` elements with `deepspeed.zero.GatheredParameters(modifier_rank=None)`,
-    read, and released. The update runs in the target's dtype (float32).
-    """
-    pairs = [(p, target.get_buffer(name)) for name, p in online.named_parameters()]
-    partitioned = any(hasattr(p, "ds_id") for p, _ in pairs)
-    for chunk in _chunks(pairs, max_numel):
-        if partitioned:
-            import deepspeed
-
-            gather = deepspeed.zero.GatheredParameters([p for p, _ in chunk], modifier_rank=None)
-        else:
-            gather = nullcontext()
-        with gather:
-            for p, k in chunk:
-                k.lerp_(p.detach().to(k.dtype), 1.0 - m)

@@ -1,0 +1,31 @@
+"""What an objective asks the data pipeline for: views and per-sample masks (torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """A patch mask the data pipeline draws per sample, in its loader workers.
+
+    kind: a generator registered in `data.masks.MASK_GENERATORS` ("random": a uniform
+    random subset, as MAE; "block": BEiT's block-wise mask). ratio: fraction of patches masked.
+    """
+
+    kind: str
+    ratio: float
+
+
+@dataclass(frozen=True)
+class DataNeeds:
+    """What an objective asks the data pipeline for.
+
+    views: number of independently augmented crops of each image; a batch carries
+    them as `batch["views"]`, a list of `views` tensors of shape (B, 3, H, W).
+    mask: if set, a batch also carries `batch["mask"]`, a bool tensor (B, N) over
+    the patch grid of the model (True = masked), drawn from the sample's seed.
+    """
+
+    views: int = 1
+    mask: MaskSpec | None = None

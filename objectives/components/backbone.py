@@ -1,0 +1,141 @@
+"""The backbone contract: a timm ViT behind a small adapter (patch tokens, keep-index masking, per-block features).
+
+Objectives use this instead of copying a ViT: MAE encodes only the kept tokens,
+BEiT-style MIM replaces tokens with a mask token, aggregation heads read the
+output of an intermediate block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class EncoderOutput:
+    """Final normalised tokens and the requested intermediate block outputs."""
+
+    tokens: torch.Tensor  # (B, prefix + N, D), after the final norm
+    block_outputs: dict[int, torch.Tensor]  # block index (0-based) -> (B, prefix + N, D), pre-norm
+
+
+class VitBackbone(nn.Module):
+    """Wraps a timm `VisionTransformer`; its weights keep timm's names under `vit.`."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        if not hasattr(vit, "patch_embed") or not hasattr(vit, "blocks"):
+            raise TypeError(f"{type(vit).__name__} is not a timm VisionTransformer (no patch_embed/blocks)")
+        if getattr(vit, "dynamic_img_size", False):
+            raise ValueError("dynamic_img_size ViTs are not supported: the patch grid must be fixed")
+        self.vit = vit
+        self.patch_size = int(vit.patch_embed.patch_size[0])
+        self.grid_size = tuple(int(g) for g in vit.patch_embed.grid_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.embed_dim = int(vit.embed_dim)
+        self.num_prefix_tokens = int(vit.num_prefix_tokens)
+        self.depth = len(vit.blocks)
+        if vit.cls_token is None:
+            raise ValueError("the backbone needs a class token (timm class_token=True)")
+
+    # --- position embeddings -------------------------------------------------
+    def _patch_pos_embed(self) -> torch.Tensor:
+        pos = self.vit.pos_embed  # (1, [prefix +] N, D)
+        return pos if self.vit.no_embed_class else pos[:, self.num_prefix_tokens :]
+
+    def _prefix_tokens(self, batch: int) -> torch.Tensor:
+        prefix = [self.vit.cls_token.expand(batch, -1, -1)]  # (B, 1, D)
+        if getattr(self.vit, "reg_token", None) is not None:
+            prefix.append(self.vit.reg_token.expand(batch, -1, -1))
+        tokens = torch.cat(prefix, dim=1)
+        if not self.vit.no_embed_class:
+            tokens = tokens + self.vit.pos_embed[:, : self.num_prefix_tokens]
+        return tokens
+
+    @torch.no_grad()
+    def use_fixed_pos_embed(self, table: torch.Tensor) -> None:
+        """Replace the learned position embedding by a fixed table (MAE: 2-D sin-cos).
+
+        table: (N, D) for the patches; prefix positions get zeros.
+        """
+        pos = self.vit.pos_embed
+        full = torch.zeros_like(pos)
+        full[:, pos.shape[1] - self.num_patches :] = table.to(pos.dtype)
+        pos.copy_(full)
+        pos.requires_grad_(False)
+
+    # --- forward pieces ------------------------------------------------------
+    def embed_patches(
+        self,
+        images: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, 3, H, W) -> patch tokens with position embedding, no prefix: (B, N, D).
+
+        With `mask` (B, N) bool (True = masked) and `mask_token` (1, 1, D), the embedding
+        of each masked patch is replaced by the mask token before the position embedding
+        is added (BEiT-style corruption: the encoder sees every position).
+        """
+        x = self.vit.patch_embed(images)
+        if mask is not None:
+            if mask_token is None:
+                raise ValueError("embed_patches: a mask needs a mask_token")
+            w = mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
+            x = x * (1 - w) + mask_token.to(x.dtype) * w
+        return x + self._patch_pos_embed()
+
+    def encode(
+        self,
+        patch_tokens: torch.Tensor,
+        *,
+        keep_idx: torch.Tensor | None = None,
+        return_blocks: Sequence[int] = (),
+    ) -> EncoderOutput:
+        """Run the transformer on patch tokens (B, N, D) from `embed_patches`.
+
+        keep_idx: (B, K) indices of the patches to keep (MAE-style), or None for all.
+        return_blocks: block indices (0-based, negative allowed) whose outputs to return.
+        """
+        x = patch_tokens
+        if keep_idx is not None:
+            x = torch.gather(x, 1, keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
+        x = torch.cat([self._prefix_tokens(x.shape[0]), x], dim=1)
+        x = self.vit.pos_drop(x)
+        x = self.vit.norm_pre(x)
+        wanted = {i % self.depth for i in return_blocks}
+        outputs: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.vit.blocks):
+            x = block(x)
+            if i in wanted:
+                outputs[i] = x
+        return EncoderOutput(tokens=self.vit.norm(x), block_outputs=outputs)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Plain forward: final normalised tokens (B, prefix + N, D)."""
+        return self.encode(self.embed_patches(images)).tokens
+
+
+def fused_attn_enabled(
+    setting: bool | str, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> bool:
+    """model.fused_attn for a run on `device` in `dtype`: "auto" is fused except in bf16 on a CPU."""
+    if isinstance(setting, bool):
+        return setting
+    return not (device is not None and device.type == "cpu" and dtype == torch.bfloat16)
+
+
+def set_fused_attn(root: nn.Module, enabled: bool) -> None:
+    """Fused or explicit attention in every timm attention module under `root` (backbone, decoders, heads).
+
+    timm's Attention decides per module, at creation, from a global setting; objectives build
+    their own timm blocks (MAE's decoder, BEiT v2's aggregation head), so the run sets it on
+    the whole objective module.
+    """
+    for module in root.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = enabled
