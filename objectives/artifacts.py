@@ -122,7 +122,9 @@ def save_encoder(
     if getattr(model, "pretrained_cfg", None) is not None:  # a model timm created
         from timm.models._hub import save_config_for_hf
 
-        data = {"mean": tuple(meta["mean"]), "std": tuple(meta["std"])} if mean is not None and std is not None else None
+        data = (
+            {"mean": tuple(meta["mean"]), "std": tuple(meta["std"])} if mean is not None and std is not None else None
+        )
         save_config_for_hf(model, str(out / TIMM_CONFIG_FILE), model_args=meta["arch_kwargs"], data_config=data)
     return out
 
@@ -247,7 +249,9 @@ def read_artifact(
         except ArtifactError:
             raise
         except Exception as err:  # MlflowException, OSError, botocore...: one line with the way out
-            where = f" in the MLflow store {tracking_uri or '(default)'}" if source.startswith(MODEL_URI_SCHEMES) else ""
+            where = (
+                f" in the MLflow store {tracking_uri or '(default)'}" if source.startswith(MODEL_URI_SCHEMES) else ""
+            )
             raise ArtifactNotFound(f"{source}: not found{where} ({first_line(err)}); {hint}".rstrip("; ")) from None
         return read_local(local, kind, label=source, hint=hint)
 

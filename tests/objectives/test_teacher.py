@@ -71,9 +71,7 @@ def test_mlflow_registered_and_runs_uri(tmp_path: Path, monkeypatch, vit, images
     client = mlflow.MlflowClient(uri, uri)
     exp = client.create_experiment("teachers", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id
-    model_uri = log_teacher(
-        vit, ARCH, KWARGS, run_id=run_id, tracking_uri=uri, registered_name="tiny-teacher"
-    )
+    model_uri = log_teacher(vit, ARCH, KWARGS, run_id=run_id, tracking_uri=uri, registered_name="tiny-teacher")
     assert model_uri == "models:/tiny-teacher/1"
     client.set_registered_model_alias("tiny-teacher", "best", "1")
     expected = by_hand(vit, images, -1)[:, 1:]
