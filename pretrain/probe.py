@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,17 +76,21 @@ def _check_fit_set(fit_feats: Tensor, fit_labels: Tensor, query_feats: Tensor, n
     _check_labels(fit_labels, num_classes, "fit_labels")
 
 
-def _knn_votes(
+def knn_votes(
     fit_feats: Tensor,
     fit_labels: Tensor,
     query_feats: Tensor,
     num_classes: int,
-    k: int,
-    temperature: float,
-    chunk_size: int,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 4096,
 ) -> Tensor:
-    """Per-query class votes sum_{j in top-k} exp((s_j - s_max) / T) [y_j = c], on fit_feats' device.
+    """Per-query class votes (M, C): sum_{j in top-k} exp((s_j - s_max) / T) [y_j = c], on fit_feats' device.
 
+    s_j = cosine similarity of the query to fit sample j (DINO, Caron et al. 2021: k=20, T=0.07).
+    Features are l2-normalised and compared in float32 whatever their dtype; queries go through
+    `chunk_size` at a time, so memory is O(chunk_size * N), not O(M * N). k is capped at N.
     Subtracting the query's best similarity s_max scales its whole row by exp(-s_max / T) > 0:
     argmax and vote shares are unchanged, and exp never overflows float32 for small T.
     """
@@ -109,45 +114,22 @@ def _knn_votes(
     return votes
 
 
-def knn_scores(
-    fit_feats: Tensor,
-    fit_labels: Tensor,
-    query_feats: Tensor,
-    num_classes: int,
-    *,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk_size: int = 4096,
-) -> Tensor:
-    """Weighted-kNN vote shares (M, C): score_c = sum_{j in top-k, y_j = c} exp(s_j / T) / sum_{j in top-k} exp(s_j / T).
+def knn_scores(fit_feats: Tensor, fit_labels: Tensor, query_feats: Tensor, num_classes: int, **options: Any) -> Tensor:
+    """Weighted-kNN vote shares (M, C), each row summing to 1, on query_feats' device; options as `knn_votes`.
 
-    s_j = cosine similarity of the query to fit sample j (DINO, Caron et al. 2021). Each row sums
-    to 1; k is capped at N. Returned on query_feats' device, float32.
+    score_c = sum_{j in top-k, y_j = c} exp(s_j / T) / sum_{j in top-k} exp(s_j / T).
     """
-    votes = _knn_votes(fit_feats, fit_labels, query_feats, num_classes, k, temperature, chunk_size)  # (M, C)
+    votes = knn_votes(fit_feats, fit_labels, query_feats, num_classes, **options)  # (M, C)
     return (votes / votes.sum(dim=1, keepdim=True)).to(query_feats.device)
 
 
-def knn_predict(
-    fit_feats: Tensor,
-    fit_labels: Tensor,
-    query_feats: Tensor,
-    num_classes: int,
-    *,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk_size: int = 4096,
-) -> Tensor:
-    """Weighted-kNN class predictions (M,) int64: argmax_c of the summed votes exp(sim / T) (DINO, k=20, T=0.07).
+def knn_predict(fit_feats: Tensor, fit_labels: Tensor, query_feats: Tensor, num_classes: int, **options: Any) -> Tensor:
+    """Weighted-kNN class predictions (M,) int64, on query_feats' device: argmax_c of `knn_votes`.
 
-    Features are l2-normalised and compared in float32 whatever their dtype; queries go through
-    `chunk_size` at a time, so memory is O(chunk_size * N), not O(M * N). k is capped at N.
     Ties in the summed vote go to the lowest class id (torch.argmax returns the first maximum);
     which of several equally similar fit samples fill the last of the k places is unspecified.
-    The result is on query_feats' device.
     """
-    votes = _knn_votes(fit_feats, fit_labels, query_feats, num_classes, k, temperature, chunk_size)  # (M, C)
-    return votes.argmax(dim=1).to(query_feats.device)
+    return knn_votes(fit_feats, fit_labels, query_feats, num_classes, **options).argmax(dim=1).to(query_feats.device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -262,27 +262,17 @@ def up(args: argparse.Namespace) -> Stack:
         stack.save()
         wait_until(lambda: answers(f"{mlflow_url}/health"), "mlflow server", process, log, args.start_timeout)
 
-        argv = [
-            executable("ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address",
-            HOST,
-            "--port",
-            str(ports["ray"]),
-            "--ray-client-server-port",
-            str(ports["client"]),
-            "--dashboard-host",
-            HOST,
-            "--dashboard-port",
-            str(ports["dashboard"]),
-            "--dashboard-agent-listen-port",
-            str(ports["agent"]),
-            "--temp-dir",
-            str(ray_temp),
-            "--disable-usage-stats",
-        ]
+        options = {
+            "--node-ip-address": HOST,
+            "--port": ports["ray"],
+            "--ray-client-server-port": ports["client"],
+            "--dashboard-host": HOST,
+            "--dashboard-port": ports["dashboard"],
+            "--dashboard-agent-listen-port": ports["agent"],
+            "--temp-dir": ray_temp,
+        }
+        argv = [executable("ray"), "start", "--head", "--block", "--disable-usage-stats"]
+        argv += [part for flag, value in options.items() for part in (flag, str(value))]
         if args.num_cpus:
             argv += ["--num-cpus", str(args.num_cpus)]
         _ensure_ray_token(service_env)

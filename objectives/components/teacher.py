@@ -35,6 +35,7 @@ from objectives.artifacts import (
     ArtifactNotFound,
     read_artifact,
 )
+from objectives.components.frozen import FrozenModel
 from objectives.configs import TEACHER_FILE_SUFFIXES, TEACHER_NORMALIZE, TeacherConfig
 
 if TYPE_CHECKING:
@@ -46,27 +47,6 @@ log = logging.getLogger(__name__)
 NESTED_KEYS = ("model", "state_dict", "teacher")
 
 
-def input_affine(
-    input_mean: Sequence[float] | None,
-    input_std: Sequence[float] | None,
-    model_mean: Sequence[float] | None,
-    model_std: Sequence[float] | None,
-) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-    """Per-channel (scale, shift) that turn data-normalised images into the model's normalisation.
-
-    x_model = (x * in_std + in_mean - m_mean) / m_std = x * scale + shift; (None, None)
-    when any statistic is unknown or the two normalisations agree.
-    """
-    if None in (input_mean, input_std, model_mean, model_std):
-        return None, None
-    in_mean, in_std = torch.tensor(input_mean, dtype=torch.float32), torch.tensor(input_std, dtype=torch.float32)
-    m_mean, m_std = torch.tensor(model_mean, dtype=torch.float32), torch.tensor(model_std, dtype=torch.float32)
-    scale, shift = in_std / m_std, (in_mean - m_mean) / m_std
-    if torch.equal(scale, torch.ones(3)) and torch.equal(shift, torch.zeros(3)):
-        return None, None
-    return scale, shift
-
-
 class TeacherOutput(NamedTuple):
     """Teacher features of a batch."""
 
@@ -74,7 +54,7 @@ class TeacherOutput(NamedTuple):
     cls: torch.Tensor | None  # (B, D), when the teacher was asked for it
 
 
-class Teacher(nn.Module):
+class Teacher(FrozenModel):
     """A frozen timm ViT exposing one layer's patch (and CLS) features; always in eval mode."""
 
     def __init__(
@@ -91,7 +71,7 @@ class Teacher(nn.Module):
         teacher_std: Sequence[float] | None = None,
         source: str = "",
     ) -> None:
-        super().__init__()
+        super().__init__(source)
         if not hasattr(vit, "patch_embed") or not hasattr(vit, "blocks"):
             raise ValueError(f"teacher {source!r}: {type(vit).__name__} is not a timm VisionTransformer")
         depth = len(vit.blocks)
@@ -110,19 +90,7 @@ class Teacher(nn.Module):
         self.normalize = normalize
         self.return_cls = return_cls
         self.project = project
-        self.source = source
-        scale, shift = input_affine(input_mean, input_std, teacher_mean, teacher_std)
-        self.renormalize = scale is not None
-        scale = torch.ones(3) if scale is None else scale
-        shift = torch.zeros(3) if shift is None else shift
-        self.register_buffer("in_scale", scale.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("in_shift", shift.view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> Teacher:
-        """Stays in eval mode (no dropout, no drop-path) whatever the caller asks."""
-        return super().train(False)
+        self.freeze(input_mean, input_std, teacher_mean, teacher_std)
 
     @property
     def patch_size(self) -> int:
@@ -144,10 +112,7 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> TeacherOutput:
         """(B, 3, H, W) normalised images -> patches (B, N, D) and optionally CLS (B, D)."""
-        x = images.to(self.in_scale.dtype)
-        if self.renormalize:
-            x = x * self.in_scale + self.in_shift
-        x = x.to(self.vit.patch_embed.proj.weight.dtype)
+        x = self.model_input(images, self.vit.patch_embed.proj.weight.dtype)
         if self.layer == -1:
             tokens = self.vit.forward_features(x)  # (B, prefix + N, D), after the final norm
             if self.project:

@@ -22,8 +22,8 @@ from torch import nn
 
 from objectives.artifacts import MODEL_URI_SCHEMES, Artifact, ArtifactError, read_artifact, save_artifact
 from objectives.components.backbone import VitBackbone
+from objectives.components.frozen import FrozenModel
 from objectives.components.quantizer import nearest_code
-from objectives.components.teacher import input_affine
 
 
 def encode_head(width: int, code_dim: int) -> nn.Sequential:
@@ -39,7 +39,7 @@ def tokenize(backbone: VitBackbone, head: nn.Module, codebook: torch.Tensor, ima
     return nearest_code(z.reshape(b * n, d), codebook.float()).view(b, n)
 
 
-class VQTokenizer(nn.Module):
+class VQTokenizer(FrozenModel):
     """Frozen tokenizer: `forward(images)` -> code ids (B, N), long; always in eval mode."""
 
     def __init__(
@@ -54,20 +54,11 @@ class VQTokenizer(nn.Module):
         tokenizer_std: Sequence[float] | None = None,
         source: str = "",
     ) -> None:
-        super().__init__()
+        super().__init__(source)
         self.backbone = backbone
         self.encode_head = head
         self.register_buffer("codebook", codebook.float().clone())
-        self.source = source
-        scale, shift = input_affine(input_mean, input_std, tokenizer_mean, tokenizer_std)
-        self.renormalize = scale is not None
-        self.register_buffer("in_scale", torch.ones(3) if scale is None else scale, persistent=False)
-        self.register_buffer("in_shift", torch.zeros(3) if shift is None else shift, persistent=False)
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> VQTokenizer:
-        return super().train(False)
+        self.freeze(input_mean, input_std, tokenizer_mean, tokenizer_std)
 
     @property
     def num_codes(self) -> int:
@@ -79,10 +70,7 @@ class VQTokenizer(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images
-        if self.renormalize:
-            x = x.float() * self.in_scale.view(1, 3, 1, 1) + self.in_shift.view(1, 3, 1, 1)
-        x = x.to(self.backbone.vit.patch_embed.proj.weight.dtype)
+        x = self.model_input(images, self.backbone.vit.patch_embed.proj.weight.dtype)
         return tokenize(self.backbone, self.encode_head, self.codebook, x)
 
 
