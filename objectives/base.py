@@ -34,7 +34,7 @@ class RunContext:
     given as `models:/`/`runs:/` URIs resolve against it. input_mean/std: the
     normalisation of the images in a batch. arch/arch_kwargs: the timm call that
     rebuilds the encoder (written beside exported weights). total_steps: the run's
-    optimizer steps.
+    optimizer steps. inputs: earlier stages' outputs, already loaded.
     """
 
     tracking_uri: str = ""
@@ -45,6 +45,9 @@ class RunContext:
     # Optimizer steps of the whole run (trainer.max_steps): for schedules such as
     # MoCo v3's momentum; 0 when unknown (direct use outside a run).
     total_steps: int = 0
+    # Inputs from earlier stages already loaded ({"teacher": Teacher, "tokenizer": VQTokenizer,
+    # "centroids": (K, p*p*3) tensor}): used instead of loading what the config names.
+    inputs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,9 +86,9 @@ class LossOutput(NamedTuple):
 class Objective(nn.Module):
     """Base class: an objective wraps a backbone and owns everything method-specific.
 
-    Subclasses set `name` and `config_class`, and are registered with
-    `objectives.registry.register`. The data they need: `views` augmented crops per image
-    and, with `mask_kind` ("random" | "block", `data.masks`), a per-sample mask of
+    Subclasses are registered with `@objectives.registry.register(name, config, views=, mask=)`,
+    which sets `name`, `config_class` and the data they need: `views` augmented crops per
+    image and, with `mask_kind` ("random" | "block", `data.masks`), a per-sample mask of
     `cfg.mask_ratio`; override `data_needs` for anything else.
     """
 

@@ -34,23 +34,14 @@ def masked_targets(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return codes[mask]
 
 
-@register
+# One crop and a block-wise mask, drawn in the loader workers.
+@register("beitv2", BEiTv2Config, mask="block")
 class BEiTv2(Objective):
     """Mask-token MIM on tokenizer codes with BEiT v2's patch-aggregation branch."""
 
-    name = "beitv2"
-    config_class = BEiTv2Config
-    mask_kind = "block"  # one crop and a block-wise mask, drawn in the loader workers
-
-    def __init__(
-        self,
-        cfg: BEiTv2Config,
-        backbone: VitBackbone,
-        context: RunContext | None = None,
-        *,
-        tokenizer: VQTokenizer | None = None,
-    ) -> None:
+    def __init__(self, cfg: BEiTv2Config, backbone: VitBackbone, context: RunContext | None = None) -> None:
         super().__init__(cfg, backbone, context)
+        tokenizer: VQTokenizer | None = self.context.inputs.get("tokenizer")
         if tokenizer is None:
             tokenizer = load_tokenizer(
                 cfg.tokenizer,

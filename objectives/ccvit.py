@@ -68,30 +68,21 @@ class Corruption(NamedTuple):
     patches: torch.Tensor  # (B, N, p*p*3) float32: the original patches' pixels in [0, 1]
 
 
-@register
+# One crop and a block-wise mask, drawn in the loader workers.
+@register("ccvit", CCViTConfig, mask="block")
 class CCViT(Objective):
     """Mask-token + centroid-replacement corruption; CE on centroid ids and MSE on pixels."""
-
-    name = "ccvit"
-    config_class = CCViTConfig
 
     centroids: torch.Tensor
     centroid_counts: torch.Tensor
     centroids_ready: torch.Tensor
     kmeans_stats: torch.Tensor
-    mask_kind = "block"  # one crop and a block-wise mask, drawn in the loader workers
 
-    def __init__(
-        self,
-        cfg: CCViTConfig,
-        backbone: VitBackbone,
-        context: RunContext | None = None,
-        *,
-        centroids: torch.Tensor | None = None,
-    ) -> None:
+    def __init__(self, cfg: CCViTConfig, backbone: VitBackbone, context: RunContext | None = None) -> None:
         super().__init__(cfg, backbone, context)
         patch = backbone.patch_size
         dim = patch * patch * 3
+        centroids = self.context.inputs.get("centroids")
         source, counts, meta = "<given>", None, {}
         if centroids is None and cfg.tokenizer:
             centroids, counts, meta = load_centroids(cfg.tokenizer, tracking_uri=self.context.tracking_uri or None)

@@ -25,13 +25,10 @@ from objectives.configs import MAEConfig
 from objectives.registry import register
 
 
-@register
+# One crop and a uniform random mask of mask_ratio, drawn in the loader workers.
+@register("mae", MAEConfig, mask="random")
 class MAE(Objective):
     """Masked autoencoder with a ViT encoder on visible patches and a small decoder."""
-
-    name = "mae"
-    config_class = MAEConfig
-    mask_kind = "random"  # one crop and a uniform random mask of mask_ratio, drawn in the loader workers
 
     def __init__(self, cfg: MAEConfig, backbone: VitBackbone, context: RunContext | None = None) -> None:
         super().__init__(cfg, backbone, context)

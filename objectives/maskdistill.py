@@ -22,7 +22,7 @@ from torch import nn
 from objectives.base import LossOutput, Objective, RunContext
 from objectives.components.aggregation import beit_init
 from objectives.components.backbone import VitBackbone
-from objectives.components.teacher import Teacher, attach_teacher
+from objectives.components.teacher import attach_teacher
 from objectives.configs import MaskDistillConfig
 from objectives.registry import register
 
@@ -48,24 +48,14 @@ def masked_feature_loss(
     return torch.where(mask, per_patch, torch.zeros_like(per_patch)).sum() / mask.sum().clamp_min(1)
 
 
-@register
+# One crop and a BEiT block-wise mask of mask_ratio, drawn in the loader workers.
+@register("maskdistill", MaskDistillConfig, mask="block")
 class MaskDistill(Objective):
     """Masked feature distillation: mask-token corruption -> ViT -> linear head -> LN(teacher features)."""
 
-    name = "maskdistill"
-    config_class = MaskDistillConfig
-    mask_kind = "block"  # one crop and a BEiT block-wise mask of mask_ratio, drawn in the loader workers
-
-    def __init__(
-        self,
-        cfg: MaskDistillConfig,
-        backbone: VitBackbone,
-        context: RunContext | None = None,
-        *,
-        teacher: Teacher | None = None,
-    ) -> None:
+    def __init__(self, cfg: MaskDistillConfig, backbone: VitBackbone, context: RunContext | None = None) -> None:
         super().__init__(cfg, backbone, context)
-        teacher = attach_teacher(self, cfg.teacher, teacher)
+        teacher = attach_teacher(self, cfg.teacher)
         width = backbone.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))  # BEiT's learned mask token
         # MIM head: one fully connected layer, student width -> teacher feature size (both reimplementations).

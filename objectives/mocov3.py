@@ -44,13 +44,10 @@ def freeze_patch_projection(backbone: VitBackbone) -> None:
         proj.bias.requires_grad_(False)
 
 
-@register
+# Two independently cropped and flipped views; the colour part is done in `forward`.
+@register("mocov3", MoCoV3Config, views=2)
 class MoCoV3(Objective):
     """Query ViT + projector + predictor against a momentum key encoder; symmetric InfoNCE."""
-
-    name = "mocov3"
-    config_class = MoCoV3Config
-    views = 2  # independently cropped and flipped; the colour part is done in `forward`
 
     def __init__(self, cfg: MoCoV3Config, backbone: VitBackbone, context: RunContext | None = None) -> None:
         super().__init__(cfg, backbone, context)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
@@ -13,16 +14,25 @@ _REGISTRY: dict[str, type[Objective]] = {}
 # objective registers itself by existing: one new file, no list to edit.
 _loaded = False
 
-T = TypeVar("T")
+T = TypeVar("T", bound=type)
 
 
-def register(cls: T) -> T:
-    """Class decorator: register an Objective subclass under `cls.name`."""
-    name = cls.name  # type: ignore[attr-defined]
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
-        raise ValueError(f"objective {name!r} is registered twice ({_REGISTRY[name]} and {cls})")
-    _REGISTRY[name] = cls  # type: ignore[assignment]
-    return cls
+def register(name: str, config: type, *, views: int = 1, mask: str | None = None) -> Callable[[T], T]:
+    """Class decorator: register an Objective subclass as `objective=<name>` with what it needs.
+
+    config: its config dataclass (objectives/configs.py). views: augmented crops per image
+    the data pipeline draws; mask: "random" | "block" (data.masks) for a per-sample mask of
+    `cfg.mask_ratio`, or None.
+    """
+
+    def add(cls: T) -> T:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"objective {name!r} is registered twice ({_REGISTRY[name]} and {cls})")
+        cls.name, cls.config_class, cls.views, cls.mask_kind = name, config, views, mask
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
 
 
 def _load_builtins() -> None:

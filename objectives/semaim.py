@@ -33,7 +33,7 @@ from objectives.components.ema import EmaEncoder
 from objectives.components.patches import normalise_patches, patchify
 from objectives.components.pictures import MAX_IMAGES, display_scale, grid, heat_map, to_uint8_images
 from objectives.components.pos_embed import sincos_2d
-from objectives.components.teacher import Teacher, attach_teacher
+from objectives.components.teacher import attach_teacher
 from objectives.components.zero import gathered_outside_forward
 from objectives.configs import SemAIMConfig
 from objectives.registry import register
@@ -188,21 +188,12 @@ class TwoStreamOutput(NamedTuple):
     prediction: torch.Tensor  # (B, N, out): head(norm(g)) at the patches
 
 
-@register
+# One crop, no mask: every patch is predicted, in the order computed in `forward`.
+@register("semaim", SemAIMConfig)
 class SemAIM(Objective):
     """Semantic-aware autoregressive image modeling with two-stream attention on the timm ViT."""
 
-    name = "semaim"
-    config_class = SemAIMConfig
-
-    def __init__(
-        self,
-        cfg: SemAIMConfig,
-        backbone: VitBackbone,
-        context: RunContext | None = None,
-        *,
-        teacher: Teacher | None = None,
-    ) -> None:
+    def __init__(self, cfg: SemAIMConfig, backbone: VitBackbone, context: RunContext | None = None) -> None:
         super().__init__(cfg, backbone, context)
         problems = cfg.problems()
         if problems:
@@ -234,7 +225,7 @@ class SemAIM(Objective):
         )  # (1, P + N, D)
 
         if cfg.target == "teacher":
-            out_dim = self._attach_teacher(teacher)
+            out_dim = self._attach_teacher()
         else:
             out_dim = backbone.patch_size**2 * 3
 
@@ -251,12 +242,12 @@ class SemAIM(Objective):
                 nn.init.zeros_(module.bias)
         self.ema = EmaEncoder(backbone) if self._orders_by_ema() else None
 
-    def _attach_teacher(self, teacher: Teacher | None) -> int:
+    def _attach_teacher(self) -> int:
         """SemAIM*: hold the frozen teacher (loaded from cfg.teacher unless given); returns its feature size."""
-        if teacher is not None and not teacher.return_cls:
-            raise ValueError("SemAIM* orders patches by the teacher's CLS: build the teacher with return_cls=True")
         # Its CLS gives the order: return_cls whatever the config says.
-        teacher = attach_teacher(self, dataclasses.replace(self.cfg.teacher, return_cls=True), teacher)
+        teacher = attach_teacher(self, dataclasses.replace(self.cfg.teacher, return_cls=True))
+        if not teacher.return_cls:
+            raise ValueError("SemAIM* orders patches by the teacher's CLS: build the teacher with return_cls=True")
         return teacher.feature_dim
 
     def _orders_by_ema(self) -> bool:

@@ -27,13 +27,10 @@ from objectives.configs import SimCLRConfig
 from objectives.registry import register
 
 
-@register
+# Two independently cropped and flipped views; the colour part is done in `forward`.
+@register("simclr", SimCLRConfig, views=2)
 class SimCLR(Objective):
     """Two views -> ViT CLS -> projection MLP (synchronised BN) -> NT-Xent over the gathered batch."""
-
-    name = "simclr"
-    config_class = SimCLRConfig
-    views = 2  # independently cropped and flipped; the colour part is done in `forward`
 
     def __init__(self, cfg: SimCLRConfig, backbone: VitBackbone, context: RunContext | None = None) -> None:
         super().__init__(cfg, backbone, context)

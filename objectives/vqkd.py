@@ -25,7 +25,7 @@ from objectives.base import ExportedModel, LossOutput, Objective, RunContext
 from objectives.components.backbone import VitBackbone
 from objectives.components.pictures import MAX_IMAGES, display_scale, grid, id_map, to_uint8_images, usage_histogram
 from objectives.components.quantizer import NormEMAQuantizer
-from objectives.components.teacher import Teacher, attach_teacher
+from objectives.components.teacher import attach_teacher
 from objectives.components.tokenizer import encode_head, save_tokenizer, tokenize
 from objectives.components.zero import gathered_outside_forward
 from objectives.configs import VQKDConfig
@@ -37,21 +37,12 @@ def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
 
 
-@register
+# One crop per image, no mask.
+@register("vqkd", VQKDConfig)
 class VQKD(Objective):
     """Tokenizer training: encoder -> codes -> decoder regressing the teacher's patch features."""
 
-    name = "vqkd"
-    config_class = VQKDConfig
-
-    def __init__(
-        self,
-        cfg: VQKDConfig,
-        backbone: VitBackbone,
-        context: RunContext | None = None,
-        *,
-        teacher: Teacher | None = None,
-    ) -> None:
+    def __init__(self, cfg: VQKDConfig, backbone: VitBackbone, context: RunContext | None = None) -> None:
         super().__init__(cfg, backbone, context)
         # Encoder task layer (modeling_vqkd.py encode_task_layer): Linear, Tanh, Linear to code_dim.
         self.encode_head = encode_head(backbone.embed_dim, cfg.code_dim)
@@ -63,7 +54,7 @@ class VQKD(Objective):
             restart_dead_codes=cfg.restart_dead_codes,
             dead_code_window=cfg.dead_code_window,
         )
-        teacher = attach_teacher(self, cfg.teacher, teacher)
+        teacher = attach_teacher(self, cfg.teacher)
         dec = cfg.decoder_embed_dim
         self.decoder_embed = nn.Linear(cfg.code_dim, dec)
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, backbone.num_patches, dec))

@@ -186,13 +186,15 @@ def load_teacher(
     )
 
 
-def attach_teacher(objective: Objective, cfg: TeacherConfig, teacher: Teacher | None = None) -> Teacher:
-    """The objective's frozen teacher: loaded from `cfg` unless given, on the encoder's grid, held outside its parameters.
+def attach_teacher(objective: Objective, cfg: TeacherConfig) -> Teacher:
+    """The objective's frozen teacher: `context.inputs["teacher"]`, else loaded from `cfg`; on the encoder's grid,
+    held outside its parameters.
 
     The teacher sees the batch's images, re-normalised to its own statistics (CLIP's differ
     from ImageNet's) and at the encoder's image size (position embedding resampled).
     """
     backbone, ctx = objective.backbone, objective.context
+    teacher = ctx.inputs.get("teacher")
     if teacher is None:
         teacher = load_teacher(
             cfg,

@@ -75,7 +75,8 @@ def exported(vqkd: VQKD, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make(tokenizer: VQTokenizer, **overrides: object) -> BEiTv2:
     torch.manual_seed(2)
     cfg = BEiTv2Config(tokenizer="<given>", mask_ratio=0.375, **overrides)
-    return BEiTv2(cfg, build_backbone(MODEL), RunContext(input_mean=MEAN, input_std=STD), tokenizer=tokenizer)
+    context = RunContext(input_mean=MEAN, input_std=STD, inputs={"tokenizer": tokenizer})
+    return BEiTv2(cfg, build_backbone(MODEL), context)
 
 
 # --- the exported tokenizer ------------------------------------------------------
@@ -247,5 +248,5 @@ def test_grid_mismatch_is_one_line(exported: Path) -> None:
         BEiTv2(
             BEiTv2Config(tokenizer="x"),
             build_backbone(ModelConfig(arch=ARCH, **{**TINY, "patch_size": 4})),
-            tokenizer=tokenizer,
+            RunContext(inputs={"tokenizer": tokenizer}),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,7 @@ def random_centroids(seed: int = 0) -> torch.Tensor:
 
 def make(centroids: torch.Tensor | None = None, **overrides: object) -> CCViT:
     torch.manual_seed(1)
-    return CCViT(config(**overrides), build_backbone(MODEL), CONTEXT, centroids=centroids)
+    return CCViT(config(**overrides), build_backbone(MODEL), replace(CONTEXT, inputs={"centroids": centroids}))
 
 
 def patch_of(images: torch.Tensor, b: int, i: int) -> torch.Tensor:
@@ -218,7 +219,11 @@ def test_export_and_reuse_the_centroids(tmp_path: Path) -> None:
     assert [i.registered_name for i in named if i.name == "centroids"] == ["my-centroids"]
     # Centroids of other patches than the encoder's: one clear error.
     with pytest.raises(ValueError, match="model.patch_size"):
-        CCViT(config(), build_backbone(ModelConfig(arch=ARCH, **{**TINY, "patch_size": 4})), centroids=model.centroids)
+        CCViT(
+            config(),
+            build_backbone(ModelConfig(arch=ARCH, **{**TINY, "patch_size": 4})),
+            RunContext(inputs={"centroids": model.centroids}),
+        )
 
 
 def test_config_problems() -> None:

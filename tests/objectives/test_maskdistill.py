@@ -179,7 +179,8 @@ def test_run_context_and_a_prebuilt_teacher(teacher_dir: Path, tmp_path: Path) -
     assert torch.allclose(teacher.in_shift.flatten(), torch.full((3,), -2.0))
     # A teacher built by the caller is used as is (keyword-only, as VQ-KD).
     prebuilt = load_teacher(TeacherConfig(source=str(teacher_dir), layer=1, normalize="layer_norm"))
-    assert MaskDistill(cfg, backbone, teacher=prebuilt).frozen_modules()["teacher"] is prebuilt
+    given = RunContext(inputs={"teacher": prebuilt})
+    assert MaskDistill(cfg, backbone, given).frozen_modules()["teacher"] is prebuilt
 
 
 def test_loss_falls_on_a_fixed_batch(teacher_dir: Path) -> None:

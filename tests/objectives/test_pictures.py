@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -319,7 +320,8 @@ def test_beitv2_token_ids_are_the_tokenizers_codes_and_the_predictions_at_masked
     tokenizer = tiny_tokenizer()
     torch.manual_seed(6)
     cfg = BEiTv2Config(tokenizer="<given>", mask_ratio=0.375)
-    model = BEiTv2(cfg, build_backbone(ModelConfig(arch=ARCH, **{**TINY, "depth": 4})), CONTEXT, tokenizer=tokenizer)
+    context = replace(CONTEXT, inputs={"tokenizer": tokenizer})
+    model = BEiTv2(cfg, build_backbone(ModelConfig(arch=ARCH, **{**TINY, "depth": 4})), context)
     model.eval()
     pixels = uint8_images(BATCH, 7)
     x = normalised(pixels)
@@ -357,7 +359,8 @@ def test_ccvit_centroid_ids_rebuilt_image_and_usage_by_brute_force() -> None:
     centroids = np.clip(centroids, 0, 1).astype(np.float32)
     torch.manual_seed(11)
     cfg = CCViTConfig(num_centroids=k, kmeans_samples=64, mask_ratio=0.375, replace_ratio=0.25)
-    model = CCViT(cfg, build_backbone(MODEL), CONTEXT, centroids=torch.from_numpy(centroids)).eval()
+    context = replace(CONTEXT, inputs={"centroids": torch.from_numpy(centroids)})
+    model = CCViT(cfg, build_backbone(MODEL), context).eval()
     x = normalised(pixels)
     with torch.no_grad():
         pictures = model.pictures({"views": [x], "mask": random_masks(BATCH, 12, 0.375)})
@@ -390,7 +393,7 @@ def test_vqkd_code_ids_and_codebook_usage_by_brute_force() -> None:
     torch.manual_seed(13)
     teacher = Teacher(timm.create_model(ARCH, num_classes=0, **TINY))
     cfg = VQKDConfig(num_codes=16, code_dim=8, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
-    model = VQKD(cfg, build_backbone(MODEL), CONTEXT, teacher=teacher)
+    model = VQKD(cfg, build_backbone(MODEL), replace(CONTEXT, inputs={"teacher": teacher}))
     pixels = uint8_images(BATCH, 14)
     x = normalised(pixels)
     model({"views": [x]})  # one training forward: k-means init of the codebook
