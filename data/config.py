@@ -54,7 +54,6 @@ class DataConfig:
     # Normalisation (ImageNet statistics, as timm/MAE use).
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    # Size of the embedded default dataset (procedural shapes).
     # Transient storage errors (connection refused/reset, timeouts, throttling, 5xx)
     # are retried up to this many times in a row (every sample read refills the
     # budget) with exponential backoff from io_retry_wait_s (doubling, capped at
@@ -70,6 +69,31 @@ class DataConfig:
     # image is so large that every possible crop still has >= img_size pixels on each
     # side (no resolution loss; see docs/data.md).
     fast_decode: bool = True
+    # Size of the embedded default dataset (procedural shapes).
     default_train_samples: int = 4096
     default_eval_samples: int = 1024
     default_shard_size: int = 512
+
+
+def data_problems(d: DataConfig) -> list[tuple[str, str]]:
+    """Config mistakes of the `data` node that need no I/O: (key, message) pairs, in order."""
+    checks = []
+    for key in ("urls", "eval_urls"):
+        url = getattr(d, key)
+        bad_url = unsupported_scheme(url, DATA_SCHEMES) if url else None
+        checks.append((bad_url is None, f"data.{key}", bad_url or ""))
+    checks += [
+        (d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}"),
+        (d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}"),
+        (0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min", f"must be in (0, 1], got {d.crop_scale_min}"),
+        (len(d.mean) == 3 and len(d.std) == 3, "data.mean", "data.mean and data.std need 3 values (RGB)"),
+        (d.io_retries >= 0, "data.io_retries", f"must be >= 0, got {d.io_retries}"),
+        (d.io_retry_wait_s >= 0, "data.io_retry_wait_s", f"must be >= 0, got {d.io_retry_wait_s}"),
+        (
+            0.0 <= d.max_skipped_fraction <= 1.0,
+            "data.max_skipped_fraction",
+            f"must be in [0, 1], got {d.max_skipped_fraction}",
+        ),
+        (d.default_shard_size >= 1, "data.default_shard_size", f"must be >= 1, got {d.default_shard_size}"),
+    ]
+    return [(key, message) for holds, key, message in checks if not holds]

@@ -6,7 +6,7 @@ antialiased), centre-crop `img_size`, scale to [0, 1], normalise per channel.
 
 Samples are read in shard order (deterministic); shards are split over DataLoader
 workers. A bad sample (damaged shard, no image, undecodable, no or non-integer
-`.cls`) is skipped, logged with shard and key, and counted in `LabelledSet.skipped`.
+`.cls`) is skipped, logged with shard and key, and counted (each batch says how many).
 `holdout_split` assigns a sample to the held-out part by a hash of its key, so a
 split is the same on every machine and for every model.
 """
@@ -45,15 +45,6 @@ def eval_transform(pixels: torch.Tensor, img_size: int, crop_pct: float, mean: S
     x = TF.center_crop(x, [img_size, img_size])
     x = x.float().div_(255.0).clamp_(0.0, 1.0)
     return TF.normalize(x, list(mean), list(std))
-
-
-@dataclass
-class LabelledSet:
-    """Images (N, 3, S, S) float32, labels (N,) int64, and the number of bad samples skipped."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    skipped: int
 
 
 class _LabelledStream(IterableDataset):
@@ -172,19 +163,6 @@ def labelled_batches(
             return
         left -= images.shape[0] if left >= 0 else 0
         yield images, labels, bad
-
-
-def read_labelled(source: LabelledSource, *, img_size: int, crop_pct: float, mean, std) -> LabelledSet:
-    """The whole (small) labelled set in memory: for tests and small data."""
-    images, labels, skipped = [], [], 0
-    for x, y, bad in labelled_batches(source, img_size=img_size, crop_pct=crop_pct, mean=mean, std=std):
-        skipped += bad
-        if y.numel():
-            images.append(x)
-            labels.append(y)
-    if not images:
-        raise ValueError(empty_message(source, skipped))
-    return LabelledSet(torch.cat(images), torch.cat(labels), skipped)
 
 
 def empty_message(source: LabelledSource, skipped: int) -> str:

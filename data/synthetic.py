@@ -43,15 +43,6 @@ _DISTRACTOR_RGB: tuple[tuple[int, int, int], ...] = (
 )
 
 
-def label_of(shape: str, colour: str) -> int:
-    """Class index of a (shape, colour) pair."""
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
-    if colour not in COLOURS:
-        raise ValueError(f"unknown colour {colour!r}; valid: {', '.join(COLOURS)}")
-    return SHAPES.index(shape) * len(COLOURS) + COLOURS.index(colour)
-
-
 def _polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]]:
     """Vertices of `shape` inscribed in a circle of `radius`, rotated by `angle` rad."""
     if shape == "square":

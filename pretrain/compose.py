@@ -152,11 +152,6 @@ def load_config(overrides: list[str], config_name: str = "config") -> DictConfig
     return cfg
 
 
-def to_container(cfg: Any) -> dict[str, Any]:
-    """Plain dict of a resolved config (for Ray, MLflow params, YAML artifacts)."""
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
 def schema_for(objective_name: str) -> PretrainConfig:
     """A PretrainConfig whose objective node has the named objective's dataclass."""
     for cls in vars(objective_configs).values():

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from data.config import DATA_SCHEMES, STORAGE_SCHEMES, DataConfig, unsupported_scheme
+from data.config import DATA_SCHEMES, STORAGE_SCHEMES, DataConfig, data_problems, unsupported_scheme
 from data.config import url_scheme as url_scheme  # re-exported: launch.py uses it
 from objectives.configs import ObjectiveConfig
 
@@ -35,8 +35,7 @@ class ModelConfig:
     pretrained: bool = False
     # timm's fused attention (F.scaled_dot_product_attention) instead of its explicit
     # softmax(QK^T)V; same math. "auto": fused, except in bf16 on a CPU, where PyTorch's
-    # fused CPU kernel (its backward above all) made an MAE ViT-S/16 step 1.2-1.5x slower
-    # (docs/benchmarks.md). true / false force it everywhere.
+    # fused CPU kernel is the slower one (docs/benchmarks.md). true / false force it everywhere.
     fused_attn: bool | str = "auto"
 
 
@@ -92,7 +91,7 @@ class TrainerConfig:
     # train/nonfinite_skipped; this many in a row stop the run (the checkpoints stay good).
     max_nonfinite_steps: int = 5
     # torch.compile the objective module (in place: checkpoints and exports keep their
-    # names). Compiling costs about a minute on first use; see docs/benchmarks.md.
+    # names). Compiling costs time on first use; see docs/benchmarks.md.
     compile: bool = False
 
 
@@ -181,112 +180,132 @@ class PretrainConfig:
     resume: str = ""
 
 
-def find_problems(cfg: Any) -> list[tuple[str, str]]:
-    """All config mistakes that can be found without torch: (key, message) pairs."""
-    t, m, d, ds, o = cfg.trainer, cfg.model, cfg.data, cfg.deepspeed, cfg.optim
-    found: list[tuple[str, str]] = []
+Check = tuple[bool, str, str]  # (holds, key, message if it does not)
 
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            found.append((key, message))
 
-    need(t.num_workers >= 1, "trainer.num_workers", f"must be >= 1, got {t.num_workers}")
-    need(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}")
-    need(t.grad_accum >= 1, "trainer.grad_accum", f"must be >= 1, got {t.grad_accum}")
-    need(t.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {t.max_steps}")
-    need(t.log_every >= 1, "trainer.log_every", f"must be >= 1, got {t.log_every}")
-    need(t.checkpoint_every >= 1, "trainer.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
-    need(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
-    need(t.max_failures >= -1, "trainer.max_failures", f"must be >= -1, got {t.max_failures}")
-    need(t.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")
-    need(t.cpus_per_worker > 0, "trainer.cpus_per_worker", f"must be > 0, got {t.cpus_per_worker}")
-    need(
-        not t.use_gpu or t.gpus_per_worker > 0,
-        "trainer.gpus_per_worker",
-        f"must be > 0 with trainer.use_gpu=true, got {t.gpus_per_worker}",
-    )
+def failed(checks: list[Check]) -> list[tuple[str, str]]:
+    """The (key, message) of every check that does not hold, in order."""
+    return [(key, message) for holds, key, message in checks if not holds]
+
+
+def at_least(section: str, cfg: Any, minimum: float, *keys: str) -> list[Check]:
+    """`<section>.<key> >= minimum` for each key."""
+    return [
+        (getattr(cfg, k) >= minimum, f"{section}.{k}", f"must be >= {minimum}, got {getattr(cfg, k)}") for k in keys
+    ]
+
+
+def trainer_problems(t: TrainerConfig) -> list[tuple[str, str]]:
+    """Scaling, run length, checkpoints and storage."""
+    keys = ("num_workers", "batch_size", "grad_accum", "max_steps", "log_every", "checkpoint_every")
     bad_storage = unsupported_scheme(t.storage_path, STORAGE_SCHEMES) if t.storage_path else None
-    need(bad_storage is None, "trainer.storage_path", bad_storage or "")
-    uri = cfg.tracking.uri
-    if uri and "://" in uri:  # a bare path is a local file store
-        scheme = uri.split("://", 1)[0].lower()
-        need(
-            scheme in TRACKING_SCHEMES,
-            "tracking.uri",
-            f"unsupported scheme {scheme!r} in {uri!r}; valid schemes: {', '.join(TRACKING_SCHEMES)}",
-        )
+    return failed(
+        [
+            *at_least("trainer", t, 1, *keys, "keep_checkpoints"),
+            *at_least("trainer", t, -1, "max_failures"),
+            *at_least("trainer", t, 1, "max_nonfinite_steps"),
+            (t.cpus_per_worker > 0, "trainer.cpus_per_worker", f"must be > 0, got {t.cpus_per_worker}"),
+            (
+                not t.use_gpu or t.gpus_per_worker > 0,
+                "trainer.gpus_per_worker",
+                f"must be > 0 with trainer.use_gpu=true, got {t.gpus_per_worker}",
+            ),
+            (bad_storage is None, "trainer.storage_path", bad_storage or ""),
+        ]
+    )
 
-    need(m.img_size >= 1, "model.img_size", f"must be >= 1, got {m.img_size}")
-    need(m.patch_size >= 1, "model.patch_size", f"must be >= 1, got {m.patch_size}")
+
+def tracking_problems(tracking: TrackingConfig) -> list[tuple[str, str]]:
+    """The tracking URI's scheme (a bare path is a local file store)."""
+    uri = tracking.uri
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else "file"
+    valid = ", ".join(TRACKING_SCHEMES)
+    return failed(
+        [
+            (
+                scheme in TRACKING_SCHEMES,
+                "tracking.uri",
+                f"unsupported scheme {scheme!r} in {uri!r}; valid schemes: {valid}",
+            )
+        ]
+    )
+
+
+def model_problems(m: ModelConfig) -> list[tuple[str, str]]:
+    """Sizes that timm would refuse later, and the attention switch."""
+    checks = at_least("model", m, 1, "img_size", "patch_size")
     if m.img_size >= 1 and m.patch_size >= 1:
-        need(
-            m.img_size % m.patch_size == 0,
-            "model.img_size",
-            f"{m.img_size} is not a multiple of model.patch_size={m.patch_size}",
+        checks.append(
+            (
+                m.img_size % m.patch_size == 0,
+                "model.img_size",
+                f"{m.img_size} is not a multiple of model.patch_size={m.patch_size}",
+            )
         )
     if m.embed_dim is not None and m.num_heads:
-        need(
-            m.embed_dim % m.num_heads == 0,
-            "model.num_heads",
-            f"{m.num_heads} does not divide model.embed_dim={m.embed_dim}",
+        checks.append(
+            (
+                m.embed_dim % m.num_heads == 0,
+                "model.num_heads",
+                f"{m.num_heads} does not divide model.embed_dim={m.embed_dim}",
+            )
         )
-    need(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", f"must be in [0, 1), got {m.drop_path_rate}")
-    need(
-        isinstance(m.fused_attn, bool) or m.fused_attn == "auto",
-        "model.fused_attn",
-        f"must be true, false or auto, got {m.fused_attn!r}",
+    checks += [
+        (0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", f"must be in [0, 1), got {m.drop_path_rate}"),
+        (
+            isinstance(m.fused_attn, bool) or m.fused_attn == "auto",
+            "model.fused_attn",
+            f"must be true, false or auto, got {m.fused_attn!r}",
+        ),
+    ]
+    return failed(checks)
+
+
+def engine_problems(ds: DeepSpeedConfig, o: OptimConfig, use_gpu: bool) -> list[tuple[str, str]]:
+    """DeepSpeed's stage, precision and clipping; the optimizer recipe."""
+    betas = list(o.betas)
+    return failed(
+        [
+            (ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be one of 0, 1, 2, 3; got {ds.zero_stage}"),
+            (
+                ds.precision in PRECISIONS,
+                "deepspeed.precision",
+                f"unknown precision {ds.precision!r}; valid choices: {', '.join(PRECISIONS)}",
+            ),
+            (
+                ds.precision != "fp16" or use_gpu,
+                "deepspeed.precision",
+                "fp16 needs trainer.use_gpu=true (CPU training supports fp32 and bf16)",
+            ),
+            (ds.grad_clip >= 0, "deepspeed.grad_clip", f"must be >= 0, got {ds.grad_clip}"),
+            (
+                o.lr is not None or o.base_lr is not None,
+                "optim.base_lr",
+                "set optim.base_lr (scaled by global batch / 256) or optim.lr (absolute)",
+            ),
+            *[
+                (getattr(o, k) is None or getattr(o, k) > 0, f"optim.{k}", f"must be > 0, got {getattr(o, k)}")
+                for k in ("lr", "base_lr")
+            ],
+            (
+                len(betas) == 2 and all(0 <= b < 1 for b in betas),
+                "optim.betas",
+                f"need two values in [0, 1), got {betas}",
+            ),
+            (0.0 <= o.warmup_fraction < 1.0, "optim.warmup_fraction", f"must be in [0, 1), got {o.warmup_fraction}"),
+            (o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}"),
+        ]
     )
 
-    for key in ("urls", "eval_urls"):
-        url = getattr(d, key)
-        bad_url = unsupported_scheme(url, DATA_SCHEMES) if url else None
-        need(bad_url is None, f"data.{key}", bad_url or "")
-    need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    need(d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}")
-    need(0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min", f"must be in (0, 1], got {d.crop_scale_min}")
-    need(len(d.mean) == 3 and len(d.std) == 3, "data.mean", "data.mean and data.std need 3 values (RGB)")
-    need(d.io_retries >= 0, "data.io_retries", f"must be >= 0, got {d.io_retries}")
-    need(d.io_retry_wait_s >= 0, "data.io_retry_wait_s", f"must be >= 0, got {d.io_retry_wait_s}")
-    need(
-        0.0 <= d.max_skipped_fraction <= 1.0,
-        "data.max_skipped_fraction",
-        f"must be in [0, 1], got {d.max_skipped_fraction}",
-    )
-    need(d.default_shard_size >= 1, "data.default_shard_size", f"must be >= 1, got {d.default_shard_size}")
 
-    need(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be one of 0, 1, 2, 3; got {ds.zero_stage}")
-    need(
-        ds.precision in PRECISIONS,
-        "deepspeed.precision",
-        f"unknown precision {ds.precision!r}; valid choices: {', '.join(PRECISIONS)}",
-    )
-    need(
-        ds.precision != "fp16" or t.use_gpu,
-        "deepspeed.precision",
-        "fp16 needs trainer.use_gpu=true (CPU training supports fp32 and bf16)",
-    )
-    need(ds.grad_clip >= 0, "deepspeed.grad_clip", f"must be >= 0, got {ds.grad_clip}")
-
-    need(
-        o.lr is not None or o.base_lr is not None,
-        "optim.base_lr",
-        "set optim.base_lr (scaled by global batch / 256) or optim.lr (absolute)",
-    )
-    for key in ("lr", "base_lr"):
-        value = getattr(o, key)
-        need(value is None or value > 0, f"optim.{key}", f"must be > 0, got {value}")
-    need(
-        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-        "optim.betas",
-        f"need two values in [0, 1), got {list(o.betas)}",
-    )
-    need(0.0 <= o.warmup_fraction < 1.0, "optim.warmup_fraction", f"must be in [0, 1), got {o.warmup_fraction}")
-    need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-
-    found.extend(eval_problems(cfg.eval))
+def find_problems(cfg: Any) -> list[tuple[str, str]]:
+    """All config mistakes that can be found without torch: (key, message) pairs, the first one first."""
+    found = trainer_problems(cfg.trainer) + tracking_problems(cfg.tracking) + model_problems(cfg.model)
+    found += data_problems(cfg.data)
+    found += engine_problems(cfg.deepspeed, cfg.optim, cfg.trainer.use_gpu)
+    found += eval_problems(cfg.eval)
     if cfg.eval.every_steps and not cfg.eval.enabled:
         found.append(("eval.every_steps", "needs eval.enabled=true"))
-
     problems = getattr(cfg.objective, "problems", None)
     if problems is not None:
         found.extend(problems())

@@ -114,15 +114,6 @@ def knn_votes(
     return votes
 
 
-def knn_scores(fit_feats: Tensor, fit_labels: Tensor, query_feats: Tensor, num_classes: int, **options: Any) -> Tensor:
-    """Weighted-kNN vote shares (M, C), each row summing to 1, on query_feats' device; options as `knn_votes`.
-
-    score_c = sum_{j in top-k, y_j = c} exp(s_j / T) / sum_{j in top-k} exp(s_j / T).
-    """
-    votes = knn_votes(fit_feats, fit_labels, query_feats, num_classes, **options)  # (M, C)
-    return (votes / votes.sum(dim=1, keepdim=True)).to(query_feats.device)
-
-
 def knn_predict(fit_feats: Tensor, fit_labels: Tensor, query_feats: Tensor, num_classes: int, **options: Any) -> Tensor:
     """Weighted-kNN class predictions (M,) int64, on query_feats' device: argmax_c of `knn_votes`.
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from data.labelled import LabelledSource, holdout_split, read_labelled
+from data.labelled import LabelledSource, empty_message, holdout_split, labelled_batches
 from data.shards import manifest_url, write_shards
 from pretrain.evaluate import main
 
@@ -19,6 +20,25 @@ ARCH = "vit_tiny_patch16_224"
 KWARGS = {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 0}
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220)]
 
+
+
+class LabelledSet(NamedTuple):
+    images: torch.Tensor  # (N, 3, S, S) float32
+    labels: torch.Tensor  # (N,) int64
+    skipped: int
+
+
+def read_labelled(source: LabelledSource, *, img_size: int, crop_pct: float, mean, std) -> LabelledSet:
+    """The whole (small) labelled set in memory, from `labelled_batches`."""
+    images, labels, skipped = [], [], 0
+    for x, y, bad in labelled_batches(source, img_size=img_size, crop_pct=crop_pct, mean=mean, std=std):
+        skipped += bad
+        if y.numel():
+            images.append(x)
+            labels.append(y)
+    if not images:
+        raise ValueError(empty_message(source, skipped))
+    return LabelledSet(torch.cat(images), torch.cat(labels), skipped)
 
 def _png(rgb: tuple[int, int, int], rng: np.random.Generator, side: int = 20) -> bytes:
     pixels = np.clip(np.array(rgb)[None, None, :] + rng.integers(-6, 7, (side, side, 3)), 0, 255).astype(np.uint8)
