@@ -167,8 +167,8 @@ class ClientCpu:
 
 def stream_batches(cfg: DataConfig, urls: list[str], img_size: int, batch_size: int) -> Iterator[dict[str, Any]]:
     """The training stream of one rank (the one place that knows data.stream's API)."""
+    from data.needs import DataNeeds
     from data.stream import build_train_loader
-    from objectives.base import DataNeeds
 
     loader = build_train_loader(
         cfg, DataNeeds(views=1), urls=urls, img_size=img_size, batch_size=batch_size, rank=0, world_size=1, seed=0

@@ -15,9 +15,9 @@ import pytest
 
 from data.config import DataConfig
 from data.manifest import read_manifest
+from data.needs import DataNeeds
 from data.shards import KEY_FIELD, iter_shard
 from data.stream import build_train_loader, resolve_urls
-from objectives.base import DataNeeds
 
 REPO = Path(__file__).resolve().parents[2]
 NUM, SHARD_SIZE, BATCH = 64, 8, 8

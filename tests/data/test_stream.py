@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from data.config import DataConfig
+from data.needs import DataNeeds, MaskSpec
 from data.stream import DataError, ResumableLoader, build_train_loader, resolve_urls
-from objectives.base import DataNeeds, MaskSpec
 
 if TYPE_CHECKING:
     from conftest import ShardSet
