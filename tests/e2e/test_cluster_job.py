@@ -212,10 +212,13 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
         for run_dir in (f"{BUCKET}/runs/tok", f"{BUCKET}/ckpt/mim"):
             files = {p.rsplit("/", 1)[1] for p in fs.ls(f"{run_dir}/checkpoint_00000003")}
             assert {"rank_0.pt", "rank_1.pt", "latest"} <= files, (run_dir, files)
-        assert fs.isfile(f"{BUCKET}/runs/tok/export/tokenizer/tokenizer.safetensors")
+        assert fs.isfile(f"{BUCKET}/runs/tok/export/tokenizer/model.safetensors")
+        assert json.loads(fs.cat(f"{BUCKET}/runs/tok/export/tokenizer/pretrain.json"))["kind"] == "tokenizer"
+        # MLflow's artifact store in S3 holds the artifacts' files: the tokenizer's and the encoders' (teachers).
         artifacts = fs.find(f"{BUCKET}/mlflow")
-        assert any(p.endswith("tokenizer.safetensors") for p in artifacts)
-        assert any(p.endswith("teacher.safetensors") for p in artifacts)
+        kinds = {json.loads(fs.cat(p))["kind"] for p in artifacts if p.endswith("/pretrain.json")}
+        assert {"tokenizer", "encoder"} <= kinds
+        assert any(p.endswith("/model.safetensors") for p in artifacts)
 
         # The encoder gathered whole under ZeRO-3 loads as a teacher of a next stage, by its runs:/ URI.
         from objectives.components.teacher import load_teacher
