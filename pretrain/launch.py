@@ -125,7 +125,7 @@ def worker_env(cfg: PretrainConfig) -> dict[str, str]:
     if not cfg.trainer.use_gpu:
         # CPU training even where a GPU exists: DeepSpeed picks its CPU accelerator + gloo.
         env["DS_ACCELERATOR"] = "cpu"
-    from pretrain.loop import FAULT_ENV, NAN_ENV
+    from pretrain.trainer.faults import FAULT_ENV, NAN_ENV
 
     for key in ("PYTHONPATH", "PRETRAIN_CACHE", FAULT_ENV, NAN_ENV):
         if key in os.environ:
@@ -138,7 +138,7 @@ def build_trainer(cfg: PretrainConfig, place: RunPlace, info: Any) -> Any:
     from ray.train.torch import TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
 
-    from pretrain.loop import train_loop
+    from pretrain.trainer.worker import train_loop
 
     t = cfg.trainer
     resources: dict[str, float] = {"CPU": t.cpus_per_worker}
@@ -163,7 +163,7 @@ def build_trainer(cfg: PretrainConfig, place: RunPlace, info: Any) -> Any:
 def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) -> int:
     """Run training to the end; returns the process exit code."""
     from pretrain import tracking
-    from pretrain.loop import RunInfo
+    from pretrain.trainer.worker import RunInfo
 
     started = time.perf_counter()
     uri = run_id = ""
