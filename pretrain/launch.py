@@ -268,7 +268,7 @@ def publish(cfg: PretrainConfig, place: RunPlace, uri: str, run_id: str, steps: 
     kwargs = {"run_dir": place.run_dir, "run_name": place.name, "tracking_uri": uri, "run_id": run_id, "steps": steps}
     if cfg.eval.num_gpus == 0 and len([n for n in ray.nodes() if n.get("Alive")]) == 1:
         # One node (a laptop, one box): this process is on it and the workers have released
-        # its cores; a task would only add a fresh interpreter's imports (~8 s here).
+        # its cores; a task would only add a fresh interpreter's imports (docs/benchmarks.md).
         log.info("evaluating and registering the encoder")
         return publish_encoder(cfg, **kwargs)
     task = ray.remote(publish_encoder).options(
