@@ -180,7 +180,11 @@ class Checkpointer:
         return step
 
     def save(self, step: int, report: dict[str, Any], data_state: dict[str, Any]) -> None:
-        """Write this rank's part of checkpoint `step` and report it with `report`; returns once it is registered."""
+        """Write this rank's part of checkpoint `step` and report it with `report`; returns once it is registered.
+
+        Only checkpoints go through ray.train.report (it holds one report per worker until the
+        controller polls); metrics go to MLflow (docs/reliability.md).
+        """
         import ray.train
 
         with tempfile.TemporaryDirectory(prefix=f"ckpt-rank{self.rank}-") as tmp:
@@ -192,7 +196,5 @@ class Checkpointer:
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=f"checkpoint_{step:08d}",
             )
-        # Only checkpoints are reported (Ray Train holds one report per worker until its
-        # controller polls). This second report returns once the checkpoint's report was
-        # collected, so a worker that dies after the next step's collectives restarts from it.
+        # Returns once the controller collected the checkpoint's report: registered before any rank goes on.
         ray.train.report(report)
