@@ -108,10 +108,8 @@ def build_optimizer(
 ) -> torch.optim.AdamW:
     """torch's AdamW on the two parameter groups, fused where the device has the kernel (and allow_fused).
 
-    torch's default on CPU (a per-tensor loop) took 104 ms per step in fp32 and 68 ms in bf16 for
-    MAE ViT-S/16's 47 M parameters on a 2-core CPU, the fused kernel 38 and 30 ms; the full stack
-    in bf16, where DeepSpeed steps fp32 master weights, ran 4% faster (docs/benchmarks.md). The
-    update is the same formula (tests/pretrain/test_engine.py).
+    The fused kernel is faster than torch's per-tensor loop on CPU too (docs/benchmarks.md)
+    and computes the same update (tests/pretrain/test_engine.py).
     """
     devices = {p.device.type for p in module.parameters() if p.requires_grad}
     fused = allow_fused and len(devices) == 1 and fused_adamw_available(devices.pop())
@@ -128,7 +126,7 @@ def build_engine(module: nn.Module, optim: OptimConfig, trainer: TrainerConfig, 
     """deepspeed.initialize on the trainable module with AdamW and the lr schedule."""
     import deepspeed
 
-    from pretrain.checkpoint import install_safe_checkpoint_engine
+    from pretrain.trainer.checkpoint import install_safe_checkpoint_engine
 
     optimizer = build_optimizer(module, optim, trainer)
     factor = lr_schedule(optim, trainer)
@@ -142,10 +140,8 @@ def build_engine(module: nn.Module, optim: OptimConfig, trainer: TrainerConfig, 
     )
     install_safe_checkpoint_engine(engine)
     if ds.zero_stage == 0 and engine.dp_world_size == 1:
-        # One data-parallel rank has nothing to average. DeepSpeed would still copy every gradient
-        # into one flat buffer, all-reduce it with itself and copy it back after each backward:
-        # ~10% of an MAE ViT-S/16 step on a 2-core CPU (docs/benchmarks.md). Gradients, clipping
-        # and the update are the same without it (tests/pretrain/test_engine.py).
+        # One data-parallel rank has nothing to average, yet DeepSpeed would copy every gradient
+        # through a flat buffer and all-reduce it with itself (cost: docs/benchmarks.md).
         engine.enable_backward_allreduce = False
     if ds.zero_stage == 3:
         register_bypassed_parameters(engine.module)

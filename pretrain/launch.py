@@ -125,7 +125,7 @@ def worker_env(cfg: PretrainConfig) -> dict[str, str]:
     if not cfg.trainer.use_gpu:
         # CPU training even where a GPU exists: DeepSpeed picks its CPU accelerator + gloo.
         env["DS_ACCELERATOR"] = "cpu"
-    from pretrain.loop import FAULT_ENV, NAN_ENV
+    from pretrain.trainer.faults import FAULT_ENV, NAN_ENV
 
     for key in ("PYTHONPATH", "PRETRAIN_CACHE", FAULT_ENV, NAN_ENV):
         if key in os.environ:
@@ -138,7 +138,7 @@ def build_trainer(cfg: PretrainConfig, place: RunPlace, info: Any) -> Any:
     from ray.train.torch import TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
 
-    from pretrain.loop import train_loop
+    from pretrain.trainer.worker import train_loop
 
     t = cfg.trainer
     resources: dict[str, float] = {"CPU": t.cpus_per_worker}
@@ -163,20 +163,11 @@ def build_trainer(cfg: PretrainConfig, place: RunPlace, info: Any) -> Any:
 def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) -> int:
     """Run training to the end; returns the process exit code."""
     from pretrain import tracking
-    from pretrain.loop import RunInfo
+    from pretrain.background_eval import start_evaluator
+    from pretrain.trainer.worker import RunInfo
 
     started = time.perf_counter()
-    uri = run_id = ""
-    if cfg.tracking.enabled:
-        uri = (record or {}).get("tracking_uri") or cfg.tracking.uri or tracking.default_tracking_uri(place.local_root)
-        artifact_root = str((place.local_root / "mlartifacts").resolve()) if not cfg.tracking.uri else ""
-        run_id = tracking.open_run(
-            uri,
-            cfg.tracking.experiment,
-            place.name,
-            run_id=(record or {}).get("mlflow_run_id", ""),
-            artifact_root=artifact_root,
-        )
+    uri, run_id = open_tracking(cfg, place, record)
     write_run_record(
         place,
         {"name": place.name, "mlflow_run_id": run_id, "tracking_uri": uri, "config": tracking.redact(asdict(cfg))},
@@ -190,25 +181,8 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) 
         mlflow_run_id=run_id,
         run_dir=place.run_dir,
     )
-    from pretrain.background_eval import start_evaluator
-
     info.evaluator = start_evaluator(cfg, uri, run_id, worker_env(cfg))
-    error: BaseException | None = None
-    result = None
-    try:
-        if sys.stderr.isatty():
-            from pretrain.progress import DriverProgress
-
-            with DriverProgress(cfg.trainer.max_steps, f"{cfg.objective.name} {place.name}") as progress:
-                info.progress_queue = progress.queue
-                result = build_trainer(cfg, place, info).fit()
-        else:
-            result = build_trainer(cfg, place, info).fit()
-        error = result.error
-    except Exception as exc:  # noqa: BLE001 - Ray Train raises its own error types on worker failure
-        error = exc
-    except KeyboardInterrupt as exc:
-        error = exc
+    result, error = fit(cfg, place, info)
     published: dict[str, Any] = {}
     if info.evaluator is not None:
         import ray
@@ -221,21 +195,61 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) 
         except Exception as exc:  # noqa: BLE001 - training succeeded; say why publishing did not
             published["error"] = _last_line(exc)
             log.error("evaluating/registering the encoder failed: %s", published["error"])
-    exports: dict[str, str] = {}
     if run_id:
         tracking.close_run(uri, run_id, failed=error is not None)
-        if error is None:
-            from pretrain.export import exports_of_run
-
-            exports = exports_of_run(uri, run_id)
-    elif error is None:
-        from pretrain.export import exports_in_dir
-
-        exports = exports_in_dir(place.run_dir, cfg.data.storage_options)
+    exports = finished_exports(cfg, place, uri, run_id) if error is None else {}
     if "registered" in published:
         exports.pop("encoder", None)  # shown as `registered`
     print_summary(cfg, place, result, error, uri, run_id, time.perf_counter() - started, exports, published)
     return 1 if error is not None or "error" in published else 0
+
+
+def open_tracking(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) -> tuple[str, str]:
+    """(tracking URI, MLflow run id) of this run, re-opened on resume; ("", "") with tracking off."""
+    from pretrain import tracking
+
+    if not cfg.tracking.enabled:
+        return "", ""
+    uri = (record or {}).get("tracking_uri") or cfg.tracking.uri or tracking.default_tracking_uri(place.local_root)
+    artifact_root = str((place.local_root / "mlartifacts").resolve()) if not cfg.tracking.uri else ""
+    run_id = tracking.open_run(
+        uri,
+        cfg.tracking.experiment,
+        place.name,
+        run_id=(record or {}).get("mlflow_run_id", ""),
+        artifact_root=artifact_root,
+    )
+    return uri, run_id
+
+
+def fit(cfg: PretrainConfig, place: RunPlace, info: Any) -> tuple[Any, BaseException | None]:
+    """Ray Train's result (None if it never returned) and the error that ended training, if any."""
+    result = None
+    try:
+        if sys.stderr.isatty():
+            from pretrain.progress import DriverProgress
+
+            with DriverProgress(cfg.trainer.max_steps, f"{cfg.objective.name} {place.name}") as progress:
+                info.progress_queue = progress.queue
+                result = build_trainer(cfg, place, info).fit()
+        else:
+            result = build_trainer(cfg, place, info).fit()
+        return result, result.error
+    except Exception as exc:  # noqa: BLE001 - Ray Train raises its own error types on worker failure
+        return result, exc
+    except KeyboardInterrupt as exc:
+        return result, exc
+
+
+def finished_exports(cfg: PretrainConfig, place: RunPlace, uri: str, run_id: str) -> dict[str, str]:
+    """{name: URI or path} of a finished run's exports: its MLflow tags, or its export folder without tracking."""
+    if run_id:
+        from pretrain.export import exports_of_run
+
+        return exports_of_run(uri, run_id)
+    from pretrain.export import exports_in_dir
+
+    return exports_in_dir(place.run_dir, cfg.data.storage_options)
 
 
 def publish(cfg: PretrainConfig, place: RunPlace, uri: str, run_id: str, steps: int) -> dict[str, Any]:
@@ -254,7 +268,7 @@ def publish(cfg: PretrainConfig, place: RunPlace, uri: str, run_id: str, steps: 
     kwargs = {"run_dir": place.run_dir, "run_name": place.name, "tracking_uri": uri, "run_id": run_id, "steps": steps}
     if cfg.eval.num_gpus == 0 and len([n for n in ray.nodes() if n.get("Alive")]) == 1:
         # One node (a laptop, one box): this process is on it and the workers have released
-        # its cores; a task would only add a fresh interpreter's imports (~8 s here).
+        # its cores; a task would only add a fresh interpreter's imports (docs/benchmarks.md).
         log.info("evaluating and registering the encoder")
         return publish_encoder(cfg, **kwargs)
     task = ray.remote(publish_encoder).options(

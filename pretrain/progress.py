@@ -2,7 +2,7 @@
 
 Rank 0 pushes (step, loss, images/s) into a Ray queue; a thread in the driver turns
 them into a tqdm bar. Without a terminal, rank 0 writes plain periodic log lines
-instead (see `pretrain.loop`).
+instead (see `pretrain.trainer.metrics`).
 """
 
 from __future__ import annotations

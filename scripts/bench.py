@@ -125,7 +125,8 @@ def plain_loop(
     from objectives.registry import get_objective_class
     from pretrain.compose import load_config
     from pretrain.engine import build_optimizer
-    from pretrain.loop import build_objective, to_device
+    from pretrain.trainer.objective import build_objective
+    from pretrain.trainer.step import to_device
 
     cfg = OmegaConf.to_object(load_config([*base_overrides(args), f"model.fused_attn={str(fused_attn).lower()}"]))
     torch.manual_seed(0)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.checkpoint import safe_load
-from pretrain.loop import NAN_ENV
 from pretrain.run import main
+from pretrain.trainer.checkpoint import safe_load
+from pretrain.trainer.faults import NAN_ENV
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain.loop import FAULT_ENV
 from pretrain.run import main
+from pretrain.trainer.faults import FAULT_ENV
 
 pytestmark = pytest.mark.slow
 

@@ -187,7 +187,7 @@ def _engine(precision: str, seed: int) -> Any:
 def _zero3_worker(rank: int, out_dir: str) -> None:
     import deepspeed
 
-    from pretrain import checkpoint
+    from pretrain.trainer import checkpoint
 
     engine = _engine("fp32", seed=0)
     model = engine.module

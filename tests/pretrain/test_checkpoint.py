@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from pretrain.checkpoint import rng_state, safe_load, set_rng_state
+from pretrain.trainer.checkpoint import rng_state, safe_load, set_rng_state
 
 
 class Evil:

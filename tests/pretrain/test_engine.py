@@ -116,7 +116,7 @@ def test_deepspeed_config(precision: str, key: str | None) -> None:
 def test_peak_memory_covers_a_touched_allocation() -> None:
     # The peak may lie above the current resident size (import transients): compare with the latter.
     code = (
-        "import os, torch; from pretrain.loop import peak_memory_gb; cpu = torch.device('cpu');"
+        "import os, torch; from pretrain.trainer.metrics import peak_memory_gb; cpu = torch.device('cpu');"
         "rss = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**30;"
         "before = peak_memory_gb(cpu); block = torch.ones(512 * 2**20 // 4);"  # 512 MiB, written
         "print(rss, before, peak_memory_gb(cpu))"

@@ -17,12 +17,19 @@ from __future__ import annotations
 import logging
 import os
 import random
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from pretrain.trainer.hooks import TrainerHook
+
+# The names these lines carried before the module moved into pretrain.trainer.
+log = logging.getLogger("pretrain.checkpoint")
+worker_log = logging.getLogger("pretrain.worker")
 
 TAG = "state"
 
@@ -147,3 +154,47 @@ def restore(engine: Any, directory: Path, *, rank: int, world_size: int) -> tupl
     step = int(extras[0]["step"])
     log.info("rank %d restored step %d from %s (written by %d workers)", rank, step, directory, len(files))
     return step, [extra["data"] for extra in extras]
+
+
+class Checkpointer:
+    """All ranks: restore from the checkpoint Ray Train hands back, and save + report checkpoints through it."""
+
+    def __init__(self, engine: Any, *, rank: int, world_size: int, hooks: Sequence[TrainerHook] = ()) -> None:
+        self.engine = engine
+        self.rank, self.world_size = rank, world_size
+        self.hooks = hooks
+
+    def restore(self, loader: Any) -> int | None:
+        """The step restored into the engine, RNG and `loader`; None when there is no checkpoint."""
+        import ray.train
+
+        # Ray Train hands back the latest reported checkpoint after a failure or when a
+        # run with the same name and storage path starts again (resume=).
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            return None
+        with latest.as_directory() as path:
+            step, data_states = restore(self.engine, Path(path), rank=self.rank, world_size=self.world_size)
+        loader.load_state_dict(data_states)
+        worker_log.info("rank %d: resumed at step %d", self.rank, step)
+        return step
+
+    def save(self, step: int, report: dict[str, Any], data_state: dict[str, Any]) -> None:
+        """Write this rank's part of checkpoint `step` and report it with `report`; returns once it is registered.
+
+        Only checkpoints go through ray.train.report (it holds one report per worker until the
+        controller polls); metrics go to MLflow (docs/reliability.md).
+        """
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix=f"ckpt-rank{self.rank}-") as tmp:
+            save(self.engine, Path(tmp), rank=self.rank, step=step, data_state=data_state)
+            for hook in self.hooks:
+                hook.in_checkpoint(step)
+            ray.train.report(
+                report,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=f"checkpoint_{step:08d}",
+            )
+        # Returns once the controller collected the checkpoint's report: registered before any rank goes on.
+        ray.train.report(report)

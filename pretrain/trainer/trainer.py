@@ -1,0 +1,197 @@
+"""The per-worker trainer: set-up in small steps, then a short step loop that calls its components."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pretrain.config import PretrainConfig
+from pretrain.engine import build_engine, global_batch, training_dtype
+from pretrain.trainer.checkpoint import Checkpointer
+from pretrain.trainer.evaluation import PeriodicEval
+from pretrain.trainer.hooks import TrainerHook
+from pretrain.trainer.loader import build_loader, train_urls
+from pretrain.trainer.metrics import MetricsLogger
+from pretrain.trainer.objective import build_objective
+from pretrain.trainer.pictures import draw_pictures
+from pretrain.trainer.step import NonFiniteGuard, to_device, train_step
+
+if TYPE_CHECKING:
+    from objectives.base import Objective
+    from pretrain.trainer.worker import RunInfo
+
+log = logging.getLogger("pretrain.worker")
+
+
+class Trainer:
+    """One worker's part of a run: builds the engine, loader and components, restores, then trains.
+
+    All ranks construct it and call `train()` in step (its components run collectives).
+    """
+
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        info: RunInfo,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        hooks: Sequence[TrainerHook] = (),
+    ) -> None:
+        self.cfg, self.info = cfg, info
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.hooks = list(hooks)
+        self._configure_torch()
+        self.dtype = training_dtype(cfg.deepspeed)
+        self.objective = self._build_objective()
+        self.engine = build_engine(self.objective, cfg.optim, cfg.trainer, cfg.deepspeed)
+        self.urls = train_urls(cfg, info.train_url)
+        self.loader = build_loader(cfg, self.urls, rank=rank, world_size=world_size, seed=cfg.seed)
+        self.checkpointer = Checkpointer(self.engine, rank=rank, world_size=world_size, hooks=self.hooks)
+        restored = self.checkpointer.restore(self.loader)
+        self.step = restored or 0
+        if restored is None:
+            self._prepare_objective()
+        self.metrics = MetricsLogger(
+            rank=rank,
+            world=world_size,
+            device=device,
+            max_steps=cfg.trainer.max_steps,
+            images_per_step=global_batch(cfg.trainer),
+            lr=self.engine.get_lr()[0],
+            run_logger=self._open_run_logger(),
+            progress_queue=info.progress_queue,
+        )
+        self.evaluation = PeriodicEval(
+            info.evaluator,
+            self.engine,
+            every_steps=cfg.eval.every_steps,
+            max_steps=cfg.trainer.max_steps,
+            rank=rank,
+            zero_stage=cfg.deepspeed.zero_stage,
+            arch_kwargs=self.objective.context.arch_kwargs,
+        )
+        self.nonfinite = NonFiniteGuard(
+            cfg.trainer.max_nonfinite_steps, rank=rank, where=info.run_dir or "the storage path"
+        )
+
+    def _configure_torch(self) -> None:
+        """Threads per worker on CPU; deterministic kernels when trainer.deterministic."""
+        t = self.cfg.trainer
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+    def _build_objective(self) -> Objective:
+        """The objective on the CPU with the same initial weights on every rank; frozen parts on the device."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # DeepSpeed also broadcasts rank 0's weights
+        objective = build_objective(
+            cfg, self.device, self.dtype, tracking_uri=self.info.tracking_uri, total_steps=cfg.trainer.max_steps
+        )
+        for frozen in objective.frozen_modules().values():
+            frozen.to(self.device).eval().requires_grad_(False)
+        if cfg.trainer.compile:
+            objective.compile()  # in place: parameter names (checkpoints, exports) stay as they are
+        return objective
+
+    def _prepare_objective(self) -> None:
+        """A fresh run: the objective's `prepare` (e.g. k-means centroids), if it has one, on its own stream."""
+        from objectives.base import Objective
+
+        if type(self.objective).prepare is Objective.prepare:
+            return
+        # Another seed, so preparing does not advance the training data.
+        loader = build_loader(self.cfg, self.urls, rank=self.rank, world_size=self.world_size, seed=self.cfg.seed + 1)
+        tic = time.perf_counter()
+        self.objective.prepare(to_device(b, self.device, self.dtype) for b in loader)
+        loader.close()
+        if self.rank == 0:
+            log.info("objective prepared in %.1f s", time.perf_counter() - tic)
+
+    def _open_run_logger(self) -> Any:
+        """Rank 0 with tracking: the MLflow logger, after logging the config (or tagging the resume)."""
+        if self.rank != 0 or not self.info.tracking_uri:
+            return None
+        from pretrain.tracking import RunLogger
+
+        logger = RunLogger(self.info.tracking_uri, self.info.mlflow_run_id)
+        if self.step == 0:
+            logger.log_config(asdict(self.cfg))
+        else:
+            logger.set_tags({"pretrain.resumed_at_step": str(self.step)})
+        return logger
+
+    def train(self) -> None:
+        """Steps until trainer.max_steps: log every log_every, checkpoint every checkpoint_every; then export."""
+        t = self.cfg.trainer
+        batches = iter(self.loader)
+        start_step = self.step
+        for hook in self.hooks:
+            hook.on_start(start_step)
+        while self.step < t.max_steps:
+            tic = time.perf_counter()
+            step_metrics = train_step(
+                self.engine,
+                batches,
+                step=self.step,
+                seed=self.cfg.seed,
+                rank=self.rank,
+                device=self.device,
+                dtype=self.dtype,
+                inject_nan=any(hook.inject_nan(self.step + 1) for hook in self.hooks),
+            )
+            self.step += 1
+            step = self.step
+            for hook in self.hooks:
+                hook.after_step(step)
+            self.nonfinite.update(step, skipped=step_metrics is None)
+            if step_metrics is not None:
+                self.metrics.add_step(step, step_metrics, time.perf_counter() - tic)
+
+            save_now = step % t.checkpoint_every == 0 or step == t.max_steps
+            if not (save_now or step % t.log_every == 0):
+                continue
+            window = self.metrics.close_window(step, self.loader, self.nonfinite.total)
+            if save_now:
+                self.checkpointer.save(step, self.metrics.report(step, window), self.loader.state_dict())
+            self.evaluation.maybe_submit(step)
+            for hook in self.hooks:
+                hook.after_report(step)
+        self._finish(batches, start_step)
+
+    def _finish(self, batches: Iterator[dict[str, Any]], start_step: int) -> None:
+        """All ranks: the objective's pictures of one more batch, then the exports (pretrain.export)."""
+        draw_pictures(
+            self.engine,
+            next(batches),
+            rank=self.rank,
+            device=self.device,
+            dtype=self.dtype,
+            logger=self.metrics.run_logger,
+        )
+        self.loader.close()
+        if self.rank == 0:
+            log.info("rank 0 finished %d steps (%d this attempt)", self.step, self.step - start_step)
+        if not self.info.run_dir:
+            return
+        from pretrain.export import export_models
+
+        export_models(
+            self.engine,
+            rank=self.rank,
+            zero_stage=self.cfg.deepspeed.zero_stage,
+            run_dir=self.info.run_dir,
+            storage_options=self.cfg.data.storage_options,
+            tracking_uri=self.info.tracking_uri,
+            run_id=self.info.mlflow_run_id,
+        )

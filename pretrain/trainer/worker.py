@@ -1,0 +1,67 @@
+"""The Ray Train entry point on every worker, and what the driver hands it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class RunInfo:
+    """What the driver hands every worker besides the config."""
+
+    train_url: str  # "" = the embedded default dataset
+    tracking_uri: str  # "" = no MLflow logging
+    mlflow_run_id: str
+    run_dir: str = ""  # <storage_path>/<name>: exports go to <run_dir>/export/
+    progress_queue: Any = None  # a ray.util.queue.Queue when the driver shows a progress bar
+    evaluator: Any = None  # a BackgroundEvaluator actor when eval.every_steps > 0
+
+
+def configure_logging() -> None:
+    """INFO lines from this project's loggers (pretrain.*, data.*, objectives.*) only."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("pretrain", "data", "objectives"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not logger.handlers:
+            logger.addHandler(handler)
+        logger.propagate = False
+    # botocore says at INFO where it found credentials and the endpoint, per client.
+    for name in ("botocore", "aiobotocore", "s3fs"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report at INFO (on a logger named after its file path)."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # other Ray versions: only noise is at stake
+        pass
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point on each worker: `{"cfg": PretrainConfig, "info": RunInfo}` -> a trained, exported run."""
+    import ray.train
+    import ray.train.torch
+
+    from pretrain.trainer.faults import fault_hooks
+    from pretrain.trainer.trainer import Trainer
+
+    configure_logging()
+    _quiet_ray_train_reports()
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    trainer = Trainer(
+        loop_config["cfg"],
+        loop_config["info"],
+        rank=rank,
+        world_size=ctx.get_world_size(),
+        device=ray.train.torch.get_device(),
+        hooks=fault_hooks(rank),  # [] unless a test or drill sets the fault variables
+    )
+    trainer.train()
