@@ -36,7 +36,7 @@ def evaluate_weights(
 
     from pretrain.evaluate import eval_sources, evaluate_encoder, log_result
     from pretrain.features import Encoder, pick_device
-    from pretrain.loop import configure_logging
+    from pretrain.trainer.worker import configure_logging
 
     configure_logging()
     vit = timm.create_model(cfg.model.arch, pretrained=False, **arch_kwargs)

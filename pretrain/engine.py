@@ -158,8 +158,7 @@ def register_bypassed_parameters(root: nn.Module) -> None:
     """
     import deepspeed
 
-    for module in root.modules():
-        if module is root or next(module.children(), None) is None:
-            continue
-        for param in module.parameters(recurse=False):
-            deepspeed.zero.register_external_parameter(root, param)
+    from objectives.components.zero import container_parameters
+
+    for param in container_parameters(root):
+        deepspeed.zero.register_external_parameter(root, param)

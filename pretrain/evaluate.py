@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if show:
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")
         return 0
-    from pretrain.loop import configure_logging
+    from pretrain.trainer.worker import configure_logging
 
     configure_logging()
     from mlflow.exceptions import MlflowException

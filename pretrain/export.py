@@ -17,48 +17,32 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from objectives.artifacts import model_type, upload_dir
+from objectives.components.zero import gathered
+
 log = logging.getLogger(__name__)
 
 EXPORT_TAG = "pretrain.export."
-ENCODER_MODEL_TYPE = "pretrain.encoder"
+ENCODER_MODEL_TYPE = model_type("encoder")
 
 
-def _gathered(engine: Any, zero_stage: int) -> contextlib.AbstractContextManager[Any]:
-    if zero_stage != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+def _gathered(engine: Any) -> contextlib.AbstractContextManager[Any]:
+    """Every parameter of the objective whole (ZeRO-3 gathers them; other stages hold them whole)."""
+    return gathered(engine.module.parameters())
 
 
-def encoder_state(engine: Any, *, rank: int, zero_stage: int) -> dict[str, Any] | None:
+def encoder_state(engine: Any, *, rank: int) -> dict[str, Any] | None:
     """An fp32 CPU copy of the encoder's weights (timm keys) on rank 0, None elsewhere; all ranks must call it."""
-    with _gathered(engine, zero_stage):
+    with _gathered(engine):
         if rank != 0:
             return None
         return {k: v.detach().float().cpu().clone() for k, v in engine.module.encoder().state_dict().items()}
-
-
-def copy_dir(local: Path, dest: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Replace `dest` (a local path or fsspec URL) by a copy of directory `local`."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(dest, **(storage_options or {}))
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-    fs.makedirs(path, exist_ok=True)
-    for file in sorted(local.rglob("*")):
-        if file.is_file():
-            target = f"{path}/{file.relative_to(local).as_posix()}"
-            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            fs.put_file(str(file), target)
 
 
 def export_models(
     engine: Any,
     *,
     rank: int,
-    zero_stage: int,
     run_dir: str,
     storage_options: dict[str, Any] | None,
     tracking_uri: str,
@@ -67,13 +51,13 @@ def export_models(
     """Export on rank 0 (all ranks must call it); returns {name: URI or path} on rank 0, {} elsewhere."""
     objective = engine.module
     found: dict[str, str] = {}
-    with _gathered(engine, zero_stage):
+    with _gathered(engine):
         if rank != 0:
             return found
         with tempfile.TemporaryDirectory(prefix="export-") as tmp:
             for item in objective.export(Path(tmp)):
                 dest = f"{run_dir.rstrip('/')}/export/{item.name}"
-                copy_dir(item.path, dest, storage_options)
+                upload_dir(item.path, dest, storage_options)
                 found[item.name] = dest
                 # The encoder is evaluated, logged and registered by the driver (pretrain.publish).
                 if tracking_uri and run_id and item.model_type != ENCODER_MODEL_TYPE:

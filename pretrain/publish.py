@@ -268,7 +268,7 @@ def publish_encoder(
     from objectives.artifacts import download_dir
     from pretrain.evaluate import eval_sources, evaluate_encoder, log_result
     from pretrain.features import load_encoder, pick_device
-    from pretrain.loop import configure_logging
+    from pretrain.trainer.worker import configure_logging
 
     configure_logging()
     export_url = f"{run_dir.rstrip('/')}/export/encoder"

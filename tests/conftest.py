@@ -267,9 +267,9 @@ def run_gloo_ranks(target: Callable[..., None], world: int, *args: Any, timeout:
     try:
         running = {proc.sentinel: proc for proc in procs}
         while running and (left := deadline - time.monotonic()) > 0:
-            for sentinel in wait(list(running), timeout=left):
-                if running.pop(sentinel).exitcode != 0:  # type: ignore[call-overload]
-                    running.clear()
+            ended = [running.pop(sentinel) for sentinel in wait(list(running), timeout=left)]
+            if any(proc.exitcode != 0 for proc in ended):
+                break  # the survivors are killed below
     finally:
         for proc in procs:
             if proc.is_alive():

@@ -28,18 +28,25 @@ def gathered(params: Iterable[nn.Parameter]) -> contextlib.AbstractContextManage
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
-def bypassed_parameters(root: nn.Module) -> list[nn.Parameter]:
-    """Parameters that no submodule's own forward gathers under ZeRO-3.
+def container_parameters(root: nn.Module) -> list[nn.Parameter]:
+    """Own parameters of the modules under `root` that have children (the timm ViT's `cls_token`/`pos_embed`).
 
-    These are the root's own parameters (e.g. MAE's `mask_token`) and those of container
-    modules whose forward the objectives bypass (the timm ViT's `cls_token`/`pos_embed`);
-    in training the trainer registers them with the root's forward.
+    The objectives use them without calling their module's forward, so ZeRO-3 would never
+    gather them; in training the trainer registers them with the root's forward.
     """
-    params = list(root.parameters(recurse=False))
+    params: list[nn.Parameter] = []
     for module in root.modules():
         if module is not root and next(module.children(), None) is not None:
             params.extend(module.parameters(recurse=False))
     return params
+
+
+def bypassed_parameters(root: nn.Module) -> list[nn.Parameter]:
+    """Parameters that no forward gathers when the model runs outside the root's forward.
+
+    The root's own parameters (e.g. MAE's `mask_token`) and the container parameters.
+    """
+    return [*root.parameters(recurse=False), *container_parameters(root)]
 
 
 @contextlib.contextmanager

@@ -19,13 +19,12 @@ class PeriodicEval:
         every_steps: int,
         max_steps: int,
         rank: int,
-        zero_stage: int,
         arch_kwargs: dict[str, Any],
     ) -> None:
         self.evaluator = evaluator  # a BackgroundEvaluator actor handle, or None
         self.engine = engine
         self.every_steps, self.max_steps = every_steps, max_steps
-        self.rank, self.zero_stage = rank, zero_stage
+        self.rank = rank
         self.arch_kwargs = arch_kwargs
 
     def due(self, step: int) -> bool:
@@ -38,6 +37,6 @@ class PeriodicEval:
             return
         from pretrain.export import encoder_state
 
-        state = encoder_state(self.engine, rank=self.rank, zero_stage=self.zero_stage)
+        state = encoder_state(self.engine, rank=self.rank)
         if state is not None:  # fire and forget: the actor starts a task, training goes on
             self.evaluator.submit.remote(state, self.arch_kwargs, step)

@@ -75,7 +75,6 @@ class Trainer:
             every_steps=cfg.eval.every_steps,
             max_steps=cfg.trainer.max_steps,
             rank=rank,
-            zero_stage=cfg.deepspeed.zero_stage,
             arch_kwargs=self.objective.context.arch_kwargs,
         )
         self.nonfinite = NonFiniteGuard(
@@ -189,7 +188,6 @@ class Trainer:
         export_models(
             self.engine,
             rank=self.rank,
-            zero_stage=self.cfg.deepspeed.zero_stage,
             run_dir=self.info.run_dir,
             storage_options=self.cfg.data.storage_options,
             tracking_uri=self.info.tracking_uri,

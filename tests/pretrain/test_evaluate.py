@@ -21,7 +21,6 @@ KWARGS = {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_hea
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220)]
 
 
-
 class LabelledSet(NamedTuple):
     images: torch.Tensor  # (N, 3, S, S) float32
     labels: torch.Tensor  # (N,) int64
@@ -39,6 +38,7 @@ def read_labelled(source: LabelledSource, *, img_size: int, crop_pct: float, mea
     if not images:
         raise ValueError(empty_message(source, skipped))
     return LabelledSet(torch.cat(images), torch.cat(labels), skipped)
+
 
 def _png(rgb: tuple[int, int, int], rng: np.random.Generator, side: int = 20) -> bytes:
     pixels = np.clip(np.array(rgb)[None, None, :] + rng.integers(-6, 7, (side, side, 3)), 0, 255).astype(np.uint8)

@@ -28,9 +28,9 @@ class Evaluator:
 
 
 def test_due_every_n_steps_but_not_the_last() -> None:
-    periodic = PeriodicEval(Evaluator(), None, every_steps=2, max_steps=6, rank=0, zero_stage=0, arch_kwargs={})
+    periodic = PeriodicEval(Evaluator(), None, every_steps=2, max_steps=6, rank=0, arch_kwargs={})
     assert [s for s in range(1, 7) if periodic.due(s)] == [2, 4]
-    off = PeriodicEval(None, None, every_steps=2, max_steps=6, rank=0, zero_stage=0, arch_kwargs={})
+    off = PeriodicEval(None, None, every_steps=2, max_steps=6, rank=0, arch_kwargs={})
     assert not any(off.due(s) for s in range(1, 7))
 
 
@@ -38,9 +38,7 @@ def test_rank0_submits_an_fp32_copy_of_the_encoder() -> None:
     engine = SimpleNamespace(module=Objective())
     evaluator = Evaluator()
     for rank in (0, 1):
-        periodic = PeriodicEval(
-            evaluator, engine, every_steps=2, max_steps=6, rank=rank, zero_stage=0, arch_kwargs={"d": 3}
-        )
+        periodic = PeriodicEval(evaluator, engine, every_steps=2, max_steps=6, rank=rank, arch_kwargs={"d": 3})
         for step in (1, 2, 3):
             periodic.maybe_submit(step)
     ((state, kwargs, step),) = evaluator.submitted  # rank 0 at step 2 only

@@ -70,10 +70,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
             with torch.no_grad():
                 features = vit.forward_features(images)  # the training-time encoder, whole
-        state = encoder_state(engine, rank=rank, zero_stage=3)
-        exports = export_models(
-            engine, rank=rank, zero_stage=3, run_dir=out_dir, storage_options=None, tracking_uri="", run_id=""
-        )
+        state = encoder_state(engine, rank=rank)
+        exports = export_models(engine, rank=rank, run_dir=out_dir, storage_options=None, tracking_uri="", run_id="")
         if rank == 0:
             assert state is not None and set(exports) == {"encoder"}
             torch.save(

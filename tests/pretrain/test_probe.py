@@ -30,11 +30,11 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-
 def knn_scores(*args, **options) -> torch.Tensor:
     """Vote shares (M, C): each row of `knn_votes` divided by its sum (DINO's weighted kNN)."""
     votes = knn_votes(*args, **options)
     return votes / votes.sum(dim=1, keepdim=True)
+
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
