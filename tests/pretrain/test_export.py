@@ -106,15 +106,19 @@ def test_zero3_export_loads_strictly_in_timm_with_identical_features(tmp_path: P
     assert bool(saved["partitioned"])  # ZeRO-3 really split every parameter: the export had to gather
 
     export = tmp_path / "export" / "encoder"
-    meta = json.loads((export / "teacher.json").read_text())
-    assert meta["arch"] == MODEL.arch and meta["arch_kwargs"] == arch_kwargs(MODEL)
-    weights = load_file(str(export / "teacher.safetensors"))
+    meta = json.loads((export / "pretrain.json").read_text())
+    assert meta["kind"] == "encoder" and meta["arch"] == MODEL.arch and meta["arch_kwargs"] == arch_kwargs(MODEL)
+    weights = load_file(str(export / "model.safetensors"))
     assert all(t.dtype == torch.float32 for t in weights.values())  # plain fp32
     model = timm.create_model(meta["arch"], pretrained=False, **meta["arch_kwargs"])
     model.load_state_dict(weights, strict=True)  # timm's own key names, nothing missing or extra
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(saved["images"]), saved["features"], rtol=0, atol=0)
+    # timm's own loader reads the same export (its config.json beside the weights).
+    by_timm = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(by_timm.forward_features(saved["images"]), saved["features"], rtol=0, atol=0)
     # The background-evaluation copy is the same weights.
     assert set(saved["state"]) == set(weights)
     for key, value in weights.items():
