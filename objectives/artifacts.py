@@ -203,6 +203,11 @@ def fetch(
     return Path(source.removeprefix("file://")).expanduser()
 
 
+def holds_artifact(directory: Path, kind: str) -> bool:
+    """Whether `directory` has the metadata file of an artifact of `kind` (either layout)."""
+    return (directory / META_FILE).is_file() or (directory / f"{LEGACY_STEMS[kind]}.json").is_file()
+
+
 def _layout_files(path: Path, kind: str) -> tuple[Path, Path, int]:
     """(weights, meta, format) of the directory (or weights file) `path`; the files may not exist."""
     stem = LEGACY_STEMS[kind]

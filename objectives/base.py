@@ -12,6 +12,7 @@ from torch import nn
 
 from data.needs import DataNeeds, MaskSpec
 from objectives.artifacts import model_type
+from objectives.components.masking import batch_mask
 
 if TYPE_CHECKING:
     import numpy as np
@@ -111,8 +112,6 @@ class Objective(nn.Module):
 
     def batch_mask(self, batch: dict[str, Any]) -> torch.Tensor:
         """(B, N) bool mask of a batch (drawn by the data pipeline), or one drawn here for a direct call."""
-        from objectives.components.masking import batch_mask
-
         spec = self.data_needs(self.cfg).mask
         if spec is None:
             raise ValueError(f"objective {self.name!r} asks the data pipeline for no mask")

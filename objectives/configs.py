@@ -66,7 +66,7 @@ class MAEConfig(ObjectiveConfig):
         return found
 
 
-# Where a teacher's weights come from (see objectives/teacher.py).
+# Where a teacher's weights come from (see objectives/components/teacher.py).
 TEACHER_SCHEMES = ("timm:", "models:/", "runs:/")
 TEACHER_FILE_SUFFIXES = (".safetensors", ".pt", ".pth")
 TEACHER_NORMALIZE = ("none", "layer_norm")
@@ -76,17 +76,17 @@ TEACHER_NORMALIZE = ("none", "layer_norm")
 class TeacherConfig:
     """A frozen network whose features are the targets of VQ-KD, MaskDistill and SemAIM*.
 
-    Loaded by `objectives.teacher.load_teacher`; objectives hold one as a field
+    Loaded by `objectives.components.teacher.load_teacher`; objectives hold one as a field
     (`objective.teacher`) and validate it with `problems("objective.teacher")`.
     """
 
     # "timm:<name>" (timm pretrained weights, needs the network), an MLflow model URI
     # ("models:/<name>@<alias>", "models:/<name>/<version>", "runs:/<run_id>/<path>"), or a
-    # local file (.safetensors, .pt, .pth) or directory in the `save_teacher` layout.
+    # local file (.safetensors, .pt, .pth) or an encoder artifact directory (objectives.artifacts).
     # Default: the CLIP ViT-B/16 teacher of BEiT v2 (Sec. 2.1; unilm beit2 TOKENIZER.md)
     # and MaskDistill ("A Unified View of Masked Image Modeling", Sec. 4).
     source: str = "timm:vit_base_patch16_clip_224.openai"
-    # timm architecture; needed when the weights file has no sibling teacher.json.
+    # timm architecture; needed for a bare weights file (no pretrain.json beside it).
     arch: str = ""
     # Extra `timm.create_model` kwargs (img_size, patch_size, embed_dim, depth, num_heads, ...).
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -259,7 +259,7 @@ class MaskDistillConfig(ObjectiveConfig):
 
 @dataclass
 class ViewAugmentConfig:
-    """Photometric augmentation of one view, applied per sample in torch (objectives/augment.py).
+    """Photometric augmentation of one view, applied per sample in torch (objectives/components/augment.py).
 
     The data pipeline already crops (RandomResizedCrop, data.crop_scale_min) and flips. Defaults:
     BYOL's recipe as in moco-v3 main_moco.py `augmentation1` (ColorJitter(0.4, 0.4, 0.2, 0.1) with

@@ -369,7 +369,7 @@ class EvaluateConfig:
     """The tree composed by `python -m pretrain.evaluate`."""
 
     # The encoder: models:/<name>@<alias> | models:/<name>/<version|latest> | runs:/<run_id>/encoder
-    # | a directory written by an export (teacher.safetensors + teacher.json).
+    # | a directory written by an export (an encoder artifact: model.safetensors + pretrain.json).
     model_uri: str = ""
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Storage options, the embedded default's location and sizes (the shards come from eval.*).

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class Encoder:
-    """A timm ViT and the input it expects (from the export's teacher.json)."""
+    """A timm ViT and the input it expects (from the export's pretrain.json)."""
 
     vit: nn.Module
     arch: str

@@ -9,7 +9,7 @@ safetensors or with `torch.load(weights_only=True)`: a pickle that builds object
 
 Inputs: images normalised with the data pipeline's mean/std. When `load_teacher` is
 given those (`input_mean`/`input_std`) and the teacher was trained with other ones
-(timm's `pretrained_cfg`, or teacher.json), the teacher re-normalises per channel.
+(timm's `pretrained_cfg`, or the artifact's pretrain.json), the teacher re-normalises per channel.
 Resolution: a teacher built for another image size has its position embedding
 resampled (timm `set_input_size`, bicubic), so its grid is img_size / its patch size;
 images are never resized.
@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from objectives.artifacts import (
-    LEGACY_STEMS,
     META_FILE,
     MODEL_URI_SCHEMES,
     ArtifactError,
     ArtifactNotFound,
+    first_line,
+    holds_artifact,
     read_artifact,
 )
 from objectives.components.frozen import FrozenModel
@@ -226,9 +227,8 @@ def _from_timm(name: str, cfg: TeacherConfig, img_size: int | None) -> tuple[nn.
     try:
         vit = timm.create_model(name, pretrained=True, **kwargs)
     except Exception as err:  # download errors come from requests, huggingface_hub, urllib, OSError...
-        first_line = (str(err).strip().splitlines() or [""])[0][:200]
         raise RuntimeError(
-            f"teacher source timm:{name}: could not get pretrained weights ({type(err).__name__}: {first_line}); "
+            f"teacher source timm:{name}: could not get pretrained weights ({first_line(err)}); "
             "without network access save the teacher with objectives.artifacts.save_encoder and pass a local "
             "path or a models:/ URI as objective.teacher.source"
         ) from None
@@ -242,7 +242,7 @@ def _is_bare_file(path: Path) -> bool:
         return True
     if path.suffix != ".safetensors":
         return False
-    return not ((path.parent / META_FILE).is_file() or (path.parent / f"{LEGACY_STEMS['encoder']}.json").is_file())
+    return not holds_artifact(path.parent, "encoder")
 
 
 def _read_weights(source: str, tracking_uri: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -281,9 +281,8 @@ def _read_torch_file(path: Path, label: str) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = (str(err).strip().splitlines() or [""])[0][:160]
         raise ValueError(
-            f"teacher source {label}: refused, not a plain weights file (torch.load weights_only=True: {first_line})"
+            f"teacher source {label}: refused, not a plain weights file (torch.load weights_only=True, {first_line(err)})"
         ) from None
     if isinstance(loaded, dict):
         for key in NESTED_KEYS:
