@@ -12,6 +12,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# An input left to `stage:<objective>` is produced by that objective's stage: the run
+# resolves it from the model registry or trains the stage first (pretrain/pipeline.py).
+STAGE_PREFIX = "stage:"
+
+
+def stage_of(value: str) -> str:
+    """The producing stage named by `stage:<objective>`, else ""."""
+    return value.removeprefix(STAGE_PREFIX) if value.startswith(STAGE_PREFIX) else ""
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """What an objective consumes from an earlier stage.
+
+    role: "teacher" | "tokenizer" | "centroids"; key: the config key holding it
+    (e.g. "objective.tokenizer"); kind: the artifact kind it must be (objectives.artifacts);
+    value: the key's value (a URI, a path, or `stage:<objective>` to be resolved).
+    """
+
+    role: str
+    key: str
+    kind: str
+    value: str
+
+
 @dataclass
 class ObjectiveConfig:
     """Fields every objective has."""
@@ -23,15 +48,23 @@ class ObjectiveConfig:
         """Checks that need no torch: (key, problem) pairs; empty when valid."""
         return []
 
-    def upstream(self) -> dict[str, str]:
-        """Models of earlier stages this run uses ({"tokenizer": uri, "teacher": source}): lineage of its export."""
-        found = {}
+    def inputs(self) -> list[StageInput]:
+        """What this run consumes from earlier stages (a teacher, a tokenizer, centroids)."""
+        found = []
         if getattr(self, "tokenizer", ""):
-            found["tokenizer"] = self.tokenizer
+            found.append(StageInput("tokenizer", "objective.tokenizer", "tokenizer", self.tokenizer))
         teacher = getattr(self, "teacher", None)
         if teacher is not None and teacher.source:
-            found["teacher"] = teacher.source
+            found.append(StageInput("teacher", "objective.teacher.source", "encoder", teacher.source))
         return found
+
+    def outputs(self) -> tuple[str, ...]:
+        """Artifact kinds a run of this objective exports for later stages."""
+        return ("encoder",)
+
+    def upstream(self) -> dict[str, str]:
+        """Models of earlier stages this run uses ({"tokenizer": uri, "teacher": source}): lineage of its export."""
+        return {i.role: i.value for i in self.inputs()}
 
 
 @dataclass
@@ -153,6 +186,9 @@ class VQKDConfig(ObjectiveConfig):
     # version; objective.tokenizer=models:/<name>/latest loads the newest.
     registered_name: str = ""
 
+    def outputs(self) -> tuple[str, ...]:
+        return ("encoder", "tokenizer")
+
     def problems(self) -> list[tuple[str, str]]:
         found = self.teacher.problems("objective.teacher")
         for key in ("num_codes", "code_dim", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
@@ -168,6 +204,13 @@ class VQKDConfig(ObjectiveConfig):
         return found
 
 
+TOKENIZER_REQUIRED = (
+    "required: a VQ-KD tokenizer (models:/<name>/latest, runs:/<run_id>/tokenizer or a directory), or "
+    "stage:vqkd to take it from the registry or train it first; or train one with `python -m pretrain.run "
+    "objective=vqkd` and pass objective.tokenizer=models:/vqkd-<teacher>/latest"
+)
+
+
 # BEiT v2 MIM stage (Peng et al., 2022, Sec. 2.3): predict the VQ-KD codes of masked patches.
 # Values from microsoft/unilm beit2 (PRETRAINING.md ViT-B/16 300-epoch recipe,
 # modeling_pretrain.py, masking_generator.py, run_beitv2_pretraining.py).
@@ -177,7 +220,8 @@ class BEiTv2Config(ObjectiveConfig):
 
     name: str = "beitv2"
     # The frozen VQ-KD tokenizer: models:/<name>/latest (or /<version>, @<alias>),
-    # runs:/<run_id>/tokenizer, or a local export/tokenizer directory. Required.
+    # runs:/<run_id>/tokenizer, a local export/tokenizer directory, or stage:vqkd (the newest
+    # compatible registered tokenizer, else one trained first by a vqkd stage). Required.
     tokenizer: str = ""
     # Block-wise mask of exactly 75 of 196 patches (--num_mask_patches 75); the same
     # fraction on other grids (round(N * ratio) patches).
@@ -193,14 +237,7 @@ class BEiTv2Config(ObjectiveConfig):
     def problems(self) -> list[tuple[str, str]]:
         found = []
         if not self.tokenizer:
-            found.append(
-                (
-                    "objective.tokenizer",
-                    "required: a VQ-KD tokenizer (models:/<name>/latest, runs:/<run_id>/tokenizer or a directory); "
-                    "train one with `python -m pretrain.run objective=vqkd objective.teacher.source=<teacher>` "
-                    "and pass objective.tokenizer=models:/vqkd-<teacher>/latest",
-                )
-            )
+            found.append(("objective.tokenizer", TOKENIZER_REQUIRED))
         elif "://" in self.tokenizer and not self.tokenizer.startswith(("models:/", "runs:/")):
             found.append(("objective.tokenizer", f"use models:/..., runs:/... or a local path, got {self.tokenizer!r}"))
         if not 0.0 < self.mask_ratio < 1.0:
@@ -418,6 +455,13 @@ class CCViTConfig(ObjectiveConfig):
     # Registry name of the exported centroids; "" = "ccvit-centroids-<k>x<patch size>".
     registered_name: str = ""
 
+    def inputs(self) -> list[StageInput]:
+        """Given centroids ("" = k-means in this run, no earlier stage)."""
+        return [StageInput("centroids", "objective.tokenizer", "centroids", self.tokenizer)] if self.tokenizer else []
+
+    def outputs(self) -> tuple[str, ...]:
+        return ("encoder", "centroids")
+
     def problems(self) -> list[tuple[str, str]]:
         found = []
         if "://" in self.tokenizer and not self.tokenizer.startswith(("models:/", "runs:/")):
@@ -508,12 +552,9 @@ class SemAIMConfig(ObjectiveConfig):
     ema_decay_end: float = 0.9999
     ema_ramp_fraction: float = 0.125
 
-    def upstream(self) -> dict[str, str]:
+    def inputs(self) -> list[StageInput]:
         """The teacher only for SemAIM* (target=teacher)."""
-        found = super().upstream()
-        if self.target != "teacher":
-            found.pop("teacher", None)
-        return found
+        return [i for i in super().inputs() if i.role != "teacher" or self.target == "teacher"]
 
     def problems(self) -> list[tuple[str, str]]:
         found = []

@@ -129,6 +129,80 @@ def quote_urls(override: str) -> str:
     return f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def stage_override(override: str) -> str:
+    """`stages.<objective>.<key>=v` adds a key to the open `stages` node: Hydra's `++` form."""
+    return f"++{override}" if override.startswith("stages.") else override
+
+
+def override_value(value: Any) -> str:
+    """A YAML value as Hydra override text: numbers, booleans and null as is, strings quoted."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def recipe_overrides(source: str) -> list[str]:
+    """The overrides of a recipe: pretrain/conf/recipes/<source>.yaml, or a YAML file at the path `source`.
+
+    A recipe is a YAML mapping of what the command line would say (`objective: beitv2`,
+    `trainer: {max_steps: 60}`, `stages: {mae: {trainer: {max_steps: 40}}}`).
+    """
+    packaged = resources.files(CONF_MODULE).joinpath("recipes", f"{source}.yaml")
+    if packaged.is_file():
+        text = packaged.read_text()
+    else:
+        from pathlib import Path
+
+        path = Path(source).expanduser()
+        if not path.is_file():
+            shipped = ", ".join(
+                sorted(
+                    p.name[:-5]
+                    for p in resources.files(CONF_MODULE).joinpath("recipes").iterdir()
+                    if p.name.endswith(".yaml")
+                )
+            )
+            raise ConfigError("recipe", f"no recipe {source!r}: not a file, nor one of {shipped}")
+        text = path.read_text()
+    try:
+        tree = OmegaConf.to_container(OmegaConf.create(text))
+    except Exception as exc:  # noqa: BLE001 - a YAML syntax error becomes one line
+        raise ConfigError("recipe", f"{source}: not a YAML mapping ({str(exc).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError("recipe", f"{source}: not a YAML mapping of config keys")
+    return _flatten_overrides(tree)
+
+
+def _flatten_overrides(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out += _flatten_overrides(value, f"{name}.")
+        elif not prefix and key in GROUPS and isinstance(value, str):
+            out.append(f"{name}={value}")  # a group choice
+        else:
+            out.append(f"{name}={override_value(value)}")
+    return out
+
+
+def expand_overrides(overrides: list[str]) -> list[str]:
+    """The command line with `recipe=<name or file>` expanded (the command line wins) and `stages.*` opened."""
+    expanded: list[str] = []
+    for item in overrides:
+        if _override_key(item) == "recipe":
+            given = {_override_key(o) for o in overrides}
+            expanded += [o for o in recipe_overrides(item.split("=", 1)[1]) if _override_key(o) not in given]
+    expanded += [o for o in overrides if _override_key(o) != "recipe"]
+    return [stage_override(o) for o in expanded]
+
+
 def load_config(overrides: list[str], config_name: str = "config") -> DictConfig:
     """Compose, type-check and validate; raise ConfigError naming the first bad key.
 

@@ -161,6 +161,22 @@ class EvalConfig:
     num_gpus: float = 0.0
 
 
+PIPELINE_RESOLVE = ("auto", "never")
+
+
+@dataclass
+class PipelineConfig:
+    """Multi-stage recipes: inputs left to `stage:<objective>` (pretrain/pipeline.py, docs/pipelines.md)."""
+
+    # "auto": such an input is the newest compatible registered version (its `best` first),
+    # else its stage is trained first; "never": it is a config error, as without pipelines.
+    resolve: str = "auto"
+    # Print the plan (stages, where each input comes from, what gets registered) and exit.
+    dry_run: bool = False
+    # A stage whose last run with the same settings failed is resumed from its last checkpoint.
+    resume_failed: bool = True
+
+
 @dataclass
 class PretrainConfig:
     """The whole tree composed by `python -m pretrain.run`."""
@@ -178,6 +194,11 @@ class PretrainConfig:
     name: str = ""
     # Continue a run: its name (under trainer.storage_path) or its directory/URL.
     resume: str = ""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    # Settings of earlier stages, by objective: stages.<objective>.<key>=<value> (e.g.
+    # stages.mae.trainer.max_steps=50, stages.vqkd.model=vit_tiny); the rest of the command
+    # line applies to every stage, except objective.*, optim.*, name and tracking.registered_model.
+    stages: dict[str, Any] = field(default_factory=dict)
 
 
 Check = tuple[bool, str, str]  # (holds, key, message if it does not)
@@ -309,6 +330,46 @@ def find_problems(cfg: Any) -> list[tuple[str, str]]:
     problems = getattr(cfg.objective, "problems", None)
     if problems is not None:
         found.extend(problems())
+    found += pipeline_problems(cfg)
+    return found
+
+
+def pipeline_problems(cfg: Any) -> list[tuple[str, str]]:
+    """Inputs given as `stage:<objective>`: a known producer of the right kind, and resolution on."""
+    from objectives.configs import TOKENIZER_REQUIRED, stage_of
+
+    pipeline = getattr(cfg, "pipeline", None) or PipelineConfig()
+    if pipeline.resolve not in PIPELINE_RESOLVE:
+        return [("pipeline.resolve", f"must be one of {', '.join(PIPELINE_RESOLVE)}, got {pipeline.resolve!r}")]
+    found = []
+    producers = objective_outputs()
+    for item in getattr(cfg.objective, "inputs", list)():
+        stage = stage_of(item.value)
+        if not stage and not item.value.startswith("stage:"):
+            continue
+        makers = sorted(name for name, kinds in producers.items() if item.kind in kinds)
+        if stage not in producers or item.kind not in producers[stage]:
+            found.append(
+                (item.key, f"stage:{stage} does not produce a {item.kind}; stages that do: {', '.join(makers)}")
+            )
+        elif pipeline.resolve == "never":
+            required = (
+                TOKENIZER_REQUIRED
+                if item.role == "tokenizer"
+                else f"required: a {item.role} (models:/..., runs:/..., a directory, or timm:<name>)"
+            )
+            found.append((item.key, f"{required} (pipeline.resolve=never leaves {item.value} unresolved)"))
+    return found
+
+
+def objective_outputs() -> dict[str, tuple[str, ...]]:
+    """{objective name: artifact kinds its runs export}."""
+    from objectives import configs
+
+    found = {}
+    for cls in vars(configs).values():
+        if isinstance(cls, type) and issubclass(cls, configs.ObjectiveConfig) and cls is not configs.ObjectiveConfig:
+            found[cls().name] = cls().outputs()
     return found
 
 

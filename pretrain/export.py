@@ -47,8 +47,12 @@ def export_models(
     storage_options: dict[str, Any] | None,
     tracking_uri: str,
     run_id: str,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """Export on rank 0 (all ranks must call it); returns {name: URI or path} on rank 0, {} elsewhere."""
+    """Export on rank 0 (all ranks must call it); returns {name: URI or path} on rank 0, {} elsewhere.
+
+    tags: set on every registry version created here (lineage: `pretrain.publish.lineage`).
+    """
     objective = engine.module
     found: dict[str, str] = {}
     with _gathered(engine):
@@ -71,6 +75,7 @@ def export_models(
                         model_type=item.model_type,
                         params=item.params,
                         registered_name=item.registered_name,
+                        tags={**(tags or {}), "pretrain.kind": item.kind},
                     )
                 log.info("exported %s: %s (files in %s)", item.name, found[item.name], dest)
     if tracking_uri and run_id and found:

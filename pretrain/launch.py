@@ -160,14 +160,14 @@ def build_trainer(cfg: PretrainConfig, place: RunPlace, info: Any) -> Any:
     )
 
 
-def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) -> int:
-    """Run training to the end; returns the process exit code."""
+def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None, parent_run_id: str = "") -> int:
+    """Run training to the end; returns the process exit code. parent_run_id: the pipeline's MLflow run."""
     from pretrain import tracking
     from pretrain.background_eval import start_evaluator
     from pretrain.trainer.worker import RunInfo
 
     started = time.perf_counter()
-    uri, run_id = open_tracking(cfg, place, record)
+    uri, run_id = open_tracking(cfg, place, record, parent_run_id)
     write_run_record(
         place,
         {"name": place.name, "mlflow_run_id": run_id, "tracking_uri": uri, "config": tracking.redact(asdict(cfg))},
@@ -204,22 +204,37 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) 
     return 1 if error is not None or "error" in published else 0
 
 
-def open_tracking(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None) -> tuple[str, str]:
-    """(tracking URI, MLflow run id) of this run, re-opened on resume; ("", "") with tracking off."""
+def open_tracking(
+    cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None, parent_run_id: str = ""
+) -> tuple[str, str]:
+    """(tracking URI, MLflow run id) of this run, re-opened on resume; ("", "") with tracking off.
+
+    The run is tagged with its stage key and directory (a pipeline finds and resumes it by
+    them) and, inside a pipeline, nested under the pipeline's run.
+    """
     from pretrain import tracking
+    from pretrain.resolve import PARENT_TAG, RUN_DIR_TAG, STAGE_KEY_TAG, stage_key
 
     if not cfg.tracking.enabled:
         return "", ""
+    tags = {STAGE_KEY_TAG: stage_key(cfg), RUN_DIR_TAG: place.run_dir}
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
     uri = (record or {}).get("tracking_uri") or cfg.tracking.uri or tracking.default_tracking_uri(place.local_root)
-    artifact_root = str((place.local_root / "mlartifacts").resolve()) if not cfg.tracking.uri else ""
     run_id = tracking.open_run(
         uri,
         cfg.tracking.experiment,
         place.name,
         run_id=(record or {}).get("mlflow_run_id", ""),
-        artifact_root=artifact_root,
+        artifact_root=artifact_root(cfg, place),
+        tags=tags,
     )
     return uri, run_id
+
+
+def artifact_root(cfg: PretrainConfig, place: RunPlace) -> str:
+    """Where a new experiment of the default sqlite store keeps artifacts: beside the runs ("" with a server)."""
+    return str((place.local_root / "mlartifacts").resolve()) if not cfg.tracking.uri else ""
 
 
 def fit(cfg: PretrainConfig, place: RunPlace, info: Any) -> tuple[Any, BaseException | None]:

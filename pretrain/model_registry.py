@@ -29,10 +29,11 @@ def log_model_dir(
     model_type: str,
     params: dict[str, str] | None = None,
     registered_name: str = "",
+    tags: dict[str, str] | None = None,
 ) -> str:
     """Log the files of `local_dir` as logged model `name` of run `run_id`; returns its URI.
 
-    With `registered_name` a new registry version is created and
+    With `registered_name` a new registry version is created, tagged with `tags`, and
     `models:/<registered_name>/<version>` returned; else `runs:/<run_id>/<name>`.
     """
     from mlflow import MlflowClient
@@ -61,6 +62,8 @@ def log_model_dir(
         version = client.create_model_version(
             registered_name, source=f"models:/{logged.model_id}", run_id=run_id, model_id=logged.model_id
         )
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(registered_name, version.version, key, value)
     return f"models:/{registered_name}/{version.version}"
 
 

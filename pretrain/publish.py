@@ -81,6 +81,7 @@ def data_identity(cfg: PretrainConfig) -> str:
 def lineage(cfg: PretrainConfig, *, run_id: str, run_name: str, steps: int, tracking_uri: str) -> dict[str, str]:
     """Tags of a registered version: where the encoder came from."""
     from pretrain.engine import global_batch
+    from pretrain.resolve import stage_key
 
     tags = {
         "pretrain.run_id": run_id,
@@ -92,6 +93,8 @@ def lineage(cfg: PretrainConfig, *, run_id: str, run_name: str, steps: int, trac
         "pretrain.global_batch": str(global_batch(cfg.trainer)),
         "pretrain.data": cfg.data.urls or "embedded default",
         "pretrain.data_manifest_hash": data_identity(cfg),
+        # What a pipeline matches to reuse this stage (pretrain.resolve.stage_key).
+        "pretrain.stage_key": stage_key(cfg),
     }
     # Upstream stages (tokenizer, teacher), pinned to the version this run used.
     for role, uri in cfg.objective.upstream().items():

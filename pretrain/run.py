@@ -3,6 +3,9 @@
     python -m pretrain.run objective=mae model=vit_tiny trainer.max_steps=50
     python -m pretrain.run --cfg job          # print the resolved config, run nothing
     python -m pretrain.run resume=<run name or run directory>
+    python -m pretrain.run objective=beitv2 pipeline.dry_run=true   # the stages it needs, run nothing
+    python -m pretrain.run objective=beitv2 stages.mae.trainer.max_steps=100 stages.vqkd.trainer.max_steps=100
+    python -m pretrain.run recipe=<name in pretrain/conf/recipes/ or a YAML file> [key=value ...]
 
 Config mistakes exit with code 2 and one line naming the key and the valid choices,
 before torch, Ray or MLflow are imported.
@@ -37,7 +40,7 @@ def _parse(argv: list[str]) -> tuple[str | None, bool, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
-    from pretrain.compose import GROUPS, ConfigError, group_options, load_config, resume_config
+    from pretrain.compose import GROUPS, ConfigError, expand_overrides, group_options, load_config, resume_config
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -54,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(item, "expected key=value or group=option (e.g. objective=mae, trainer.max_steps=50)")
+        overrides = expand_overrides(overrides)
         cfg = load_config(overrides)
         record = None
         place = None
@@ -79,10 +83,34 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.trainer.worker import configure_logging
 
     configure_logging()
+    if not cfg.resume and (cfg.pipeline.dry_run or _is_pipeline(cfg)):
+        return _pipeline(cfg, overrides)
     from pretrain.launch import launch, place_for
 
     config = OmegaConf.to_object(cfg)
     return launch(config, place or place_for(config), record)
+
+
+def _is_pipeline(cfg) -> bool:  # noqa: ANN001 - a DictConfig
+    from pretrain.pipeline import is_pipeline
+
+    return is_pipeline(cfg)
+
+
+def _pipeline(cfg, overrides: list[str]) -> int:  # noqa: ANN001 - a DictConfig
+    """Plan the stages, print the plan, and (unless pipeline.dry_run) run them."""
+    from pretrain.compose import ConfigError
+    from pretrain.pipeline import build_plan, print_plan, run_pipeline
+
+    try:
+        plan = build_plan(cfg, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = print_plan(plan)
+    if cfg.pipeline.dry_run:
+        return 0
+    return run_pipeline(plan, text)
 
 
 if __name__ == "__main__":

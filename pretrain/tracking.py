@@ -59,13 +59,23 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def open_run(uri: str, experiment: str, run_name: str, *, run_id: str = "", artifact_root: str = "") -> str:
-    """Driver: create the run (or re-open `run_id` on resume); returns the run id."""
+def open_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    *,
+    run_id: str = "",
+    artifact_root: str = "",
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Driver: create the run (or re-open `run_id` on resume) with `tags` set; returns the run id."""
     client = _client(uri)
     if run_id:
         run = client.get_run(run_id)  # raises a clear MlflowException when it does not exist
         if run.info.status != "RUNNING":
             client.update_run(run_id, status="RUNNING")
+        for key, value in (tags or {}).items():
+            client.set_tag(run_id, key, value)
         log.info("MLflow: resuming run %s", run_id)
         return run_id
     exp = client.get_experiment_by_name(experiment)
@@ -73,7 +83,7 @@ def open_run(uri: str, experiment: str, run_name: str, *, run_id: str = "", arti
         exp_id = client.create_experiment(experiment, artifact_location=artifact_root or None)
     else:
         exp_id = exp.experiment_id
-    run = client.create_run(exp_id, run_name=run_name, tags={"pretrain.ray_run_name": run_name})
+    run = client.create_run(exp_id, run_name=run_name, tags={"pretrain.ray_run_name": run_name, **(tags or {})})
     return run.info.run_id
 
 

@@ -185,6 +185,19 @@ class Trainer:
             return
         from pretrain.export import export_models
 
+        tags: dict[str, str] = {}
+        if self.rank == 0 and self.info.tracking_uri and self.info.mlflow_run_id:
+            from pretrain.publish import lineage
+
+            # Registered tokenizers and centroids carry the lineage the encoder gets in pretrain.publish.
+            name = self.info.run_dir.rstrip("/").rsplit("/", 1)[-1]
+            tags = lineage(
+                self.cfg,
+                run_id=self.info.mlflow_run_id,
+                run_name=name,
+                steps=self.step,
+                tracking_uri=self.info.tracking_uri,
+            )
         export_models(
             self.engine,
             rank=self.rank,
@@ -192,4 +205,5 @@ class Trainer:
             storage_options=self.cfg.data.storage_options,
             tracking_uri=self.info.tracking_uri,
             run_id=self.info.mlflow_run_id,
+            tags=tags,
         )
