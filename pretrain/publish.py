@@ -13,13 +13,15 @@ Runs after training (pretrain.launch: in the driver on one node, else in a Ray t
    loads as a teacher, and with timm's `local-dir:`;
 4. register a version under `<objective>-<model>` (or tracking.registered_model) with
    lineage tags; `models:/<name>/latest` is the newest (MLflow reserves the alias
-   `latest`), and the alias `best` moves only when eval.select_metric beats its holder.
+   `latest`), and the alias `best` moves only when eval.select_metric beats both its
+   holder and the version's own random-init baseline.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -35,6 +37,8 @@ log = logging.getLogger("pretrain.publish")
 BEST_ALIAS = "best"
 CARD_FILE = "README.md"
 EVAL_FILE = "eval.json"
+UPSTREAM_ROLES = ("teacher", "tokenizer")  # lineage tags `pretrain.<role>`: the upstream version used
+VERSION_URI = re.compile(r"models:/([^/@]+)/(\d+)")  # a pinned registry version, the only kind followed
 
 
 def registered_name(cfg: PretrainConfig) -> str:
@@ -110,6 +114,7 @@ def model_card(
     *,
     name: str,
     version: str,
+    chain: list[dict[str, str]] | None = None,
 ) -> str:
     """The markdown model card: architecture, objective, data, lineage, eval metrics, how to load, config."""
     from omegaconf import OmegaConf
@@ -135,6 +140,15 @@ def model_card(
     ]
     lines = [f"# {title}", "", f"A `{cfg.objective.name}` self-supervised ViT encoder trained with `pretrain`.", ""]
     lines += ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+    if chain:
+        this = {
+            "role": "this encoder",
+            "uri": f"models:/{name}/{version}" if version else f"{name} (not registered)",
+            "objective": cfg.objective.name,
+            "steps": tags.get("pretrain.steps", ""),
+            "eval": eval_text(tags),
+        }
+        lines += lineage_table([*chain, this])
     lines += ["## Evaluation (frozen features)", ""]
     if result is None:
         lines += ["Not evaluated (eval.enabled=false).", ""]
@@ -244,8 +258,38 @@ def register(*, name: str, model_id: str, run_id: str, tracking_uri: str, tags: 
     return str(version.version)
 
 
-def promote_best(*, name: str, version: str, metric: str, value: float, tracking_uri: str) -> bool:
-    """Point alias `best` at `version` if `value` beats the holder's `eval.<metric>` tag (or nobody holds it)."""
+def best_verdict(
+    *, value: float, baseline: float | None, holder: str | None, held: float | None, metric: str
+) -> tuple[bool, str]:
+    """Whether a version scoring `value` takes alias `best` from version `holder` (scoring `held`), and why."""
+    stays = f"; stays on v{holder}" if holder is not None else ""
+    if baseline is not None and value <= baseline:
+        return False, f"not moved: {_pct(value)} <= random init {_pct(baseline)}{stays}"
+    if holder is not None and held is not None and value <= held:
+        return False, f"stays on v{holder}: {_pct(value)} <= {_pct(held)}"
+    beaten = [] if baseline is None else [f"random init {_pct(baseline)}"]
+    notes = []
+    if holder is None:
+        notes.append("nobody held it")
+    elif held is None:
+        notes.append(f"holder v{holder} has no eval.{metric}")
+    else:
+        beaten.append(f"holder v{holder} {_pct(held)}")
+    if baseline is None:
+        notes.append("no random-init baseline")
+    if beaten:
+        notes.insert(0, f"beats {' and '.join(beaten)}")
+    return True, "; ".join(notes)
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:.1f}%"
+
+
+def _promote(
+    *, name: str, version: str, metric: str, value: float, baseline: float | None, tracking_uri: str
+) -> tuple[bool, str]:
+    """promote_best, with the verdict in words."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -255,13 +299,116 @@ def promote_best(*, name: str, version: str, metric: str, value: float, tracking
     except MlflowException:
         holder = None
     held = None if holder is None else holder.tags.get(f"eval.{metric}")
-    if holder is not None and held is not None and value <= float(held):
-        log.info(
-            "alias %s stays on %s v%s (%s %.4f >= %.4f)", BEST_ALIAS, name, holder.version, metric, float(held), value
+    moved, reason = best_verdict(
+        value=value,
+        baseline=baseline,
+        holder=None if holder is None else str(holder.version),
+        held=None if held is None else float(held),
+        metric=metric,
+    )
+    log.info(
+        "alias %s %s %s v%s: %s %.4f, random init %s (%s)",
+        BEST_ALIAS,
+        "moves to" if moved else "does not move to",
+        name,
+        version,
+        metric,
+        value,
+        "-" if baseline is None else f"{baseline:.4f}",
+        reason,
+    )
+    if moved:
+        client.set_registered_model_alias(name, BEST_ALIAS, version)
+    return moved, reason
+
+
+def promote_best(
+    *, name: str, version: str, metric: str, value: float, baseline: float | None, tracking_uri: str
+) -> bool:
+    """Point alias `best` at `version` if `value` beats its random-init `baseline` and the holder; True if it moved.
+
+    Both comparisons are strict. The holder test passes when nobody holds `best` or the
+    holder has no `eval.<metric>` tag; `baseline=None` (no baseline measured) skips that test.
+    """
+    return _promote(
+        name=name, version=version, metric=metric, value=value, baseline=baseline, tracking_uri=tracking_uri
+    )[0]
+
+
+def eval_text(tags: dict[str, str]) -> str:
+    """A version's `eval.<metric>` tags in words: "knn_top1 41.2% (random init 30.1%)", comma-separated."""
+    shown = []
+    for key in sorted(tags):
+        metric = key.removeprefix("eval.")
+        if not key.startswith("eval.") or metric.startswith("baseline_"):
+            continue
+        base = tags.get(f"eval.baseline_{metric}")
+        versus = f" (random init {_tag_pct(base)})" if base is not None else ""
+        shown.append(f"{metric} {_tag_pct(tags[key])}{versus}")
+    return ", ".join(shown)
+
+
+def _tag_pct(text: str) -> str:
+    try:
+        return _pct(float(text))
+    except ValueError:
+        return text
+
+
+def upstream_chain(tags: dict[str, str], tracking_uri: str) -> list[dict[str, str]]:
+    """The upstream versions behind a version's lineage `tags`, most upstream first, each with its own upstream before it.
+
+    Entries: role, uri, objective, steps, eval. Only `models:/<name>/<version>` URIs are
+    followed; other sources (`timm:...`, `runs:/...`, paths) are listed but end the walk,
+    a version missing from the registry is listed as such, and a cycle is cut.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    chain: list[dict[str, str]] = []
+    seen: set[str] = set()
+
+    def visit(role: str, uri: str) -> None:
+        if uri in seen:
+            return
+        seen.add(uri)
+        found, problem = _version_tags(client, uri)
+        for up_role in UPSTREAM_ROLES:
+            if found.get(f"pretrain.{up_role}"):
+                visit(up_role, found[f"pretrain.{up_role}"])
+        objective, steps = found.get("pretrain.objective", ""), found.get("pretrain.steps", "")
+        chain.append(
+            {"role": role, "uri": uri, "objective": objective, "steps": steps, "eval": problem or eval_text(found)}
         )
-        return False
-    client.set_registered_model_alias(name, BEST_ALIAS, version)
-    return True
+
+    for role in UPSTREAM_ROLES:
+        if tags.get(f"pretrain.{role}"):
+            visit(role, tags[f"pretrain.{role}"])
+    return chain
+
+
+def _version_tags(client: Any, uri: str) -> tuple[dict[str, str], str]:
+    """(tags, "") of registry version `uri`; ({}, "") if `uri` is not a version URI; ({}, why) if it cannot be read."""
+    from mlflow.exceptions import MlflowException
+
+    match = VERSION_URI.fullmatch(uri)
+    if match is None:
+        return {}, ""
+    try:
+        return dict(client.get_model_version(match[1], match[2]).tags), ""
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}, "not found in the registry"
+        return {}, f"not read: {err.message.splitlines()[0]}"
+
+
+def lineage_table(chain: list[dict[str, str]]) -> list[str]:
+    """The card's "Lineage" section: one markdown table row per chain entry."""
+    lines = ["## Lineage", "", "| role | model version | objective | steps | evaluation |", "|---|---|---|---|---|"]
+    for entry in chain:
+        cells = [entry["role"], entry["uri"], entry["objective"], entry["steps"], entry["eval"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") or "-" for c in cells) + " |")
+    return [*lines, ""]
 
 
 def publish_encoder(
@@ -302,7 +449,8 @@ def publish_encoder(
                 version = register(name=name, model_id=model_id, run_id=run_id, tracking_uri=tracking_uri, tags=tags)
                 out.update(uri=f"models:/{name}/{version}", registered=name, version=version)
         # The card names the version it describes, so it is written once the version exists.
-        card = model_card(cfg, encoder, result, tags, name=name or registered_name(cfg), version=version)
+        chain = upstream_chain(tags, tracking_uri) if tracking_uri else None
+        card = model_card(cfg, encoder, result, tags, name=name or registered_name(cfg), version=version, chain=chain)
         (files / CARD_FILE).write_text(card)
         if run_id:
             from mlflow import MlflowClient
@@ -311,14 +459,7 @@ def publish_encoder(
             client.log_model_artifacts(model_id, str(files / CARD_FILE))
             if name:
                 client.update_model_version(name, version, description=card[:5000])
-                if result is not None and cfg.eval.select_metric in result.encoder:
-                    out["best"] = promote_best(
-                        name=name,
-                        version=version,
-                        metric=cfg.eval.select_metric,
-                        value=result.encoder[cfg.eval.select_metric],
-                        tracking_uri=tracking_uri,
-                    )
+                out["best"], out["best_reason"] = _promote_published(cfg, result, name, version, tracking_uri)
             client.set_tag(run_id, "pretrain.export.encoder", out["uri"])
             client.log_text(run_id, card, "model_card.md")
         for extra in (CARD_FILE, EVAL_FILE):
@@ -326,6 +467,25 @@ def publish_encoder(
                 _put_file(files / extra, export_url, cfg.data.storage_options)
     out["card"] = f"{export_url}/{CARD_FILE}"
     return out
+
+
+def _promote_published(
+    cfg: PretrainConfig, result: EvalResult | None, name: str, version: str, tracking_uri: str
+) -> tuple[bool, str]:
+    """Alias `best` for a freshly registered version: (moved, why)."""
+    metric = cfg.eval.select_metric
+    if result is None:
+        return False, "not moved: not evaluated"
+    if metric not in result.encoder:
+        return False, f"not moved: no {metric} in the evaluation"
+    return _promote(
+        name=name,
+        version=version,
+        metric=metric,
+        value=result.encoder[metric],
+        baseline=result.baseline.get(metric),
+        tracking_uri=tracking_uri,
+    )
 
 
 def _put_file(file: Path, dest_dir: str, storage_options: dict[str, Any] | None) -> None:

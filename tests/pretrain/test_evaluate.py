@@ -116,7 +116,7 @@ def registered_encoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     run_id = client.create_run(client.create_experiment("pretrain")).info.run_id
     model_id, _ = log_encoder(load_encoder(str(files), tracking_uri=None), files, run_id=run_id, tracking_uri=store)
     version = register(name="tiny-enc", model_id=model_id, run_id=run_id, tracking_uri=store, tags={})
-    promote_best(name="tiny-enc", version=version, metric="knn_top1", value=0.0, tracking_uri=store)
+    promote_best(name="tiny-enc", version=version, metric="knn_top1", value=0.0, baseline=None, tracking_uri=store)
     assert BEST_ALIAS == "best"
     return store
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from pretrain.evaluate import EvalResult, result_table
 from pretrain.features import Encoder, load_encoder
 from pretrain.publish import (
     BEST_ALIAS,
+    best_verdict,
     lineage,
     log_encoder,
     model_card,
@@ -21,6 +23,7 @@ from pretrain.publish import (
     register,
     registered_name,
     resolve_model_uri,
+    upstream_chain,
 )
 
 ARCH = "vit_tiny_patch16_224"
@@ -100,7 +103,8 @@ def test_best_alias_moves_only_when_the_metric_beats_the_holder(store: str, tmp_
         _, version, _ = _publish(store, tmp_path, seed=seed, name=name)
         client.set_model_version_tag(name, version, "eval.knn_top1", str(score))
         scores[version] = score
-        promote_best(name=name, version=version, metric="knn_top1", value=score, tracking_uri=store)
+        # No baseline measured: only the holder test applies.
+        promote_best(name=name, version=version, metric="knn_top1", value=score, baseline=None, tracking_uri=store)
         holders.append(str(client.get_model_version_by_alias(name, BEST_ALIAS).version))
     # v1 first holder; v2 worse; v3 only ties (not a beat); v4 better; v5 worse.
     assert holders == ["1", "1", "1", "4", "4"]
@@ -117,8 +121,190 @@ def test_a_holder_without_the_metric_is_replaced(store: str, tmp_path: Path) -> 
     _publish(store, tmp_path, seed=0)
     client.set_registered_model_alias("mae-vit_test", BEST_ALIAS, "1")  # promoted by hand, no eval tag
     _, version, _ = _publish(store, tmp_path, seed=1)
-    assert promote_best(name="mae-vit_test", version=version, metric="knn_top1", value=0.2, tracking_uri=store)
+    assert promote_best(
+        name="mae-vit_test", version=version, metric="knn_top1", value=0.2, baseline=0.1, tracking_uri=store
+    )
     assert str(client.get_model_version_by_alias("mae-vit_test", BEST_ALIAS).version) == "2"
+
+
+def test_best_alias_needs_to_beat_the_random_init_baseline(
+    store: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    name = "vqkd-vit_test"
+
+    def publish(seed: int, score: float, baseline: float) -> bool:
+        _, version, _ = _publish(store, tmp_path, seed=seed, name=name)
+        client.set_model_version_tag(name, version, "eval.knn_top1", str(score))
+        return promote_best(
+            name=name, version=version, metric="knn_top1", value=score, baseline=baseline, tracking_uri=store
+        )
+
+    # (a) The first version, below its own random init, does not take `best`: nobody holds it.
+    with caplog.at_level(logging.INFO, logger="pretrain.publish"):
+        assert publish(0, score=0.30, baseline=0.35) is False
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias(name, BEST_ALIAS)
+    said = [r.getMessage() for r in caplog.records if r.name == "pretrain.publish"]
+    assert said == [
+        "alias best does not move to vqkd-vit_test v1: knn_top1 0.3000, random init 0.3500"
+        " (not moved: 30.0% <= random init 35.0%)"
+    ]
+    # (b) Above its baseline and with no holder: takes it.
+    assert publish(1, score=0.40, baseline=0.20) is True
+    assert str(client.get_model_version_by_alias(name, BEST_ALIAS).version) == "2"
+    # (c) Above the holder (0.45 > 0.40) but below its own baseline (0.45 < 0.50): stays on v2.
+    assert publish(2, score=0.45, baseline=0.50) is False
+    # A tie with its baseline is not a beat either; then above both takes it.
+    assert publish(3, score=0.45, baseline=0.45) is False
+    assert str(client.get_model_version_by_alias(name, BEST_ALIAS).version) == "2"
+    assert publish(4, score=0.45, baseline=0.44) is True
+    assert str(client.get_model_version_by_alias(name, BEST_ALIAS).version) == "5"
+
+
+def test_best_verdict_says_why() -> None:
+    common = {"metric": "knn_top1"}
+    assert best_verdict(value=0.125, baseline=0.095, holder="1", held=0.10, **common) == (
+        True,
+        "beats random init 9.5% and holder v1 10.0%",
+    )
+    assert best_verdict(value=0.09, baseline=0.05, holder="1", held=0.10, **common) == (
+        False,
+        "stays on v1: 9.0% <= 10.0%",
+    )
+    assert best_verdict(value=0.08, baseline=0.095, holder=None, held=None, **common) == (
+        False,
+        "not moved: 8.0% <= random init 9.5%",
+    )
+    # Below the baseline and the holder: the baseline is the reason, and where `best` stays.
+    assert best_verdict(value=0.08, baseline=0.095, holder="2", held=0.30, **common) == (
+        False,
+        "not moved: 8.0% <= random init 9.5%; stays on v2",
+    )
+    assert best_verdict(value=0.2, baseline=0.1, holder=None, held=None, **common) == (
+        True,
+        "beats random init 10.0%; nobody held it",
+    )
+    assert best_verdict(value=0.2, baseline=0.1, holder="1", held=None, **common) == (
+        True,
+        "beats random init 10.0%; holder v1 has no eval.knn_top1",
+    )
+    assert best_verdict(value=0.2, baseline=None, holder="3", held=0.15, **common) == (
+        True,
+        "beats holder v3 15.0%; no random-init baseline",
+    )
+    assert best_verdict(value=0.2, baseline=None, holder=None, held=None, **common) == (
+        True,
+        "nobody held it; no random-init baseline",
+    )
+
+
+def _register_dir(store: str, tmp_path: Path, name: str, tags: dict[str, str]) -> str:
+    """A registry version of `name` for a one-file directory, with version `tags`; its models:/ URI."""
+    from mlflow import MlflowClient
+
+    from pretrain.model_registry import log_model_dir
+
+    files = tmp_path / f"files-{name}"
+    files.mkdir()
+    (files / "weights.txt").write_text(name)
+    uri = log_model_dir(
+        files, run_id=_run(store), tracking_uri=store, name="model", model_type="test", registered_name=name
+    )
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, uri.rsplit("/", 1)[1], key, value)
+    return uri
+
+
+def _entry(role: str, uri: str, objective: str = "", steps: str = "", evaluation: str = "") -> dict[str, str]:
+    return {"role": role, "uri": uri, "objective": objective, "steps": steps, "eval": evaluation}
+
+
+def test_upstream_chain_walks_the_registry_and_the_card_shows_it(store: str, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+    from omegaconf import OmegaConf
+
+    from pretrain.compose import load_config
+
+    timm_teacher = "timm:vit_small_patch16_224.dino"
+    teacher = _register_dir(
+        store,
+        tmp_path,
+        "mae-vit_nano",
+        {
+            "pretrain.objective": "mae",
+            "pretrain.steps": "300",
+            "pretrain.teacher": timm_teacher,  # a source outside the registry: listed, not followed
+            "eval.knn_top1": "0.412000",
+            "eval.baseline_knn_top1": "0.301000",
+            "eval.linear_top1": "0.500000",
+            "eval.baseline_linear_top1": "0.400000",
+        },
+    )
+    tokenizer = _register_dir(
+        store,
+        tmp_path,
+        "vqkd-mae-vit_nano",
+        {"pretrain.objective": "vqkd", "pretrain.steps": "200", "pretrain.teacher": teacher},
+    )
+    assert (teacher, tokenizer) == ("models:/mae-vit_nano/1", "models:/vqkd-mae-vit_nano/1")
+    tags = {
+        "pretrain.objective": "beitv2",
+        "pretrain.steps": "100",
+        "pretrain.global_batch": "64",
+        "pretrain.tokenizer": tokenizer,
+        "eval.knn_top1": "0.625000",
+        "eval.baseline_knn_top1": "0.250000",
+    }
+    teacher_eval = "knn_top1 41.2% (random init 30.1%), linear_top1 50.0% (random init 40.0%)"
+    expected = [
+        _entry("teacher", timm_teacher),
+        _entry("teacher", teacher, "mae", "300", teacher_eval),
+        _entry("tokenizer", tokenizer, "vqkd", "200"),
+    ]
+    chain = upstream_chain(tags, store)
+    assert chain == expected
+
+    cfg: PretrainConfig = OmegaConf.to_object(
+        load_config(["objective=beitv2", f"objective.tokenizer={tokenizer}", "model=vit_nano"])
+    )
+    encoder, _ = _encoder(tmp_path, seed=0)
+    card = model_card(cfg, encoder, None, tags, name="beitv2-vit_nano", version="1", chain=chain)
+    table = [
+        "## Lineage",
+        "",
+        "| role | model version | objective | steps | evaluation |",
+        "|---|---|---|---|---|",
+        f"| teacher | {timm_teacher} | - | - | - |",
+        f"| teacher | models:/mae-vit_nano/1 | mae | 300 | {teacher_eval} |",
+        "| tokenizer | models:/vqkd-mae-vit_nano/1 | vqkd | 200 | - |",
+        "| this encoder | models:/beitv2-vit_nano/1 | beitv2 | 100 | knn_top1 62.5% (random init 25.0%) |",
+        "",
+    ]
+    assert "\n".join(table) in card
+    # The single rows of the top table stay.
+    assert f"| tokenizer | {tokenizer} |" in card and "| teacher | - |" in card
+
+    # A cycle (the teacher tagged with the tokenizer built from it) is cut: each version once.
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    client.set_model_version_tag("mae-vit_nano", "1", "pretrain.tokenizer", tokenizer)
+    assert upstream_chain(tags, store) == expected
+
+    # Missing versions are listed, never raised; runs:/, paths and aliases are listed, not followed.
+    missing = upstream_chain(
+        {"pretrain.teacher": "models:/mae-vit_nano/9", "pretrain.tokenizer": "models:/nope/1"}, store
+    )
+    assert missing == [
+        _entry("teacher", "models:/mae-vit_nano/9", evaluation="not found in the registry"),
+        _entry("tokenizer", "models:/nope/1", evaluation="not found in the registry"),
+    ]
+    for uri in ("runs:/abc/encoder", str(tmp_path / "files-mae-vit_nano"), "models:/mae-vit_nano@best"):
+        assert upstream_chain({"pretrain.teacher": uri}, store) == [_entry("teacher", uri)]
+    assert upstream_chain({"pretrain.objective": "mae"}, store) == []
 
 
 def test_registered_name_lineage_and_model_card(store: str, tmp_path: Path) -> None:
@@ -171,6 +357,7 @@ def test_registered_name_lineage_and_model_card(store: str, tmp_path: Path) -> N
     )
     card = model_card(cfg, encoder, result, tags, name="beitv2-vit_small", version="3")
     assert card.startswith("# beitv2-vit_small v3")
+    assert "## Lineage" not in card  # no chain given
     for needle in (ARCH, manifest.manifest_hash, "models:/vqkd-x/2", "`beitv2`", "62.5%", "25.0%", "+37.5"):
         assert needle in card, needle
     assert json.dumps(KWARGS, sort_keys=True) in card
