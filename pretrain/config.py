@@ -153,7 +153,7 @@ class EvalConfig:
     num_workers: int = 1
     # Also evaluate a randomly initialised encoder of the same architecture.
     baseline: bool = True
-    # Which result moves the registry alias `best` (only when it beats the holder).
+    # Which result moves the registry alias `best` (only when it beats the holder and its own random init).
     select_metric: str = "knn_top1"
     seed: int = 0
     # Resources of the evaluation Ray task (pretrain.run).
@@ -349,8 +349,9 @@ def pipeline_problems(cfg: Any) -> list[tuple[str, str]]:
             continue
         makers = sorted(name for name, kinds in producers.items() if item.kind in kinds)
         if stage not in producers or item.kind not in producers[stage]:
+            article = "an" if item.kind[0] in "aeiou" else "a"
             found.append(
-                (item.key, f"stage:{stage} does not produce a {item.kind}; stages that do: {', '.join(makers)}")
+                (item.key, f"stage:{stage} does not produce {article} {item.kind}; stages that do: {', '.join(makers)}")
             )
         elif pipeline.resolve == "never":
             required = (

@@ -318,8 +318,10 @@ def publish_rows(published: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append((f"eval {key}", f"{100 * value:.1f}%{versus}"))
         rows.append(("eval data", f"fit {result['fit_samples']}, test {result['test_samples']} held out"))
     if "registered" in published:
-        best = " (alias best moved here)" if published.get("best") else ""
-        rows.append(("registered", f"{published['uri']}{best}"))
+        rows.append(("registered", published["uri"]))
+        if published.get("best_reason"):
+            moved = "moved here: " if published.get("best") else ""
+            rows.append(("alias best", f"{moved}{published['best_reason']}"))
     rows.append(("model card", published["card"]))
     return rows
 

@@ -154,8 +154,9 @@ def compose_stage(objective: str, overrides: list[str], stages: dict[str, Any]) 
     try:
         cfg = load_config([f"objective={objective}", *shared, *own])
     except ConfigError as err:
-        key = err.key if any(_key(o) == err.key for o in own) or err.key in GROUPS else err.key
-        raise ConfigError(f"stages.{objective}.{key}" if own else key, str(err).split(": ", 1)[1]) from None
+        own_key = any(_key(o) == err.key or _key(o).startswith(f"{err.key}.") for o in own)
+        key = f"stages.{objective}.{err.key}" if own_key else f"{err.key} (stage {objective})"
+        raise ConfigError(key, str(err).split(": ", 1)[1]) from None
     preset = next((o.split("=", 1)[1] for o in [*shared, *own] if _key(o) == "preset"), f"{objective}_cpu")
     return Stage(objective, cfg, own, preset)
 
@@ -193,17 +194,27 @@ class Planner:
         self.resolve = root.pipeline.resolve != "never" and root.tracking.enabled
 
     def plan(self) -> list[Stage]:
-        preset = next((o.split("=", 1)[1] for o in self.overrides if _key(o) == "preset"), "")
-        final = Stage(
-            self.root.objective.name, self.root, list(self.overrides), preset or f"{self.root.objective.name}_cpu"
-        )
-        final.final = True
+        name = self.root.objective.name
+        own = stage_settings(self.stages_node, name)
+        cfg = self.root
+        if own:  # stages.<this objective>.* apply to this stage too, after the command line
+            try:
+                cfg = load_config([*self.overrides, *own])
+            except ConfigError as err:
+                raise ConfigError(f"stages.{name}.{err.key}", str(err).split(": ", 1)[1]) from None
+        settings = [*self.overrides, *own]
+        preset = next((o.split("=", 1)[1] for o in reversed(settings) if _key(o) == "preset"), f"{name}_cpu")
+        final = Stage(name, cfg, settings, preset, final=True)
         self._resolve_inputs(final, visiting=(final.objective,))
         self.order.append(final)
-        unknown = sorted(set(self.stages_node) - set(self.by_name))
-        if unknown:
-            known = ", ".join(self.by_name) or "none: this objective has no earlier stages"
-            raise ConfigError(f"stages.{unknown[0]}", f"not a stage of this run; its stages: {known}")
+        from pretrain.config import objective_outputs
+
+        known = ", ".join(self.by_name) or "none"
+        for extra in sorted(set(self.stages_node) - set(self.by_name) - {name}):
+            if extra not in objective_outputs():
+                raise ConfigError(f"stages.{extra}", f"unknown objective; this run's earlier stages: {known}")
+            # A recipe may size stages a given input makes unnecessary.
+            log.warning("stages.%s: not a stage of this run (earlier stages: %s); ignored", extra, known)
         return self.order
 
     def _resolve_inputs(self, stage: Stage, visiting: tuple[str, ...]) -> None:

@@ -141,7 +141,7 @@ def artifact_meta(uri: str, tracking_uri: str) -> dict[str, Any]:
 def incompatibility(meta: dict[str, Any], want: Want) -> str:
     """Why an artifact with metadata `meta` cannot serve `want` ("" = it can)."""
     if meta.get("kind") != want.kind:
-        return f"it is a {meta.get('kind', 'unknown kind')}, this input needs a {want.kind}"
+        return f"it is a {meta.get('kind', 'unknown kind')}, this input needs {want.kind}s"
     kwargs = meta.get("arch_kwargs") or {}
     have = (kwargs.get("img_size"), kwargs.get("patch_size"))
     if have != (want.img_size, want.patch_size):

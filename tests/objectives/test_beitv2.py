@@ -127,7 +127,8 @@ def test_tokenizer_from_the_mlflow_registry(vqkd: VQKD, exported: Path, tmp_path
 def test_missing_tokenizer_says_how_to_train_one(tmp_path: Path) -> None:
     (problem,) = BEiTv2Config().problems()
     assert problem[0] == "objective.tokenizer"
-    assert "python -m pretrain.run objective=vqkd objective.teacher.source=<teacher>" in problem[1]
+    assert "stage:vqkd" in problem[1] and "python -m pretrain.run objective=vqkd" in problem[1]
+    assert BEiTv2Config(tokenizer="stage:vqkd").problems() == []
     with pytest.raises(FileNotFoundError, match="python -m pretrain.run objective=vqkd"):
         load_tokenizer(str(tmp_path / "nothing-here"))
     assert {k for k, _ in BEiTv2Config(tokenizer="s3://b/t", mask_ratio=1.0, early_layers=0).problems()} == {
