@@ -1,6 +1,7 @@
 """The cluster path end to end: `scripts/stack.sh up` (S3 endpoint, MLflow server, Ray head with
-token auth) -> demo shards to s3:// -> `ray job submit ... objective=vqkd`, then `... objective=beitv2`
-on that tokenizer through the MLflow registry -> a bad-config job fails -> `stack.sh down`."""
+token auth) -> a bad-config job fails -> demo shards to s3:// -> one `ray job submit ... objective=beitv2`
+runs the chain MAE -> VQ-KD -> BEiT v2 through the MLflow registry -> the same command's plan reuses
+the first two stages -> `stack.sh down`."""
 
 from __future__ import annotations
 
@@ -75,6 +76,14 @@ def job_status(env: dict[str, str], job_id: str) -> str:
     return str(client.get_job_status(job_id).value)
 
 
+def client_runs(mlflow_url: str) -> list:
+    """Every run of the `pretrain` experiment on the MLflow server."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_url, mlflow_url)
+    return client.search_runs([client.get_experiment_by_name("pretrain").experiment_id])
+
+
 def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
     stack_dir = tmp_path / "stack"
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))}
@@ -110,68 +119,61 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
         )
         assert written.returncode == 0, written.stderr
 
-        # A tiny teacher registered on the MLflow server (its files land in S3 through the server).
-        import timm
-        import torch
         from mlflow import MlflowClient
-
-        from pretrain.model_registry import log_teacher
 
         mlflow_url = exports["MLFLOW_TRACKING_URI"]
         client = MlflowClient(mlflow_url, mlflow_url)
-        torch.manual_seed(0)
-        kwargs = {"img_size": 32, "patch_size": 4, "embed_dim": 24, "depth": 1, "num_heads": 2, "num_classes": 0}
-        teacher_run = client.create_run(client.create_experiment("teachers")).info.run_id
-        teacher_uri = log_teacher(
-            timm.create_model("vit_tiny_patch16_224", **kwargs),
-            "vit_tiny_patch16_224",
-            kwargs,
-            run_id=teacher_run,
-            tracking_uri=mlflow_url,
-            registered_name="tiny-teacher",
-        )
-        client.set_terminated(teacher_run)
-        assert teacher_uri == "models:/tiny-teacher/1"
 
-        # Stage 1: storage (PRETRAIN_STORAGE_PATH) and tracking (MLFLOW_TRACKING_URI) from the
-        # environment the stack gave the Ray head; the working dir as `--working-dir .` ships it.
-        vqkd = [
-            "objective=vqkd",
-            f"objective.teacher.source={teacher_uri}",
-            "objective.num_codes=32",
-            "objective.decoder_embed_dim=16",
-            "objective.decoder_num_heads=2",
-            # The tokenizer is what stage 2 needs; the encoder evaluation is checked on stage 2.
-            "eval.enabled=false",
-            "name=tok",
-        ]
-        tok_id, tok = submit(env, "vqkd", ["python", "-m", "pretrain.run", *TINY, *vqkd], "--working-dir", ".")
-        assert tok.returncode == 0, tok.stdout[-3000:] + tok.stderr[-2000:]
-        assert job_status(env, tok_id) == "SUCCEEDED"
-        assert "step 3/3" in tok.stdout  # worker logs streamed to the submitting client
-
-        # Stage 2: ZeRO-3 on that tokenizer, settings given as config, runtime env from cluster/.
-        beitv2 = [
+        # The whole BEiT v2 chain in one job: MAE teacher -> VQ-KD tokenizer -> BEiT v2 (ZeRO-3), each
+        # stage sized on the command line. Storage (PRETRAIN_STORAGE_PATH) and tracking
+        # (MLFLOW_TRACKING_URI) come from the environment the stack gave the Ray head; the last stage
+        # keeps its checkpoints elsewhere; the runtime env (working dir, variables) from cluster/.
+        chain = [
+            *TINY,
             "objective=beitv2",
-            "objective.tokenizer=models:/vqkd-tiny-teacher/latest",
-            "deepspeed.zero_stage=3",
-            f"trainer.storage_path=s3://{BUCKET}/ckpt",
-            f"tracking.uri={mlflow_url}",
+            "stages.mae.objective.decoder_embed_dim=16",
+            "stages.mae.objective.decoder_depth=1",
+            "stages.mae.objective.decoder_num_heads=2",
+            "stages.vqkd.objective.num_codes=32",
+            "stages.vqkd.objective.decoder_embed_dim=16",
+            "stages.vqkd.objective.decoder_num_heads=2",
+            # The tokenizer is what the next stage needs; its encoder's evaluation is not.
+            "stages.vqkd.eval.enabled=false",
+            "stages.beitv2.deepspeed.zero_stage=3",
+            f"stages.beitv2.trainer.storage_path=s3://{BUCKET}/ckpt",
             "name=mim",
         ]
         mim_id, mim = submit(
-            env, "beitv2", ["python", "-m", "pretrain.run", *TINY, *beitv2], "--runtime-env", "cluster/runtime_env.yaml"
+            env, "beitv2", ["python", "-m", "pretrain.run", *chain], "--runtime-env", "cluster/runtime_env.yaml"
         )
         assert mim.returncode == 0, mim.stdout[-3000:] + mim.stderr[-2000:]
         assert job_status(env, mim_id) == "SUCCEEDED"
+        # The plan, each stage's summary and the chain's in the job log (worker logs streamed to the client).
+        assert "== pretrain plan: beitv2, 3 stage(s) ==" in mim.stdout
+        assert mim.stdout.count("== pretrain summary ==") == 3 and mim.stdout.count("step 3/3") >= 3
+        chain_summary = mim.stdout.split("== pipeline summary: beitv2 ==")[1].splitlines()
+        assert chain_summary[1].startswith("1. mae          trained  encoder models:/mae-vit_nano/1")
+        assert "tokenizer models:/vqkd-mae-vit_nano/1" in chain_summary[2]
+        assert chain_summary[3].startswith("3. beitv2       trained  encoder models:/beitv2-vit_nano/1")
 
-        # The MLflow server holds both runs, finished, with their metrics, exports and pictures...
-        runs = {
-            r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("pretrain").experiment_id])
-        }
-        assert set(runs) == {"tok", "mim"}
+        # The same command again would train only BEiT v2: its plan (no Ray, no training) says so.
+        again = run([sys.executable, "-m", "pretrain.run", *chain, "pipeline.dry_run=true"], env, 120)
+        assert again.returncode == 0, again.stderr
+        plan = again.stdout.splitlines()
+        assert plan[1].startswith("1. mae          reuse  models:/mae-vit_nano/1 (built by this stage with the same")
+        assert plan[2].startswith("2. vqkd         reuse  models:/vqkd-mae-vit_nano/1 (built by this stage")
+        assert [line.split()[:3] for line in plan if line.startswith("3.")] == [["3.", "beitv2", "train"]]
+
+        # The MLflow server holds the three stage runs, finished, nested under the pipeline's run...
+        by_name = {r.info.run_name: r for r in client_runs(mlflow_url)}
+        (parent,) = [r for n, r in by_name.items() if n.startswith("pipeline-beitv2-")]
+        names = {n.split("-")[0] if n != "mim" else "mim": n for n in by_name if not n.startswith("pipeline-")}
+        assert set(names) == {"mae", "vqkd", "mim"}
+        runs = {key: by_name[name] for key, name in names.items()}
+        runs["tok"] = runs.pop("vqkd")
         for name, keys in {"tok": ["loss", "vqkd/codebook_usage"], "mim": ["loss", "beitv2/mim_loss"]}.items():
             assert runs[name].info.status == "FINISHED"
+            assert runs[name].data.tags["mlflow.parentRunId"] == parent.info.run_id
             for key in keys:
                 history = [m.value for m in client.get_metric_history(runs[name].info.run_id, key)]
                 assert len(history) == 3 and all(math.isfinite(v) for v in history), (name, key, history)
@@ -183,7 +185,7 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
         assert samples == [(1, 16.0), (2, 32.0), (3, 48.0)]
         assert {m.value for m in client.get_metric_history(tok_run, "data/skipped")} == {0.0}
         assert runs["tok"].data.params["data.urls"] == f"s3://{BUCKET}/demo/train.manifest.json"
-        assert runs["tok"].data.tags["pretrain.export.tokenizer"] == "models:/vqkd-tiny-teacher/1"
+        assert runs["tok"].data.tags["pretrain.export.tokenizer"] == "models:/vqkd-mae-vit_nano/1"
         assert runs["mim"].data.tags["pretrain.export.encoder"] == "models:/beitv2-vit_nano/1"
         # Block masks of the paper's fraction: round(64 * 0.3827) = 24 of the 8 x 8 patches.
         assert client.get_metric_history(mim_run, "beitv2/mask_ratio")[-1].value == pytest.approx(24 / 64)
@@ -192,14 +194,22 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
         }
         assert pictures[tok_run] == {"pictures/code_ids.png", "pictures/codebook_usage.png"}
         assert pictures[mim_run] == {"pictures/token_ids.png"}
-        # ... and the registered models, the encoder pinned to the tokenizer version it used.
-        (tokenizer,) = client.search_model_versions("name='vqkd-tiny-teacher'")
-        assert tokenizer.run_id == runs["tok"].info.run_id
+        # ... and the registered models with their lineage: teacher -> tokenizer -> encoder, each pinned.
+        (teacher,) = client.search_model_versions("name='mae-vit_nano'")
+        assert teacher.run_id == runs["mae"].info.run_id
+        (tokenizer,) = client.search_model_versions("name='vqkd-mae-vit_nano'")
+        assert tokenizer.run_id == tok_run and tokenizer.tags["pretrain.teacher"] == "models:/mae-vit_nano/1"
         (encoder,) = client.search_model_versions("name='beitv2-vit_nano'")
-        assert encoder.run_id == runs["mim"].info.run_id
-        assert encoder.tags["pretrain.tokenizer"] == "models:/vqkd-tiny-teacher/1"
-        assert 0.0 <= float(encoder.tags["eval.knn_top1"]) <= 1.0
-        assert client.get_model_version_by_alias("beitv2-vit_nano", "best").version == encoder.version
+        assert encoder.run_id == mim_run
+        assert encoder.tags["pretrain.tokenizer"] == "models:/vqkd-mae-vit_nano/1"
+        score, baseline = float(encoder.tags["eval.knn_top1"]), float(encoder.tags["eval.baseline_knn_top1"])
+        assert 0.0 <= score <= 1.0
+        # `best` only for a version that beats its own random init (3 steps may not).
+        aliases = client.get_registered_model("beitv2-vit_nano").aliases
+        assert aliases == ({"best": encoder.version} if score > baseline else {}), (aliases, score, baseline)
+        card = client.get_model_version("beitv2-vit_nano", encoder.version).description
+        lineage = card.split("## Lineage")[1]
+        assert lineage.index("models:/mae-vit_nano/1") < lineage.index("models:/vqkd-mae-vit_nano/1")
 
         # Checkpoints (and the MLflow artifacts) live in the S3 bucket.
         import s3fs
@@ -209,11 +219,12 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
             key=exports["AWS_ACCESS_KEY_ID"],
             secret=exports["AWS_SECRET_ACCESS_KEY"],
         )
-        for run_dir in (f"{BUCKET}/runs/tok", f"{BUCKET}/ckpt/mim"):
+        tok_dir = f"{BUCKET}/runs/{runs['tok'].info.run_name}"
+        for run_dir in (tok_dir, f"{BUCKET}/ckpt/mim"):
             files = {p.rsplit("/", 1)[1] for p in fs.ls(f"{run_dir}/checkpoint_00000003")}
             assert {"rank_0.pt", "rank_1.pt", "latest"} <= files, (run_dir, files)
-        assert fs.isfile(f"{BUCKET}/runs/tok/export/tokenizer/model.safetensors")
-        assert json.loads(fs.cat(f"{BUCKET}/runs/tok/export/tokenizer/pretrain.json"))["kind"] == "tokenizer"
+        assert fs.isfile(f"{tok_dir}/export/tokenizer/model.safetensors")
+        assert json.loads(fs.cat(f"{tok_dir}/export/tokenizer/pretrain.json"))["kind"] == "tokenizer"
         # MLflow's artifact store in S3 holds the artifacts' files: the tokenizer's and the encoders' (teachers).
         artifacts = fs.find(f"{BUCKET}/mlflow")
         kinds = {json.loads(fs.cat(p))["kind"] for p in artifacts if p.endswith("/pretrain.json")}
@@ -232,7 +243,7 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
         import mlflow.artifacts
 
         needles = [exports["AWS_SECRET_ACCESS_KEY"].encode(), exports["AWS_ACCESS_KEY_ID"].encode()]
-        for run_id in (tok_run, mim_run):
+        for run_id in (runs["mae"].info.run_id, tok_run, mim_run, parent.info.run_id):
             data = client.get_run(run_id).data
             texts = [*data.params.values(), *data.tags.values()]
             assert not any(n.decode() in t for n in needles for t in texts), run_id
@@ -244,10 +255,9 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
             for f in (p for p in local.rglob("*") if p.is_file()):
                 assert not any(n in f.read_bytes() for n in needles), f
         blobs = {
-            path: fs.cat(path)
-            for path in (f"{BUCKET}/runs/tok/pretrain_run.json", f"{BUCKET}/ckpt/mim/pretrain_run.json")
+            path: fs.cat(path) for path in (f"{tok_dir}/pretrain_run.json", f"{BUCKET}/ckpt/mim/pretrain_run.json")
         }
-        blobs["job logs"] = (tok.stdout + tok.stderr + mim.stdout + mim.stderr).encode()
+        blobs["job logs"] = (mim.stdout + mim.stderr + again.stdout + again.stderr).encode()
         state = json.loads((stack_dir / "stack.json").read_text())
         logs = [
             p
