@@ -212,7 +212,7 @@ def test_incompatible_and_unloadable_versions_are_skipped_and_best_preferred(
     with caplog.at_level(logging.WARNING, logger="pretrain.pipeline"):
         found = find_version(store, "mae-vit_nano", want)
     assert (found.uri, found.how, found.why) == ("models:/mae-vit_nano/2", "registry", "the newest compatible version")
-    skipped = [r.getMessage() for r in caplog.records]
+    skipped = [r.getMessage() for r in caplog.records if r.name == "pretrain.pipeline"]
     assert skipped[0] == "skipping models:/mae-vit_nano/4: it is a tokenizer, this input needs encoders"
     assert skipped[1].startswith("skipping models:/mae-vit_nano/3: cannot read its pretrain.json")
     assert len(skipped) == 2  # v1 is never looked at: v2 was found first
@@ -226,7 +226,8 @@ def test_incompatible_and_unloadable_versions_are_skipped_and_best_preferred(
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pretrain.pipeline"):
         assert find_version(store, "mae-vit_nano", want).uri == "models:/mae-vit_nano/5"
-    assert caplog.records[0].getMessage() == (
+    ours = [r.getMessage() for r in caplog.records if r.name == "pretrain.pipeline"]
+    assert ours[0] == (
         "skipping models:/mae-vit_nano/1: image size 32 with 8 px patches, this run needs 32 with 4 px patches"
     )
     # The same stage (its key) wins over best; with the stage sized by the user only it counts.
@@ -281,3 +282,31 @@ def test_the_plan_takes_upstream_stages_from_the_registry(tmp_path: Path, store:
     # resolve=never: nothing is looked up (and the missing input is a config error).
     with pytest.raises(ConfigError, match="^objective.teacher.source: required"):
         plan_for(["objective=maskdistill", storage, "pipeline.resolve=never"])
+
+
+def test_an_unfinished_run_of_the_same_stage_is_found(store: str, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from pretrain.resolve import RUN_DIR_TAG, unfinished_run
+
+    assert unfinished_run(store, "pretrain", "k" * 16) is None  # no store yet, and none created
+    assert not Path(store[10:]).exists()
+    (Path(store[10:]).parent).mkdir(parents=True)
+    client = MlflowClient(store, store)
+    exp = client.create_experiment("pretrain", str(tmp_path / "art"))
+
+    def stage_run(key: str, status: str) -> str:
+        run = client.create_run(exp, tags={STAGE_KEY_TAG: key, RUN_DIR_TAG: f"/runs/{status}"})
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+        return run.info.run_id
+
+    stage_run("k" * 16, "FINISHED")
+    assert unfinished_run(store, "pretrain", "k" * 16) is None
+    failed = stage_run("k" * 16, "FAILED")
+    stage_run("j" * 16, "RUNNING")  # another stage
+    found = unfinished_run(store, "pretrain", "k" * 16)
+    assert found.info.run_id == failed and found.data.tags[RUN_DIR_TAG] == "/runs/FAILED"
+    running = stage_run("k" * 16, "RUNNING")  # newest: another pipeline training the same stage now
+    assert unfinished_run(store, "pretrain", "k" * 16).info.run_id == running
+    assert unfinished_run(store, "elsewhere", "k" * 16) is None
