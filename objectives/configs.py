@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-
 # An input left to `stage:<objective>` is produced by that objective's stage: the run
 # resolves it from the model registry or trains the stage first (pretrain/pipeline.py).
 STAGE_PREFIX = "stage:"

@@ -23,7 +23,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from objectives.configs import stage_of
 from pretrain.compose import CONF_MODULE, GROUPS, ConfigError, load_config
-from pretrain.resolve import RUN_DIR_TAG, Found, Want, find_version, registry_client, stage_key, unfinished_run
+from pretrain.resolve import (
+    RUN_DIR_TAG,
+    Found,
+    Want,
+    data_key,
+    find_version,
+    registry_client,
+    stage_key,
+    unfinished_run,
+)
 
 log = logging.getLogger("pretrain.pipeline")
 
@@ -255,6 +264,7 @@ class Planner:
             patch_size=consumer.cfg.model.patch_size,
             teacher=teacher,
             key=stage_key(producer.resolved_cfg()),
+            data=data_key(OmegaConf.to_object(producer.cfg.data)),
             exact=bool(self.stages_node.get(producer.objective)),
         )
         name = producer.registers().get(kind)

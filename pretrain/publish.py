@@ -85,7 +85,7 @@ def data_identity(cfg: PretrainConfig) -> str:
 def lineage(cfg: PretrainConfig, *, run_id: str, run_name: str, steps: int, tracking_uri: str) -> dict[str, str]:
     """Tags of a registered version: where the encoder came from."""
     from pretrain.engine import global_batch
-    from pretrain.resolve import stage_key
+    from pretrain.resolve import DATA_KEY_TAG, data_key, stage_key
 
     tags = {
         "pretrain.run_id": run_id,
@@ -99,6 +99,7 @@ def lineage(cfg: PretrainConfig, *, run_id: str, run_name: str, steps: int, trac
         "pretrain.data_manifest_hash": data_identity(cfg),
         # What a pipeline matches to reuse this stage (pretrain.resolve.stage_key).
         "pretrain.stage_key": stage_key(cfg),
+        DATA_KEY_TAG: data_key(cfg.data),
     }
     # Upstream stages (tokenizer, teacher), pinned to the version this run used.
     for role, uri in cfg.objective.upstream().items():

@@ -5,8 +5,10 @@ settings, the global batch and run length, the data's identity (manifest hash) a
 exact upstream versions. Every registered version carries it as the tag
 `pretrain.stage_key`, so the same stage run again is found and reused, like a build
 system. A version is *compatible* with a consumer when it is the right kind of artifact,
-has the consumer's image size and patch size, and, for a tokenizer, was distilled from
-the teacher the recipe asks for; other versions are skipped with a line saying why.
+has the consumer's image size and patch size, was trained on the same data (the default
+teacher is "this project's own stage on the same data"), and, for a tokenizer, was
+distilled from the teacher the recipe asks for; other versions are skipped with a line
+saying why.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pretrain.pipeline")
 
 STAGE_KEY_TAG = "pretrain.stage_key"
+DATA_KEY_TAG = "pretrain.data_key"  # data_key() of the data a version was trained on
 RUN_DIR_TAG = "pretrain.run_dir"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow nests a run under its parent with this tag
 BEST_ALIAS = "best"
@@ -82,6 +85,7 @@ class Want:
     patch_size: int
     teacher: str = ""  # tokenizers: the teacher it must have been distilled from ("" = any)
     key: str = ""  # the producing stage's key ("" = not known yet)
+    data: str = ""  # data_key() of the data the version must have been trained on ("" = any)
     exact: bool = False  # only a version with that key (the user sized the stage)
 
 
@@ -174,6 +178,13 @@ def find_version(tracking_uri: str, name: str, want: Want) -> Found | None:
     )
     for version in [*same, *others]:
         uri = f"models:/{name}/{version.version}"
+        trained_on = version.tags.get(DATA_KEY_TAG)
+        if want.data and trained_on != want.data:
+            why = (
+                f"trained on other data ({trained_on})" if trained_on else "the data it was trained on is not recorded"
+            )
+            log.warning("skipping %s: %s, this stage reads %s", uri, why, want.data)
+            continue
         try:
             meta = artifact_meta(uri, tracking_uri)
         except Exception as exc:  # noqa: BLE001 - any failure to read it makes the version unusable

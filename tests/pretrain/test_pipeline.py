@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from data.config import DataConfig
 from pretrain.compose import ConfigError, expand_overrides, load_config
 from pretrain.pipeline import build_plan, compose_stage, plan_lines
-from pretrain.resolve import STAGE_KEY_TAG, Want, find_version, stage_key
+from pretrain.resolve import DATA_KEY_TAG, STAGE_KEY_TAG, Want, data_key, find_version, stage_key
+
+EMBEDDED = data_key(DataConfig())  # what versions trained on the embedded default data are tagged with
 
 REPO = Path(__file__).resolve().parents[2]
 CLIP = "timm:vit_base_patch16_clip_224.openai"
@@ -183,7 +186,7 @@ def register(store: str, name: str, meta: dict, tags: dict[str, str] | None = No
             name=meta.get("kind", "x"),
             model_type="t",
             registered_name=name,
-            tags=tags,
+            tags={DATA_KEY_TAG: EMBEDDED, **(tags or {})},
         )
     client.set_terminated(run_id)
     return uri
@@ -237,6 +240,15 @@ def test_incompatible_and_unloadable_versions_are_skipped_and_best_preferred(
     assert (found.uri, found.how) == ("models:/mae-vit_nano/6", "reused")
     other = Want(kind="encoder", img_size=32, patch_size=4, key="j" * 16, exact=True)
     assert find_version(store, "mae-vit_nano", other) is None
+    # Trained on other data: never the default teacher of a run on the embedded data.
+    register(store, "mae-vit_nano", encoder_meta(), tags={DATA_KEY_TAG: "abc123"})  # 7
+    caplog.clear()
+    on_embedded = Want(kind="encoder", img_size=32, patch_size=4, data=EMBEDDED)
+    with caplog.at_level(logging.WARNING, logger="pretrain.pipeline"):
+        assert find_version(store, "mae-vit_nano", on_embedded).uri == "models:/mae-vit_nano/6"
+    ours = [r.getMessage() for r in caplog.records if r.name == "pretrain.pipeline"]
+    assert ours[-1] == f"skipping models:/mae-vit_nano/7: trained on other data (abc123), this stage reads {EMBEDDED}"
+    assert len(ours) == 2  # and v1, which holds `best` but has 8 px patches
     assert find_version(store, "no-such-model", want) is None
 
 
