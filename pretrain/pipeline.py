@@ -190,6 +190,24 @@ def _yaml_value(group: str, option: str, key: str) -> Any:
     return OmegaConf.select(OmegaConf.create(path.read_text()), key, default=None)
 
 
+def check_grid(producer: Stage, consumer: Stage, role: str) -> None:
+    """A stage trained for a consumer must see images as it does: same image size and patch size."""
+    have = (producer.cfg.model.img_size, producer.cfg.model.patch_size)
+    need = (consumer.cfg.model.img_size, consumer.cfg.model.patch_size)
+    if have != need:
+
+        def sized(stage: Stage) -> bool:  # the user set this stage's model with stages.<objective>.model*
+            return not stage.final and any(_key(o) == "model" or _key(o).startswith("model.") for o in stage.settings)
+
+        blamed = producer if sized(producer) else consumer if sized(consumer) else None
+        key = f"stages.{blamed.objective}.model" if blamed else "model"
+        raise ConfigError(
+            key,
+            f"the {producer.objective} stage would train at {have[0]} px with {have[1]} px patches, but the "
+            f"{consumer.objective} stage needs its {role} at {need[0]} px with {need[1]} px patches",
+        )
+
+
 class Planner:
     """Builds the plan: composes each stage, resolves its inputs against the registry, recursively."""
 
@@ -243,6 +261,8 @@ class Planner:
                 producer.reused = producer.reused or found
                 producer.outputs[spec.kind] = found.uri
                 item.how, item.uri = found.how, found.uri
+            else:
+                check_grid(producer, stage, spec.role)
             stage.inputs.append(item)
 
     def _stage(self, name: str, visiting: tuple[str, ...]) -> Stage:

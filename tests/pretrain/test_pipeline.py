@@ -123,6 +123,17 @@ def test_stage_settings_are_per_stage_and_the_rest_is_shared() -> None:
         plan_for(["objective=maskdistill", "stages.mae.trainer.max_steps=-1"])
     with pytest.raises(ConfigError, match=r"^stages.mea: unknown objective; this run's earlier stages: mae$"):
         plan_for(["objective=maskdistill", "stages.mea.trainer.max_steps=3"])
+    # A stage trained for another must see images as it does; the key named is the one set.
+    with pytest.raises(
+        ConfigError, match=r"^stages.vqkd.model: the mae stage would train at 32 px with 4 px patches, "
+    ):
+        plan_for(["objective=beitv2", "stages.vqkd.model=vit_tiny"])
+    with pytest.raises(
+        ConfigError,
+        match=r"^stages.mae.model: the mae stage would train at 64 px .* needs its "
+        r"teacher at 32 px with 4 px patches$",
+    ):
+        plan_for(["objective=beitv2", "stages.mae.model.img_size=64"])
     # A stage the run does not need (its teacher given) is ignored with a warning.
     plan = plan_for(["objective=maskdistill", "stages.mae.trainer.max_steps=3", "objective.teacher.source=/t"])
     assert [s.objective for s in plan.stages] == ["maskdistill"]
