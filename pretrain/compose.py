@@ -26,11 +26,19 @@ EVALUATE_GROUPS = ("eval", "data", "tracking")
 
 
 class ConfigError(ValueError):
-    """A config mistake, reported to the user as one line: `key: message`."""
+    """A config mistake, reported to the user as one line: `key: message` (str() is the first).
 
-    def __init__(self, key: str, message: str) -> None:
+    `more`: further problems found in the same check, each printed on its own line.
+    """
+
+    def __init__(self, key: str, message: str, more: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(f"{key}: {message}")
         self.key = key
+        self.problems = [(key, message), *more]
+
+    def lines(self) -> str:
+        """Every problem as `error: key: message`, one per line."""
+        return "\n".join(f"error: {key}: {message}" for key, message in self.problems)
 
 
 def _register_schemas() -> None:
@@ -221,8 +229,7 @@ def load_config(overrides: list[str], config_name: str = "config") -> DictConfig
     check = evaluate_problems if config_name == "evaluate" else find_problems
     problems = check(OmegaConf.to_object(cfg))
     if problems:
-        key, message = problems[0]
-        raise ConfigError(key, message)
+        raise ConfigError(*problems[0], more=tuple(problems[1:]))
     return cfg
 
 
@@ -266,5 +273,5 @@ def resume_config(saved: dict[str, Any], overrides: list[str]) -> DictConfig:
     except Exception as exc:  # noqa: BLE001 - OmegaConf raises many types; all become one line
         raise _explain(exc, []) from None
     if problems:
-        raise ConfigError(*problems[0])
+        raise ConfigError(*problems[0], more=tuple(problems[1:]))
     return cfg

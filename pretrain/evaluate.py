@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(item, "expected key=value (e.g. model_uri=models:/mae-vit_nano@best)")
         cfg = load_config(overrides, "evaluate")
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(exc.lines(), file=sys.stderr)
         return 2
     if show:
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = resume_config(record["config"], overrides)
             cfg.resume = place.run_dir
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(exc.lines(), file=sys.stderr)
         return 2
     if show is not None:
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")
@@ -105,7 +105,7 @@ def _pipeline(cfg, overrides: list[str]) -> int:  # noqa: ANN001 - a DictConfig
     try:
         plan = build_plan(cfg, overrides)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(exc.lines(), file=sys.stderr)
         return 2
     text = print_plan(plan)
     if cfg.pipeline.dry_run:
