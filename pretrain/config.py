@@ -12,6 +12,7 @@ from typing import Any
 from data.config import DATA_SCHEMES, STORAGE_SCHEMES, DataConfig, data_problems, unsupported_scheme
 from data.config import url_scheme as url_scheme  # re-exported: launch.py uses it
 from objectives.configs import ObjectiveConfig
+from pretrain.hardware import cpu_bf16_problem
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -63,6 +64,10 @@ class DeepSpeedConfig:
     precision: str = "fp32"
     # Gradient-norm clipping; 0 disables (MAE uses none).
     grad_clip: float = 0.0
+    # A precision the hardware cannot run natively (bf16 on a CPU without avx512_bf16/amx_bf16,
+    # or on a GPU before compute capability 8.0) is refused before anything starts; true runs it
+    # anyway (emulated, ~300x slower than fp32 on an AVX2-only CPU: pretrain/hardware.py).
+    force_precision: bool = False
 
 
 @dataclass
@@ -297,6 +302,11 @@ def engine_problems(ds: DeepSpeedConfig, o: OptimConfig, use_gpu: bool) -> list[
                 ds.precision != "fp16" or use_gpu,
                 "deepspeed.precision",
                 "fp16 needs trainer.use_gpu=true (CPU training supports fp32 and bf16)",
+            ),
+            (
+                ds.precision != "bf16" or use_gpu or ds.force_precision or not cpu_bf16_problem(),
+                "deepspeed.precision",
+                cpu_bf16_problem(),
             ),
             (ds.grad_clip >= 0, "deepspeed.grad_clip", f"must be >= 0, got {ds.grad_clip}"),
             (

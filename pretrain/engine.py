@@ -128,6 +128,14 @@ def build_engine(module: nn.Module, optim: OptimConfig, trainer: TrainerConfig, 
 
     from pretrain.trainer.checkpoint import install_safe_checkpoint_engine
 
+    if not ds.force_precision:  # this worker's own device: on a cluster it need not be the driver's host
+        from deepspeed.accelerator import get_accelerator
+
+        from pretrain.hardware import device_precision_problem
+
+        problem = device_precision_problem(ds.precision, torch.device(get_accelerator().current_device_name()))
+        if problem:
+            raise ValueError(f"deepspeed.precision: {problem}")
     optimizer = build_optimizer(module, optim, trainer)
     factor = lr_schedule(optim, trainer)
     engine, _, _, _ = deepspeed.initialize(

@@ -41,6 +41,8 @@ def test_objective_runs_end_to_end(objective: str, ray_local: None, runs, tmp_pa
             *overrides,
             f"deepspeed.zero_stage={stage}",
             f"deepspeed.precision={precision}",
+            # bf16 is checked for correctness here, tiny, also on hosts that only emulate it.
+            "deepspeed.force_precision=true",
             "trainer.max_steps=3",
             "trainer.checkpoint_every=3",
             f"trainer.storage_path={tmp_path}",

@@ -39,6 +39,7 @@ def test_maskdistill_chain_fails_then_resumes_and_reuses_its_teacher(
         "stages.maskdistill.trainer.num_workers=1",
         "stages.maskdistill.deepspeed.zero_stage=1",
         "stages.maskdistill.deepspeed.precision=bf16",
+        "stages.maskdistill.deepspeed.force_precision=true",  # also where bf16 is only emulated
         "name=distill",
     ]
     # Every worker raises after step 3: MAE (2 steps) finishes, MaskDistill fails after its step-2 checkpoint.

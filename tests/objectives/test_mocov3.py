@@ -180,7 +180,7 @@ def _engine(precision: str, seed: int) -> Any:
     torch.manual_seed(seed)
     objective = MoCoV3(MoCoV3Config(mlp_dim=64, dim=16), build_backbone(TINY), RunContext(total_steps=10))
     trainer = TrainerConfig(num_workers=1, batch_size=4, max_steps=10)
-    ds = DeepSpeedConfig(zero_stage=3, precision=precision)
+    ds = DeepSpeedConfig(zero_stage=3, precision=precision, force_precision=True)  # bf16 also where emulated
     return build_engine(objective, OptimConfig(base_lr=None, lr=1e-2), trainer, ds)
 
 

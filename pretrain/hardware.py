@@ -1,0 +1,71 @@
+"""Can this hardware run a precision natively? Checked before anything starts, in milliseconds.
+
+bf16 without native support is emulated: on an AVX2-only CPU a bf16 matmul runs ~300x
+slower than fp32 (docs/benchmarks.md), and GPUs before compute capability 8.0 (V100, T4)
+have no bf16 units. The config check reads the CPU's flags (no torch import); each worker
+checks its own device again when it builds the engine, since on a cluster the workers'
+hosts need not be the driver's.
+"""
+
+from __future__ import annotations
+
+import platform
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+# x86: AVX512-BF16 (Cooper Lake, Zen 4 and later) or AMX-BF16 (Sapphire Rapids and later).
+# Arm: FEAT_BF16 (Armv8.6), listed as "bf16" in /proc/cpuinfo's Features.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+FORCE_KEY = "deepspeed.force_precision"
+
+
+def cpu_flags_have_bf16(flags: set[str] | frozenset[str]) -> bool:
+    """Whether a CPU with these /proc/cpuinfo flags computes bf16 natively."""
+    return bool(BF16_CPU_FLAGS & set(flags))
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str] | None:
+    """This CPU's feature flags (Linux /proc/cpuinfo), or None where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip().lower() in ("flags", "features"):
+            return frozenset(value.split())
+    return None
+
+
+def cpu_bf16_problem() -> str:
+    """Why bf16 would be emulated on this host's CPU ("" = native, or unknown: not refused)."""
+    flags = cpu_flags()
+    if flags is None or cpu_flags_have_bf16(flags):
+        return ""
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"bf16 is not native on this CPU ({cpu}: no avx512_bf16, amx_bf16 or Arm bf16), so it is emulated "
+        f"and far slower than fp32; use deepspeed.precision=fp32, or {FORCE_KEY}=true to run bf16 anyway"
+    )
+
+
+def device_precision_problem(precision: str, device: Any) -> str:
+    """Why `precision` is not native on a torch device ("" = it is); imports torch."""
+    import torch
+
+    if precision != "bf16":
+        return ""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            name = torch.cuda.get_device_name(device)
+            return (
+                f"bf16 is not native on {name} (compute capability {major}.{minor}, bf16 needs 8.0+); use "
+                f"deepspeed.precision=fp16 (or fp32), or {FORCE_KEY}=true to run bf16 anyway"
+            )
+        return ""
+    if device.type == "cpu":
+        return cpu_bf16_problem()
+    return ""
