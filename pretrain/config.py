@@ -83,6 +83,9 @@ class TrainerConfig:
     grad_accum: int = 1
     max_steps: int = 300
     log_every: int = 10
+    # The objective's pictures of one fixed batch (the run's first) every this many steps,
+    # logged with their step so the MLflow UI shows them change; 0 = only at the end.
+    pictures_every: int = 100
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     # Ray Train retries of the whole worker group after a failure (-1 = unlimited).
@@ -229,6 +232,7 @@ def trainer_problems(t: TrainerConfig) -> list[tuple[str, str]]:
         [
             *at_least("trainer", t, 1, *keys, "keep_checkpoints"),
             *at_least("trainer", t, -1, "max_failures"),
+            *at_least("trainer", t, 0, "pictures_every"),
             *at_least("trainer", t, 1, "max_nonfinite_steps"),
             (t.cpus_per_worker > 0, "trainer.cpus_per_worker", f"must be > 0, got {t.cpus_per_worker}"),
             (

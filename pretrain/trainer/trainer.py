@@ -19,7 +19,7 @@ from pretrain.trainer.hooks import TrainerHook
 from pretrain.trainer.loader import build_loader, train_urls
 from pretrain.trainer.metrics import MetricsLogger
 from pretrain.trainer.objective import build_objective
-from pretrain.trainer.pictures import draw_pictures
+from pretrain.trainer.pictures import draw_pictures, remember_first
 from pretrain.trainer.step import NonFiniteGuard, to_device, train_step
 
 if TYPE_CHECKING:
@@ -133,7 +133,8 @@ class Trainer:
     def train(self) -> None:
         """Steps until trainer.max_steps: log every log_every, checkpoint every checkpoint_every; then export."""
         t = self.cfg.trainer
-        batches = iter(self.loader)
+        kept: list[dict[str, Any]] = []  # the pictures' batch: the first this attempt trains on
+        batches = remember_first(iter(self.loader), kept)
         start_step = self.step
         for hook in self.hooks:
             hook.on_start(start_step)
@@ -157,6 +158,8 @@ class Trainer:
             if step_metrics is not None:
                 self.metrics.add_step(step, step_metrics, time.perf_counter() - tic)
 
+            if t.pictures_every and step % t.pictures_every == 0 and step < t.max_steps and kept:
+                self._pictures(kept[0], step)
             save_now = step % t.checkpoint_every == 0 or step == t.max_steps
             if not (save_now or step % t.log_every == 0):
                 continue
@@ -166,18 +169,24 @@ class Trainer:
             self.evaluation.maybe_submit(step)
             for hook in self.hooks:
                 hook.after_report(step)
-        self._finish(batches, start_step)
+        self._finish(batches, start_step, kept)
 
-    def _finish(self, batches: Iterator[dict[str, Any]], start_step: int) -> None:
-        """All ranks: the objective's pictures of one more batch, then the exports (pretrain.export)."""
+    def _pictures(self, batch: dict[str, Any], step: int, final: bool = False) -> None:
+        """All ranks: the objective's pictures of the kept batch at this step (rank 0 logs them)."""
         draw_pictures(
             self.engine,
-            next(batches),
+            batch,
             rank=self.rank,
             device=self.device,
             dtype=self.dtype,
             logger=self.metrics.run_logger,
+            step=step,
+            final=final,
         )
+
+    def _finish(self, batches: Iterator[dict[str, Any]], start_step: int, kept: list[dict[str, Any]]) -> None:
+        """All ranks: the objective's pictures of the kept batch (or one more), then the exports (pretrain.export)."""
+        self._pictures(kept[0] if kept else next(batches), self.step, final=True)
         self.loader.close()
         if self.rank == 0:
             log.info("rank 0 finished %d steps (%d this attempt)", self.step, self.step - start_step)

@@ -45,6 +45,7 @@ def test_objective_runs_end_to_end(objective: str, ray_local: None, runs, tmp_pa
             "deepspeed.force_precision=true",
             "trainer.max_steps=3",
             "trainer.checkpoint_every=3",
+            "trainer.pictures_every=2",  # pictures over time: at step 2, then at the end (3)
             f"trainer.storage_path={tmp_path}",
             f"name={objective}",
         ]
@@ -65,6 +66,10 @@ def test_objective_runs_end_to_end(objective: str, ray_local: None, runs, tmp_pa
         assert 0.0 <= run.data.metrics[key] <= 1.0, key
     pictures = {a.path for a in MlflowClient(record["tracking_uri"]).list_artifacts(run.info.run_id, "pictures")}
     assert pictures == {f"pictures/{name}.png" for name in PICTURES[objective]}
+    # The same kept batch drawn at steps 2 and 3, as MLflow image series (images/<key>+step+<n>+...).
+    series = {a.path for a in MlflowClient(record["tracking_uri"]).list_artifacts(run.info.run_id, "images")}
+    steps = {(p.split("/")[1].split("+step+")[0], int(p.split("+step+")[1].split("+")[0])) for p in series}
+    assert steps == {(f"pictures~{name}", n) for name in PICTURES[objective] for n in (2, 3)}
     if objective == "ccvit":
         assert run.data.tags["pretrain.export.centroids"].startswith("models:/ccvit-centroids-32x4/")
         assert (tmp_path / objective / "export" / "centroids").is_dir()
