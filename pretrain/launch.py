@@ -95,10 +95,25 @@ def connect_ray(cfg: PretrainConfig) -> str:
     return "started a local Ray instance"
 
 
+def interpreter_first_on_path(path: str, executable: str) -> str:
+    """PATH with this interpreter's bin directory first.
+
+    DeepSpeed JIT-builds its CPU communication op with the first `ninja` on PATH and builds it
+    again whenever that changes: `make demo` (the venv not activated: /usr/bin/ninja) and an
+    activated venv (.venv/bin/ninja) rebuilt it in turn, 30-80 s each time. Local Ray workers
+    inherit this PATH, so every run of one interpreter finds the same ninja.
+    """
+    bin_dir = os.path.dirname(executable)
+    parts = [p for p in path.split(os.pathsep) if p]
+    return os.pathsep.join([bin_dir, *[p for p in parts if p != bin_dir]])
+
+
 def start_local_ray(num_cpus: int = 0, runtime_env: dict[str, Any] | None = None) -> None:
     """A new Ray instance on this machine, as `pretrain.run` starts one: at least `num_cpus` CPUs
     (all of the machine's where it has more), the dashboard on 127.0.0.1, warnings and up."""
     import ray
+
+    os.environ["PATH"] = interpreter_first_on_path(os.environ.get("PATH", ""), sys.executable)
 
     ray.init(
         # "local": a new instance even where `ray start` left one running on this machine.
