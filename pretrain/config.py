@@ -294,6 +294,8 @@ def model_problems(m: ModelConfig) -> list[tuple[str, str]]:
 def engine_problems(ds: DeepSpeedConfig, o: OptimConfig, use_gpu: bool) -> list[tuple[str, str]]:
     """DeepSpeed's stage, precision and clipping; the optimizer recipe."""
     betas = list(o.betas)
+    # GPU workers check their own device when they build the engine (pretrain/engine.py).
+    emulated = cpu_bf16_problem() if ds.precision == "bf16" and not (use_gpu or ds.force_precision) else ""
     return failed(
         [
             (ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be one of 0, 1, 2, 3; got {ds.zero_stage}"),
@@ -307,11 +309,7 @@ def engine_problems(ds: DeepSpeedConfig, o: OptimConfig, use_gpu: bool) -> list[
                 "deepspeed.precision",
                 "fp16 needs trainer.use_gpu=true (CPU training supports fp32 and bf16)",
             ),
-            (
-                ds.precision != "bf16" or use_gpu or ds.force_precision or not cpu_bf16_problem(),
-                "deepspeed.precision",
-                cpu_bf16_problem(),
-            ),
+            (not emulated, "deepspeed.precision", emulated),
             (ds.grad_clip >= 0, "deepspeed.grad_clip", f"must be >= 0, got {ds.grad_clip}"),
             (
                 o.lr is not None or o.base_lr is not None,
