@@ -11,12 +11,14 @@ install: $(STAMP)
 
 # Order matters on a fresh machine: torch/torchvision first (they lie on the machine's
 # disk; newer releases are multi-GB downloads), then DeepSpeed without build isolation
-# (its sdist imports torch at build time), then this project with its test extra.
+# (its sdist imports torch at build time), then this project with its test extra; last,
+# DeepSpeed's CPU communication op is compiled here rather than in the first run.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.14.1 torchvision==0.29.1
 	$(PIP) --no-build-isolation deepspeed
 	$(PIP) --no-build-isolation -e '.[test]'
+	$(PY) -m pretrain.prebuild
 	touch $(STAMP)
 
 # The main job on the embedded default: MAE on generated shapes, 2 CPU workers.

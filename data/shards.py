@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 import fsspec
 
 from data.manifest import MANIFEST_SUFFIX, Manifest, ShardInfo, make_manifest, manifest_to_json
+from data.progress import Progress
 from data.retry import Backoff, is_transient, one_line
 
 logger = logging.getLogger(__name__)
@@ -199,8 +200,12 @@ def write_shards(
     shard_size: int,
     shard_bytes: int | None = None,
     storage_options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
 ) -> Manifest:
-    """Write `samples` as `out_url/{prefix}-NNNNNN.tar` shards plus `out_url/{prefix}.manifest.json`."""
+    """Write `samples` as `out_url/{prefix}-NNNNNN.tar` shards plus `out_url/{prefix}.manifest.json`.
+
+    `progress` (data.progress) counts the samples written.
+    """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if shard_bytes is not None and shard_bytes < tarfile.RECORDSIZE:
@@ -217,6 +222,8 @@ def write_shards(
             members = _members(sample, position)
             extensions.update(split_member_name(name)[1] for name, _ in members)
             writer.add(members, sample[KEY_FIELD])
+            if progress is not None:
+                progress.update()
         writer.finish()
     except BaseException:
         writer.abort()

@@ -64,6 +64,7 @@ class Source:
     iterate: Callable[[], Iterator[dict[str, Any]]]
     class_names: list[str] = field(default_factory=list)  # label i = class_names[i]; empty if unlabelled
     shard_urls: list[str] = field(default_factory=list)  # the shards read, when re-sharding
+    count: int | None = None  # how many samples, where known before reading (progress)
 
     def samples(self) -> Iterator[dict[str, Any]]:
         return self.iterate()
@@ -104,7 +105,8 @@ def _digits() -> Source:
         for index, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
             yield {"__key__": f"digits-{index:05d}", "png": _png(digits_image(pixels)), "cls": int(label)}
 
-    return Source(f"sklearn digits ({len(digits.target)} images)", iterate, [str(d) for d in range(10)])
+    names = [str(d) for d in range(10)]
+    return Source(f"sklearn digits ({len(digits.target)} images)", iterate, names, count=len(digits.target))
 
 
 def _synthetic(spec: str, arg: str) -> Source:
@@ -119,6 +121,7 @@ def _synthetic(spec: str, arg: str) -> Source:
         f"synthetic shapes ({num} images, seed {seed})",
         lambda: synthetic_samples("synthetic", num, seed),
         list(CLASS_NAMES),
+        count=num,
     )
 
 
@@ -148,7 +151,7 @@ def _folder(root: Path) -> Source:
             yield sample
 
     kind = f"{len(names)} classes" if names else "no labels"
-    return Source(f"image folder {root} ({len(files)} images, {kind})", iterate, names)
+    return Source(f"image folder {root} ({len(files)} images, {kind})", iterate, names, count=len(files))
 
 
 def _file_list(spec: str, storage_options: dict[str, Any]) -> Source:
@@ -177,7 +180,7 @@ def _file_list(spec: str, storage_options: dict[str, Any]) -> Source:
                 raise FileNotFoundError(f"image #{index + 1} of {list_url!r}, {url!r}, does not exist") from None
             yield {"__key__": f"img-{index:08d}", ext: data}
 
-    return Source(f"file list {list_url} ({len(urls)} images, no labels)", iterate)
+    return Source(f"file list {list_url} ({len(urls)} images, no labels)", iterate, count=len(urls))
 
 
 def _shards(spec: str, storage_options: dict[str, Any]) -> Source:

@@ -28,6 +28,7 @@ import os
 import sys
 from typing import Any
 
+from data.progress import Progress
 from data.shards import ShardReadError, write_shards
 from data.sources import SOURCE_KINDS, SourceError, open_source
 
@@ -112,15 +113,18 @@ def main(argv: list[str] | None = None) -> int:
             f"name; write to another folder or use another --prefix",
             2,
         )
+    total = source.count if args.limit is None or source.count is None else min(args.limit, source.count)
     try:
-        manifest = write_shards(
-            samples,
-            out_url,
-            prefix=args.prefix,
-            shard_size=args.shard_size,
-            shard_bytes=args.shard_bytes,
-            storage_options=storage_options,
-        )
+        with Progress(f"writing {out_url}", total=total, unit="img", logger=logger) as progress:
+            manifest = write_shards(
+                samples,
+                out_url,
+                prefix=args.prefix,
+                shard_size=args.shard_size,
+                shard_bytes=args.shard_bytes,
+                storage_options=storage_options,
+                progress=progress,
+            )
     except (ValueError, TypeError, OSError, ShardReadError) as e:
         return _error(f"writing {args.source!r} to {out_url!r} failed: {e}", 1)
     total_bytes = sum(s.bytes for s in manifest.shards)

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import tempfile
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+log = logging.getLogger(__name__)
 
 KINDS = ("encoder", "tokenizer", "centroids")
 WEIGHTS_FILE = "model.safetensors"
@@ -186,11 +191,14 @@ def upload_dir(local: Path, dest: str, storage_options: dict[str, Any] | None = 
 def fetch(
     source: str, dst: str | Path, *, tracking_uri: str | None = None, storage_options: dict[str, Any] | None = None
 ) -> Path:
-    """The local directory or file behind `source`; remote files are downloaded under `dst`."""
+    """The local directory or file behind `source`; remote files are downloaded under `dst`.
+
+    A download logs its progress (data.progress.LINE_EVERY_S apart) and its size and time.
+    """
     if source.startswith(MODEL_URI_SCHEMES):
         import mlflow.artifacts
 
-        with using_tracking_uri(tracking_uri):
+        with using_tracking_uri(tracking_uri), DownloadLines(source, Path(dst)):
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=source,
                 dst_path=str(dst),
@@ -199,8 +207,45 @@ def fetch(
             )
         return Path(local)
     if "://" in source and not source.startswith("file://"):
-        return download_dir(source, Path(dst), storage_options)
+        with DownloadLines(source, Path(dst)):
+            return download_dir(source, Path(dst), storage_options)
     return Path(source.removeprefix("file://")).expanduser()
+
+
+class DownloadLines:
+    """Log lines while files land under a folder: MB so far every LINE_EVERY_S, then size and time.
+
+    Downloads of teachers and tokenizers run in Ray workers, whose logs have no progress bars.
+    """
+
+    def __init__(self, source: str, folder: Path, every_s: float | None = None) -> None:
+        from data.progress import LINE_EVERY_S
+
+        self.source, self.folder = source, folder
+        self.every_s = LINE_EVERY_S if every_s is None else every_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="download-lines", daemon=True)
+
+    def size_mb(self) -> float:
+        return sum(f.stat().st_size for f in self.folder.rglob("*") if f.is_file()) / 1e6
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.every_s):
+            seconds = time.monotonic() - self._started
+            size = self.size_mb()
+            log.info("downloading %s: %.1f MB so far (%.1f MB/s)", self.source, size, size / seconds)
+
+    def __enter__(self) -> DownloadLines:
+        self._started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        if exc_type is None:
+            seconds = time.monotonic() - self._started
+            log.info("downloaded %s: %.1f MB in %.1f s", self.source, self.size_mb(), seconds)
 
 
 def holds_artifact(directory: Path, kind: str) -> bool:

@@ -255,7 +255,7 @@ class CCViT(Objective):
         counts = torch.bincount(codes.flatten(), minlength=k).cpu().numpy()  # (K,)
         return {
             "centroid_ids": grid(rows, scale=display_scale(images.shape[-1])),
-            "centroid_usage": usage_histogram(counts),
+            "centroid_usage": usage_histogram(counts, "centroids"),
         }
 
     # --- export ----------------------------------------------------------------------

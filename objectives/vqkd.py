@@ -144,5 +144,5 @@ class VQKD(Objective):
         counts = torch.bincount(codes.flatten(), minlength=k).cpu().numpy()  # (K,)
         return {
             "code_ids": grid(rows, scale=display_scale(images.shape[-1])),
-            "codebook_usage": usage_histogram(counts),
+            "codebook_usage": usage_histogram(counts, "codes"),
         }

@@ -7,6 +7,7 @@ a local directory or at an fsspec URL.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+log = logging.getLogger("pretrain.evaluate")
 
 
 @dataclass
@@ -73,16 +76,24 @@ def extract(
     *,
     device: torch.device,
     features: str,
+    what: str = "features",
+    total: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
-    """One pass over `batches` through every model: ({name: (N, D) float32 features}, labels (N,), skipped)."""
+    """One pass over `batches` through every model: ({name: (N, D) float32 features}, labels (N,), skipped).
+
+    Shows its progress as `what` (a bar on a terminal, periodic lines in a log; data.progress).
+    """
     import torch
+
+    from data.progress import Progress
 
     feats: dict[str, list[torch.Tensor]] = {name: [] for name in models}
     labels: list[torch.Tensor] = []
     skipped = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), Progress(what, total=total, unit="img", logger=log) as progress:
         for images, y, bad in batches:
             skipped += bad
+            progress.update(int(y.numel()) + bad)
             if not y.numel():
                 continue
             x = images.to(device)

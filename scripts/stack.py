@@ -20,8 +20,8 @@ read first by `ray job ...`), RAY_ADDRESS (the GCS, for ray.init / `python -m
 pretrain.run` run directly), RAY_AUTH_MODE=token, MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL
 with the endpoint's dummy credentials, and PRETRAIN_STORAGE_PATH=s3://<bucket>/runs.
 
-Each component runs in a session of its own; `down` signals those sessions (SIGTERM,
-then SIGKILL after --stop-timeout) after checking that each leader pid is still the
+Each component runs in a session of its own; the three start side by side. `down`
+signals those sessions, all at once (SIGTERM, then SIGKILL after --stop-timeout) after checking that each leader pid is still the
 process `up` started. State, logs and the MLflow database live in --dir (default
 .stack/ in the working directory; Ray's session files in <dir>/ray, or in
 /tmp/pretrain-stack-<hash> where <dir> is too long for unix sockets); the S3 data is in memory, so the stack is
@@ -233,54 +233,61 @@ def up(args: argparse.Namespace) -> Stack:
         "MLFLOW_S3_ENDPOINT_URL": s3_url,
         "PYTHONUNBUFFERED": "1",
     }
+    # The three start side by side (none needs another to start; the bucket waits for S3), then
+    # each is awaited in turn: up takes about as long as the slowest, the Ray head.
+    mlflow_argv = [
+        executable("mlflow"),
+        "server",
+        "--host",
+        HOST,
+        "--port",
+        str(ports["mlflow"]),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{directory / 'mlflow.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        f"s3://{args.bucket}/mlflow",
+    ]
+    options = {
+        "--node-ip-address": HOST,
+        "--port": ports["ray"],
+        "--ray-client-server-port": ports["client"],
+        "--dashboard-host": HOST,
+        "--dashboard-port": ports["dashboard"],
+        "--dashboard-agent-listen-port": ports["agent"],
+        "--temp-dir": ray_temp,
+    }
+    ray_argv = [executable("ray"), "start", "--head", "--block", "--disable-usage-stats"]
+    ray_argv += [part for flag, value in options.items() for part in (flag, str(value))]
+    if args.num_cpus:
+        ray_argv += ["--num-cpus", str(args.num_cpus)]
+    dashboard = stack.env["RAY_API_SERVER_ADDRESS"]
+    readiness = {
+        "s3": (f"{s3_url}/moto-api/", "moto_server", s3_url),
+        "mlflow": (f"{mlflow_url}/health", "mlflow server", mlflow_url),
+        "ray": ("", "ray head", dashboard),
+    }
     try:
-        process, log = spawn(
-            "s3", [executable("moto_server"), "-H", HOST, "-p", str(ports["s3"])], service_env, directory
-        )
-        stack.components.append(Component("s3", process.pid, start_ticks(process.pid), s3_url, str(log)))
-        stack.save()
-        wait_until(lambda: answers(f"{s3_url}/moto-api/"), "moto_server", process, log, args.start_timeout)
-        _create_bucket(s3_url, args.bucket, stack.env)
-
-        argv = [
-            executable("mlflow"),
-            "server",
-            "--host",
-            HOST,
-            "--port",
-            str(ports["mlflow"]),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{directory / 'mlflow.db'}",
-            "--serve-artifacts",
-            "--artifacts-destination",
-            f"s3://{args.bucket}/mlflow",
-        ]
-        process, log = spawn("mlflow", argv, service_env, directory)
-        stack.components.append(Component("mlflow", process.pid, start_ticks(process.pid), mlflow_url, str(log)))
-        stack.save()
-        wait_until(lambda: answers(f"{mlflow_url}/health"), "mlflow server", process, log, args.start_timeout)
-
-        options = {
-            "--node-ip-address": HOST,
-            "--port": ports["ray"],
-            "--ray-client-server-port": ports["client"],
-            "--dashboard-host": HOST,
-            "--dashboard-port": ports["dashboard"],
-            "--dashboard-agent-listen-port": ports["agent"],
-            "--temp-dir": ray_temp,
-        }
-        argv = [executable("ray"), "start", "--head", "--block", "--disable-usage-stats"]
-        argv += [part for flag, value in options.items() for part in (flag, str(value))]
-        if args.num_cpus:
-            argv += ["--num-cpus", str(args.num_cpus)]
         _ensure_ray_token(service_env)
-        process, log = spawn("ray", argv, service_env, directory)
-        dashboard = stack.env["RAY_API_SERVER_ADDRESS"]
-        stack.components.append(Component("ray", process.pid, start_ticks(process.pid), dashboard, str(log)))
-        stack.save()
-        wait_until(lambda: _jobs_answer(dashboard), "ray head", process, log, args.start_timeout)
+        started = []
+        for name, argv in (
+            ("s3", [executable("moto_server"), "-H", HOST, "-p", str(ports["s3"])]),
+            ("mlflow", mlflow_argv),
+            ("ray", ray_argv),
+        ):
+            process, log = spawn(name, argv, service_env, directory)
+            url = readiness[name][2]
+            stack.components.append(Component(name, process.pid, start_ticks(process.pid), url, str(log)))
+            stack.save()
+            started.append((name, process, log))
+        for name, process, log in started:
+            probe, what, _ = readiness[name]
+            ready = (lambda: _jobs_answer(dashboard)) if name == "ray" else (lambda p=probe: answers(p))
+            wait_until(ready, what, process, log, args.start_timeout)
+            if name == "s3":
+                _create_bucket(s3_url, args.bucket, stack.env)
         # Ray resolves 127.0.0.1 to the machine's address for its GCS: ray.init() must use that one.
         from ray._private.services import get_node_ip_address
 
@@ -349,25 +356,32 @@ def _jobs_answer(dashboard: str) -> bool:
 
 
 def down_stack(stack: Stack, timeout_s: float) -> list[str]:
-    """Stop the components (last started first); returns one line per component."""
-    lines = []
-    for c in reversed(stack.components):
+    """Stop the components, all at once; returns one line per component (last started first).
+
+    Each leader gets SIGTERM: `ray start --block` and `mlflow server` stop their own children
+    (an idle Ray head in ~6 s). What a component left after LEADER_GRACE_S gets SIGTERM, and
+    SIGKILL at the timeout (after jobs ran, Ray's GCS and raylet can sit on SIGTERM). The
+    components share these deadlines, so down takes as long as the slowest, not their sum.
+    """
+    started = time.monotonic()
+    states = []  # (component, leader, members): a session keeps its id after its leader exits,
+    for c in reversed(stack.components):  # so leftovers of a crashed component are found too
         leader = is_ours(c)
-        # A session keeps its id after its leader exits: leftovers of a crashed component are found too.
         members = set(session_members(c.pid)) | ({c.pid} if leader else set())
+        if leader:
+            _signal({c.pid}, signal.SIGTERM)
+        states.append((c, leader, members))
+    lines = []
+    for c, leader, members in states:
         if not members:
             lines.append(f"{c.name}: not running (pid {c.pid})")
             continue
-        # The leader first: `ray start --block` and `mlflow server` stop their own children
-        # (an idle Ray head in ~6 s); what is left after LEADER_GRACE_S gets SIGTERM, and
-        # SIGKILL at the timeout (after jobs ran, Ray's GCS and raylet can sit on SIGTERM).
         left = members
         if leader:
-            _signal({c.pid}, signal.SIGTERM)
-            left = _wait_empty(c.pid, LEADER_GRACE_S)
+            left = _wait_empty(c.pid, LEADER_GRACE_S - (time.monotonic() - started))
         if left:
             _signal(left, signal.SIGTERM)
-            left = _wait_empty(c.pid, max(0.0, timeout_s - LEADER_GRACE_S))
+            left = _wait_empty(c.pid, timeout_s - (time.monotonic() - started))
         killed = sorted(_name(pid) for pid in left)
         if left:
             _signal(left, signal.SIGKILL)
@@ -381,7 +395,7 @@ def down_stack(stack: Stack, timeout_s: float) -> list[str]:
 
 def _wait_empty(sid: int, timeout_s: float) -> set[int]:
     """Wait until session `sid` has no live process; returns those still running at the timeout."""
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + max(0.0, timeout_s)
     while (left := set(session_members(sid))) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from data.progress import Progress
 from objectives.artifacts import MODEL_URI_SCHEMES, ArtifactError, ArtifactNotFound, read_artifact, save_artifact
 from objectives.components.patches import patchify
 from objectives.components.quantizer import nearest_code
@@ -235,6 +236,7 @@ def kmeans(
         if world > 1:
             dist.broadcast(centroids, src=0)
     splits = 0
+    progress = Progress(f"k-means, {k} centroids", total=iters, unit="iter", logger=log, enabled=rank == 0)
     for it in range(iters):
         stats, sse = _assign_stats(x, centroids, chunk_size)
         if world > 1:
@@ -245,6 +247,8 @@ def kmeans(
         # Same counts and seed on every rank: the same splits.
         splits += split_empty_clusters(centroids, counts, torch.Generator().manual_seed(seed * 1_000_003 + it))
         log.debug("k-means iteration %d: summed squared error before the update %.6g", it, float(sse))
+        progress.update()
+    progress.close()
     stats, sse = _assign_stats(x, centroids, chunk_size)
     totals = torch.cat([stats[:, -1].double(), sse])  # (K + 1,): counts | summed squared error
     if world > 1:

@@ -1,19 +1,21 @@
-"""Pictures an objective draws at the end of a run: images, id maps, heat maps and histograms as uint8 RGB.
+"""Pictures an objective draws during a run: images, id maps, heat maps and plots as uint8 RGB.
 
-Renderers use numpy and PIL only. Every renderer returns an (H, W, 3) uint8 array; `grid`
-lays panels out in rows and upscales them (nearest neighbour) so that 32-pixel images stay
-legible. `Objective.pictures` returns `{name: array}`; rank 0 logs each as
-`pictures/<name>.png`. `objectives.components.zero.gathered_outside_forward` makes the
+Images, id maps and heat maps are drawn with numpy alone; plots (usage histograms, confusion
+matrices) with matplotlib, with axes, labels and a title, then rendered to pixels. Every
+renderer returns an (H, W, 3) uint8 array; `grid` lays panels out in rows and upscales them
+(nearest neighbour) so that 32-pixel images stay legible. `Objective.pictures` returns
+`{name: array}`; rank 0 logs each as an MLflow image series `pictures/<name>` (with its
+step) and the last one also as `pictures/<name>.png`. `objectives.components.zero.gathered_outside_forward` makes the
 model callable from `pictures` under DeepSpeed ZeRO-3.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 # At most this many images of a batch go into a picture.
 MAX_IMAGES = 8
@@ -22,10 +24,6 @@ MASK_GREY = 128
 # Cells of an id map without an id (id < 0), e.g. positions a model did not predict: neutral
 # grey, never a palette colour (the palette has saturation >= 0.55).
 EMPTY_COLOUR = (192, 192, 192)
-# Usage histogram: a strip for the "used k/K" line above the bars; bar and text colours.
-HISTOGRAM_TEXT_HEIGHT = 14
-BAR_COLOUR = (52, 92, 168)
-TEXT_COLOUR = (0, 0, 0)
 
 # Golden-ratio conjugate: hue steps of it never repeat and keep consecutive ids far apart.
 _GOLDEN = 0.6180339887498949
@@ -182,72 +180,73 @@ def heat_map(values: np.ndarray, cell: int, *, low: float | None = None, high: f
     return _blocks(colour_ramp()[index], cell)
 
 
-# --- text --------------------------------------------------------------------------------------
+# --- plots (matplotlib: axes, labels, a title) --------------------------------------------------
+
+# Plot size in inches at PLOT_DPI: 400 x 260 pixels, legible in the MLflow UI's artifact view.
+PLOT_SIZE = (4.0, 2.6)
+PLOT_DPI = 100
+BAR_COLOUR = "#345ca8"
+# Class names on the confusion matrix's axes up to this many classes; each cell's fraction
+# written in it up to MAX_ANNOTATED_CLASSES.
+MAX_NAMED_CLASSES = 20
+MAX_ANNOTATED_CLASSES = 10
 
 
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default()
+def _figure(size: tuple[float, float] = PLOT_SIZE) -> Any:
+    """A matplotlib Figure on the Agg canvas: no pyplot, no global state, safe in any thread."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size, dpi=PLOT_DPI)
+    FigureCanvasAgg(figure)
+    return figure
 
 
-def _text_size(text: str) -> tuple[int, int]:
-    """(width, height) in pixels of `text` in the default font, from the origin."""
-    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=_font())
-    return int(right), int(bottom)
+def figure_pixels(figure: Any) -> np.ndarray:
+    """A matplotlib figure rendered on its Agg canvas -> (H, W, 3) uint8, like the other pictures."""
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
 
 
-def _text_image(text: str, background: int = 255) -> Image.Image:
-    """`text` in the default font on its own tight RGB image."""
-    width, height = _text_size(text)
-    image = Image.new("RGB", (max(1, width), max(1, height)), (background,) * 3)
-    ImageDraw.Draw(image).text((0, 0), text, fill=TEXT_COLOUR, font=_font())
-    return image
+def usage_histogram_figure(counts: np.ndarray, what: str = "codes") -> Any:
+    """Rank-frequency bars of code/centroid counts (K,): bar r is the r-th most used one's count.
 
-
-# --- histograms -------------------------------------------------------------------------------------
-
-
-def usage_histogram(counts: np.ndarray, *, height: int = 120, width: int | None = None) -> np.ndarray:
-    """Rank-frequency bars of code/centroid counts (K,) -> (height, width, 3) uint8, "used k/K" on top.
-
-    Counts are sorted in descending order; pixel column x shows the code of rank x * K // width
-    (bars of width // K pixels when width >= K; with fewer columns than codes, the first,
-    largest, code of each column's bin). A bar is ceil(count / max * plot height) tall, so
-    every used code has a visible bar and the largest spans the whole plot area below the
-    text strip. width defaults to about 256 pixels of whole bars (at most 1024).
+    x: rank 1..K, most used first; y: how many of the batch's tokens took it; the title says
+    how many of the K were used at all. A healthy codebook shows a long, even run of bars; a
+    collapsing one a few tall bars and then nothing.
     """
     counts = np.asarray(counts, dtype=np.float64).ravel()
     k = counts.size
     if k == 0 or (counts < 0).any():
         raise ValueError(f"usage_histogram: counts must be a non-empty (K,) array of counts >= 0, got {counts}")
-    if width is None:
-        width = min(1024, max(128, k * max(1, 256 // k)))
-    plot = height - HISTOGRAM_TEXT_HEIGHT
-    if plot < 1 or width < 1:
-        raise ValueError(f"usage_histogram: height must exceed {HISTOGRAM_TEXT_HEIGHT} and width >= 1")
-    ordered = np.sort(counts)[::-1]  # rank-frequency
-    top = ordered[0]
-    bars = np.ceil(ordered / top * plot).astype(np.int64) if top > 0 else np.zeros(k, np.int64)
-    column_bars = bars[np.arange(width) * k // width]  # (width,)
-    rows = np.arange(plot)[:, None]  # (plot, 1), 0 = top of the plot area
-    filled = rows >= plot - column_bars[None, :]  # (plot, width)
-    out = np.full((height, width, 3), 255, np.uint8)
-    out[HISTOGRAM_TEXT_HEIGHT:][filled] = BAR_COLOUR
-    label = Image.fromarray(out[:HISTOGRAM_TEXT_HEIGHT].copy())
-    ImageDraw.Draw(label).text((2, 1), f"used {int((counts > 0).sum())}/{k}", fill=TEXT_COLOUR, font=_font())
-    out[:HISTOGRAM_TEXT_HEIGHT] = np.asarray(label)
-    return out
+    from matplotlib.ticker import MaxNLocator
+
+    ordered = np.sort(counts)[::-1]
+    figure = _figure()
+    ax = figure.add_subplot()
+    ax.bar(np.arange(1, k + 1), ordered, width=1.0, color=BAR_COLOUR, linewidth=0)
+    ax.set_xlim(0.5, k + 0.5)
+    ax.set_ylim(0, max(1.0, float(ordered[0])) * 1.05)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # ranks and counts are whole numbers
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(f"{what} by rank, most used first")
+    ax.set_ylabel("tokens in the batch")
+    ax.set_title(f"{int((counts > 0).sum())} of {k} {what} used", fontsize=10)
+    figure.tight_layout()
+    return figure
 
 
-# --- confusion matrices -------------------------------------------------------------------------------
+def usage_histogram(counts: np.ndarray, what: str = "codes") -> np.ndarray:
+    """`usage_histogram_figure` as an (H, W, 3) uint8 picture."""
+    return figure_pixels(usage_histogram_figure(counts, what))
 
 
-def confusion_image(matrix: np.ndarray, class_names: list[str] | None = None, cell: int = 16) -> np.ndarray:
-    """A confusion matrix (C, C) of counts, rows true and columns predicted -> uint8 heat map.
+def confusion_figure(matrix: np.ndarray, class_names: list[str] | None = None) -> Any:
+    """A confusion matrix (C, C) of counts, rows true and columns predicted, as a labelled heat map.
 
-    Each row is normalised to sum 1 (an empty row stays 0) and drawn on `colour_ramp` over
-    [0, 1]: a fraction of 1 is the brightest colour, 0 the darkest. With `class_names`, row
-    labels go to the left and column labels, turned 90 degrees, on top, if the font's line
-    height fits in a cell; the matrix is then the bottom-right (C * cell)^2 block.
+    Each row is normalised to sum 1 (an empty row stays 0), so a cell is the fraction of a true
+    class predicted as the column's class; the colour bar spans [0, 1] and the title gives the
+    top-1 accuracy over all counted samples. A good encoder makes a bright diagonal.
     """
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
@@ -257,17 +256,30 @@ def confusion_image(matrix: np.ndarray, class_names: list[str] | None = None, ce
         raise ValueError(f"confusion_image: {len(class_names)} class names for a {c} x {c} matrix")
     sums = matrix.sum(axis=1, keepdims=True)
     fractions = np.divide(matrix, sums, out=np.zeros_like(matrix), where=sums > 0)
-    cells = heat_map(fractions, cell, low=0.0, high=1.0)  # (C * cell, C * cell, 3)
-    if not class_names or max(_text_size(name)[1] for name in class_names) > cell:
-        return cells
-    labels = [_text_image(name) for name in class_names]
-    margin_left = max(label.width for label in labels) + 4
-    margin_top = margin_left  # turned labels are as long as the row labels are wide
-    canvas = Image.new("RGB", (margin_left + c * cell, margin_top + c * cell), (255, 255, 255))
-    canvas.paste(Image.fromarray(cells), (margin_left, margin_top))
-    for i, label in enumerate(labels):
-        centre = i * cell + (cell - label.height) // 2
-        canvas.paste(label, (margin_left - 2 - label.width, margin_top + centre))  # row i, right-aligned
-        turned = label.rotate(90, expand=True)  # reads bottom to top
-        canvas.paste(turned, (margin_left + centre, margin_top - 2 - turned.height))  # column i
-    return np.asarray(canvas).copy()
+    side = min(8.0, 3.2 + 0.25 * c)
+    figure = _figure((side + 1.0, side))
+    ax = figure.add_subplot()
+    shown = ax.imshow(fractions, cmap="inferno", vmin=0.0, vmax=1.0, interpolation="nearest")
+    figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04).set_label("fraction of the true class")
+    if c <= MAX_NAMED_CLASSES:
+        names = class_names or [str(i) for i in range(c)]
+        ax.set_xticks(range(c), names, rotation=90)
+        ax.set_yticks(range(c), names)
+    if c <= MAX_ANNOTATED_CLASSES:
+        for r in range(c):
+            for col in range(c):
+                dark_text = fractions[r, col] > 0.6  # the ramp's bright end
+                ax.text(col, r, f"{fractions[r, col]:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if dark_text else "white")  # fmt: skip
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    total = matrix.sum()
+    accuracy = float(np.trace(matrix) / total) if total > 0 else 0.0
+    ax.set_title(f"top-1 {100 * accuracy:.1f}% of {int(total)} samples", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def confusion_image(matrix: np.ndarray, class_names: list[str] | None = None) -> np.ndarray:
+    """`confusion_figure` as an (H, W, 3) uint8 picture."""
+    return figure_pixels(confusion_figure(matrix, class_names))

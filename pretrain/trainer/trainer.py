@@ -48,10 +48,13 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.rank, self.world_size, self.device = rank, world_size, device
         self.hooks = list(hooks)
+        ticks = [time.perf_counter()]  # set-up phases, logged by rank 0 (docs/benchmarks.md: start-up)
         self._configure_torch()
         self.dtype = training_dtype(cfg.deepspeed)
         self.objective = self._build_objective()
+        ticks.append(time.perf_counter())
         self.engine = build_engine(self.objective, cfg.optim, cfg.trainer, cfg.deepspeed)
+        ticks.append(time.perf_counter())
         self.urls = train_urls(cfg, info.train_url)
         self.loader = build_loader(cfg, self.urls, rank=rank, world_size=world_size, seed=cfg.seed)
         self.checkpointer = Checkpointer(self.engine, rank=rank, world_size=world_size, hooks=self.hooks)
@@ -80,6 +83,13 @@ class Trainer:
         self.nonfinite = NonFiniteGuard(
             cfg.trainer.max_nonfinite_steps, rank=rank, where=info.run_dir or "the storage path"
         )
+        if rank == 0:
+            ticks.append(time.perf_counter())
+            log.info(
+                "set up in %.1f s: objective %.1f s, DeepSpeed engine %.1f s, data and the rest %.1f s",
+                ticks[-1] - ticks[0],
+                *(b - a for a, b in zip(ticks, ticks[1:], strict=False)),
+            )
 
     def _configure_torch(self) -> None:
         """Threads per worker on CPU; deterministic kernels when trainer.deterministic."""

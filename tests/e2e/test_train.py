@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ from pretrain.trainer.faults import FAULT_ENV
 
 pytestmark = pytest.mark.slow
 
-STAGE0_LOSSES: dict[str, list[float]] = {}
-STRAIGHT: dict[str, Path] = {}  # the uninterrupted run's directory
+# Both ZeRO runs train 6 deterministic steps with a checkpoint every 3: the ZeRO-0 run is also the
+# uninterrupted reference of the fault tests below (one run fewer than a reference of their own).
+RUN = ["trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.deterministic=true"]
 
 
 def encoder_files(*run_dirs: Path) -> list[Path]:
@@ -27,28 +29,46 @@ def encoder_files(*run_dirs: Path) -> list[Path]:
     return found
 
 
-# Stages 1 and 2 run with other objectives (test_maskdistill.py, test_more_objectives.py).
-@pytest.mark.parametrize("stage", [0, 3])
-def test_two_workers_each_zero_stage(stage: int, ray_local: None, runs, tmp_path: Path) -> None:
+@dataclass
+class Finished:
+    """A run that ended: its directory and its logged losses."""
+
+    run_dir: Path
+    record: dict
+    losses: list[tuple[int, float]]
+
+
+def run_zero(stage: int, runs, storage: Path) -> Finished:
     name = f"zero{stage}"
     rc = main(
         [
             *runs.tiny,
+            *RUN,
             f"deepspeed.zero_stage={stage}",
-            "trainer.max_steps=3",
-            "trainer.checkpoint_every=3",
-            f"trainer.storage_path={tmp_path}",
+            f"trainer.storage_path={storage}",
             f"name={name}",
-            # ZeRO-3: the encoder is gathered at step 2 for an evaluation task beside training.
-            *(["eval.every_steps=2"] if stage == 3 else []),
+            # ZeRO-3: the encoder is gathered at step 4 for an evaluation task beside training.
+            *(["eval.every_steps=4"] if stage == 3 else []),
         ]
     )
     assert rc == 0
-    record = runs.record(tmp_path, name)
-    losses = runs.history(record, "loss")
-    assert [s for s, _ in losses] == [1, 2, 3]
+    record = runs.record(storage, name)
+    return Finished(storage / name, record, runs.history(record, "loss"))
+
+
+@pytest.fixture(scope="module")
+def zero0(ray_local: None, runs, tmp_path_factory: pytest.TempPathFactory) -> Finished:
+    return run_zero(0, runs, tmp_path_factory.mktemp("zero0"))
+
+
+# Stages 1 and 2 run with other objectives (test_pipeline.py, test_more_objectives.py).
+@pytest.mark.parametrize("stage", [0, 3])
+def test_two_workers_each_zero_stage(stage: int, zero0: Finished, runs, tmp_path: Path) -> None:
+    done = zero0 if stage == 0 else run_zero(stage, runs, tmp_path)
+    record, losses = done.record, done.losses
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
     # Evaluated during (stage 3) and at the end of training, both against the random-init baseline.
-    eval_steps = [2, 3] if stage == 3 else [3]
+    eval_steps = [4, 6] if stage == 3 else [6]
     for key in ("eval/knn_top1", "eval/baseline_linear_top1"):
         assert [s for s, _ in runs.history(record, key)] == eval_steps, key
     assert all(math.isfinite(v) and v > 0 for _, v in losses)
@@ -60,45 +80,22 @@ def test_two_workers_each_zero_stage(stage: int, ray_local: None, runs, tmp_path
     assert run.data.params["deepspeed.zero_stage"] == str(stage)
     assert run.data.params["trainer.num_workers"] == "2"
 
-    ckpt = tmp_path / name / "checkpoint_00000003"
+    ckpt = done.run_dir / "checkpoint_00000006"
     assert (ckpt / "rank_0.pt").exists() and (ckpt / "rank_1.pt").exists()
     if stage > 0:  # optimizer state is partitioned: one file per rank
         assert len(list((ckpt / "state").glob("*optim_states.pt"))) == 2
-
     # ZeRO partitions state; it must not change the math (fp32): same losses as stage 0.
-    values = [v for _, v in losses]
-    if stage == 0:
-        STAGE0_LOSSES["fp32"] = values
-    elif "fp32" in STAGE0_LOSSES:
-        assert values == pytest.approx(STAGE0_LOSSES["fp32"], rel=1e-4)
+    assert [v for _, v in losses] == pytest.approx([v for _, v in zero0.losses], rel=1e-4)
 
 
 @pytest.fixture(scope="module")
 def resume_args(runs) -> list[str]:
-    # Resume is about the training state: skip the end-of-run evaluation (it is tested above).
-    return [
-        *runs.tiny,
-        "trainer.max_steps=6",
-        "trainer.checkpoint_every=3",
-        "trainer.deterministic=true",
-        "eval.enabled=false",
-    ]
-
-
-@pytest.fixture(scope="module")
-def straight_losses(
-    ray_local: None, runs, resume_args: list[str], tmp_path_factory: pytest.TempPathFactory
-) -> list[tuple[int, float]]:
-    storage = tmp_path_factory.mktemp("straight")
-    assert main([*resume_args, f"trainer.storage_path={storage}", "name=straight"]) == 0
-    STRAIGHT["dir"] = storage / "straight"
-    losses = runs.history(runs.record(storage, "straight"), "loss")
-    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
-    return losses
+    # The reference run's settings; resume is about the training state: no end-of-run evaluation.
+    return [*runs.tiny, *RUN, "eval.enabled=false"]
 
 
 def test_worker_killed_mid_epoch_restarts_exactly(
-    straight_losses: list[tuple[int, float]],
+    zero0: Finished,
     runs,
     resume_args: list[str],
     tmp_path: Path,
@@ -108,7 +105,7 @@ def test_worker_killed_mid_epoch_restarts_exactly(
     from the step-3 checkpoint, in the same MLflow run, and ends with the uninterrupted run's weights.
 
     Step 5, not 4: a checkpoint counts once Ray Train's controller has collected every worker's
-    report of it (it polls every 2 s); the step-4 report returning shows the step-3 one was taken.
+    report of it (every 0.5 s, see pretrain.launch); the step-4 report returning shows the step-3 one was taken.
     """
     monkeypatch.setenv(FAULT_ENV, "5:kill:1")
     rc = main([*resume_args, "trainer.max_failures=1", f"trainer.storage_path={tmp_path}", "name=retry"])
@@ -117,14 +114,14 @@ def test_worker_killed_mid_epoch_restarts_exactly(
     losses = runs.history(record, "loss")
     # One MLflow run: step 4 logged by both attempts, 5 never before the kill; redone = 4, 5 (< 3 steps).
     assert [s for s, _ in losses] == [1, 2, 3, 4, 4, 5, 6]
-    expected = dict(straight_losses)
+    expected = dict(zero0.losses)
     assert [v for _, v in losses] == pytest.approx([expected[s] for s, _ in losses], rel=1e-6, abs=1e-7)
     from mlflow.tracking import MlflowClient
 
     tags = MlflowClient(record["tracking_uri"]).get_run(record["mlflow_run_id"]).data.tags
     assert tags["pretrain.resumed_at_step"] == "3"
     # Deterministic mode: bit-identical final weights.
-    killed, straight = (load_file(f) for f in encoder_files(tmp_path / "retry", STRAIGHT["dir"]))
+    killed, straight = (load_file(f) for f in encoder_files(tmp_path / "retry", zero0.run_dir))
     assert killed.keys() == straight.keys()
     assert all(torch.equal(killed[k], straight[k]) for k in killed)
 

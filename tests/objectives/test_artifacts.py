@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from safetensors.torch import save_file
 from objectives.artifacts import (
     ArtifactError,
     ArtifactNotFound,
+    DownloadLines,
     read_artifact,
     save_artifact,
     save_encoder,
@@ -73,6 +76,30 @@ def test_fsspec_url_and_one_line_errors(tmp_path: Path, vit) -> None:
     assert isinstance(missing.value, FileNotFoundError) and isinstance(missing.value, ValueError)
     with pytest.raises(ArtifactNotFound, match="memory://store/none: no such directory"):
         read_artifact("memory://store/none", "encoder")
+
+
+def test_downloads_say_their_size_and_time_and_log_while_they_last(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="objectives.artifacts")
+    local = save_artifact(tmp_path / "c", "centroids", {"centroids": torch.ones(512, 512)}, {"patch_size": 1})
+    upload_dir(local, "memory://store/big")
+    read_artifact("memory://store/big", "centroids")
+    size = sum(f.stat().st_size for f in local.iterdir()) / 1e6  # 1 MiB of float32 and the metadata
+    (done,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("downloaded ")]
+    assert done.startswith(f"downloaded memory://store/big: {size:.1f} MB in ")
+    # A slow download (files landing for 0.3 s): lines with the MB so far, LINE_EVERY_S apart (0.05 s here).
+    caplog.clear()
+    folder = tmp_path / "landing"
+    folder.mkdir()
+    with DownloadLines("models:/slow/1", folder, every_s=0.05):
+        for i in range(6):
+            (folder / f"part{i}").write_bytes(b"x" * 200_000)
+            time.sleep(0.05)
+    messages = [r.getMessage() for r in caplog.records]
+    so_far = [m for m in messages if m.startswith("downloading models:/slow/1: ")]
+    assert len(so_far) >= 2 and all(" MB so far (" in m for m in so_far)
+    assert messages[-1].startswith("downloaded models:/slow/1: 1.2 MB in ")
     with pytest.raises(ValueError, match="unknown artifact kind 'weights'"):
         save_artifact(tmp_path / "w", "weights", {}, {})
 

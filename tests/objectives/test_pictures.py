@@ -1,4 +1,4 @@
-"""End-of-run pictures: the renderers against hand-built cases, each objective's panels against brute force."""
+"""Pictures: the renderers and plots against hand-built cases, each objective's panels against brute force."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from objectives.ccvit import CCViT
 from objectives.components.pictures import (
     BAR_COLOUR,
     EMPTY_COLOUR,
-    HISTOGRAM_TEXT_HEIGHT,
     MASK_GREY,
     colour_ramp,
+    confusion_figure,
     confusion_image,
     grid,
     heat_map,
@@ -28,6 +28,7 @@ from objectives.components.pictures import (
     id_map,
     to_uint8_images,
     usage_histogram,
+    usage_histogram_figure,
 )
 from objectives.components.teacher import Teacher
 from objectives.components.tokenizer import VQTokenizer, encode_head
@@ -168,54 +169,57 @@ def test_colour_ramp_and_heat_map_run_dark_to_bright() -> None:
     assert np.array_equal(fixed[0], ramp[[0, 128, 255]])
 
 
-def bar_heights(histogram: np.ndarray, bars: int) -> list[int]:
-    """Height in pixels of each bar, read in the middle column of its equal-width slot."""
-    width = histogram.shape[1]
-    plot = histogram[HISTOGRAM_TEXT_HEIGHT:]
-    columns = [i * width // bars + width // (2 * bars) for i in range(bars)]
-    return [int((plot[:, x] == np.array(BAR_COLOUR, np.uint8)).all(axis=1).sum()) for x in columns]
-
-
-def test_usage_histogram_bars_by_hand() -> None:
+def test_usage_histogram_bars_axes_and_title_by_hand() -> None:
     counts = np.array([0, 5, 0, 3, 9, 1, 0, 0, 2, 0, 0, 0, 0, 0, 0, 1])  # 6 of 16 codes used
-    out = usage_histogram(counts, height=120, width=160)
-    assert out.shape == (120, 160, 3)
-    heights = bar_heights(out, 16)
-    plot = 120 - HISTOGRAM_TEXT_HEIGHT
-    # Sorted 9, 5, 3, 2, 1, 1, 0...: heights ceil(c / 9 * plot).
-    assert heights == [math.ceil(c / 9 * plot) for c in [9, 5, 3, 2, 1, 1]] + [0] * 10
-    assert sum(h > 0 for h in heights) == 6
-    assert heights[0] == plot  # the tallest bar spans the whole plot area
-    assert all(a >= b for a, b in zip(heights, heights[1:], strict=False))
-    # Bars stand on the bottom row and are solid.
-    column = out[HISTOGRAM_TEXT_HEIGHT:, 1 * 10 + 5]
-    assert (column[plot - heights[1] :] == BAR_COLOUR).all() and (column[: plot - heights[1]] == 255).all()
-    assert (out[:HISTOGRAM_TEXT_HEIGHT] < 128).all(axis=2).sum() > 20  # the "used 6/16" line is drawn
-    # Every bar pixel is in the plot area; nothing but text above it.
-    assert not (out[:HISTOGRAM_TEXT_HEIGHT] == np.array(BAR_COLOUR, np.uint8)).all(axis=2).any()
-    # A default width keeps whole bars: 16 codes -> 16 px each.
-    assert bar_heights(usage_histogram(counts), 16) == heights
+    figure = usage_histogram_figure(counts, "codes")
+    (ax,) = figure.axes
+    # Rank-frequency: bar r (x = r, width 1) is the r-th largest count, sorted 9, 5, 3, 2, 1, 1, 0...
+    bars = sorted(ax.patches, key=lambda bar: bar.get_x())
+    assert [bar.get_height() for bar in bars] == [9, 5, 3, 2, 1, 1] + [0] * 10
+    assert [bar.get_x() + bar.get_width() / 2 for bar in bars] == list(range(1, 17))
+    assert ax.get_title() == "6 of 16 codes used"
+    assert ax.get_xlabel() == "codes by rank, most used first" and ax.get_ylabel() == "tokens in the batch"
+    assert ax.get_ylim()[1] > 9 and ax.get_xlim() == (0.5, 16.5)  # every bar inside the axes
+    # Rendered: 400 x 260 pixels, the bars' colour present, the axes' black text and lines too.
+    out = usage_histogram(counts, "codes")
+    assert out.shape == (260, 400, 3) and out.dtype == np.uint8
+    bar_pixels = (out == np.array(to_rgb_u8(BAR_COLOUR), np.uint8)).all(axis=2).sum()
+    assert bar_pixels > 1000
+    assert (out < 60).all(axis=2).sum() > 500
+    assert np.array_equal(out, usage_histogram(counts, "codes"))  # deterministic: same counts, same pixels
+    with pytest.raises(ValueError, match="counts >= 0"):
+        usage_histogram(np.array([1, -1]))
 
 
-def test_confusion_image_of_a_diagonal_and_of_a_hand_case() -> None:
-    ramp = colour_ramp()
-    out = confusion_image(np.diag([3, 1, 7]), cell=4)
-    assert out.shape == (12, 12, 3)
-    for r in range(3):
-        for c in range(3):
-            assert (out[4 * r : 4 * r + 4, 4 * c : 4 * c + 4] == ramp[255 if r == c else 0]).all()
-    # Rows are normalised: [1, 3] -> 0.25, 0.75 -> ramp 64 and 191; an empty row stays darkest.
-    hand = confusion_image(np.array([[1, 3], [0, 0]]), cell=1)
-    assert np.array_equal(hand, ramp[[[64, 191], [0, 0]]])
-    # With names: the same cells in the bottom-right corner, dark label text in the margins.
-    named = confusion_image(np.diag([3, 1, 7]), ["cat", "dog", "bird"], cell=16)
-    bare = confusion_image(np.diag([3, 1, 7]), cell=16)
-    assert named.shape[0] > 48 and named.shape[1] > 48
-    assert np.array_equal(named[-48:, -48:], bare)
-    assert (named[-48:, :-48] < 128).all(axis=2).sum() > 20  # row labels
-    assert (named[:-48, -48:] < 128).all(axis=2).sum() > 20  # column labels
-    # Names taller than a cell do not fit: the bare matrix.
-    assert np.array_equal(confusion_image(np.diag([3, 1, 7]), ["cat", "dog", "bird"], cell=4), out)
+def to_rgb_u8(colour: str) -> tuple[int, int, int]:
+    """'#rrggbb' -> (r, g, b)."""
+    return tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+
+
+def test_confusion_figure_of_a_hand_case() -> None:
+    matrix = np.array([[1, 3, 0], [0, 0, 0], [2, 0, 6]])
+    figure = confusion_figure(matrix, ["cat", "dog", "bird"])
+    ax = next(a for a in figure.axes if a.get_xlabel() == "predicted class")
+    assert ax.get_ylabel() == "true class"
+    # Rows normalised by hand: [1, 3, 0] / 4, the empty row stays 0, [2, 0, 6] / 8.
+    shown = np.asarray(ax.images[0].get_array())
+    assert np.allclose(shown, [[0.25, 0.75, 0], [0, 0, 0], [0.25, 0, 0.75]])
+    assert ax.images[0].get_clim() == (0.0, 1.0)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["cat", "dog", "bird"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["cat", "dog", "bird"]
+    # Accuracy over every counted sample: (1 + 0 + 6) / 12.
+    assert ax.get_title() == "top-1 58.3% of 12 samples"
+    assert sorted(t.get_text() for t in ax.texts) == sorted(f"{v:.2f}" for v in shown.ravel())
+    colour_bar = next(a for a in figure.axes if a is not ax)
+    assert colour_bar.get_ylabel() == "fraction of the true class"
+    out = confusion_image(matrix, ["cat", "dog", "bird"])
+    assert out.ndim == 3 and out.shape[2] == 3 and out.dtype == np.uint8 and out.shape[0] >= 300
+    # Many classes: indices, no names or numbers in the cells beyond the limits.
+    many = confusion_figure(np.eye(30))
+    big = next(a for a in many.axes if a.get_xlabel() == "predicted class")
+    assert not big.texts and big.get_title() == "top-1 100.0% of 30 samples"
+    with pytest.raises(ValueError, match="2 class names for a 3 x 3 matrix"):
+        confusion_image(matrix, ["cat", "dog"])
 
 
 # --- the base class -----------------------------------------------------------------------
@@ -380,7 +384,7 @@ def test_ccvit_centroid_ids_rebuilt_image_and_usage_by_brute_force() -> None:
             assert np.array_equal(block(rebuilt, i), to_pixels_u8(centroids[codes[i]].reshape(PATCH, PATCH, 3)))
     counts = np.bincount(np.concatenate(all_codes), minlength=k)  # the 8 pictured images only
     assert counts.sum() == ROWS * N and (counts > 0).sum() > 3
-    assert np.array_equal(pictures["centroid_usage"], usage_histogram(counts))
+    assert np.array_equal(pictures["centroid_usage"], usage_histogram(counts, "centroids"))
     # Before the centroids are built there is nothing to draw.
     empty = CCViT(cfg, build_backbone(MODEL), CONTEXT).eval()
     assert empty.pictures({"views": [x], "mask": random_masks(BATCH, 12, 0.375)}) == {}
@@ -412,7 +416,7 @@ def test_vqkd_code_ids_and_codebook_usage_by_brute_force() -> None:
         assert np.array_equal(panel(picture, b, 1), cells(palette[codes[b].reshape(GRID, GRID)]))
     counts = np.bincount(codes.ravel(), minlength=16)
     assert (counts > 0).sum() > 3
-    assert np.array_equal(pictures["codebook_usage"], usage_histogram(counts))
+    assert np.array_equal(pictures["codebook_usage"], usage_histogram(counts, "codes"))
 
 
 # --- SemAIM -----------------------------------------------------------------------------------------
