@@ -25,11 +25,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(PY) -m pretrain.run
 
+# Two pytest-xdist workers, a test file each at a time; the end-to-end files first (tests/conftest.py).
 test: install
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check pretrain objectives data tests scripts

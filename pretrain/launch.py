@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -189,13 +190,16 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None, 
     from pretrain.trainer.worker import RunInfo
 
     started = time.perf_counter()
-    uri, run_id = open_tracking(cfg, place, record, parent_run_id)
+    # Ray starts (seconds, mostly waiting for its processes) while MLflow opens the run beside it.
+    with ThreadPoolExecutor(1, thread_name_prefix="open-tracking") as pool:
+        opening = pool.submit(open_tracking, cfg, place, record, parent_run_id)
+        how = connect_ray(cfg)
+        uri, run_id = opening.result()
     write_run_record(
         place,
         {"name": place.name, "mlflow_run_id": run_id, "tracking_uri": uri, "config": tracking.redact(asdict(cfg))},
         cfg.data.storage_options,
     )
-    how = connect_ray(cfg)
     log.info("%s; run %s in %s", how, place.name, place.storage_path)
     info = RunInfo(
         train_url=cfg.data.urls,

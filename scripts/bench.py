@@ -2,7 +2,7 @@
 scaling over workers, ZeRO stages, start-up time, and what each optimisation changes.
 
     python scripts/bench.py [--model vit_small] [--objective mae] [--batch 16] [--steps 10]
-                            [--warmup 2] [--threads N] [--sections plain,stack,scaling]
+                            [--warmup 2] [--threads N] [--sections plain,stack,scaling,startup]
 
 Everything is measured in this one run, on this machine, for the same model, objective and
 per-worker batch, and printed as markdown tables (docs/benchmarks.md holds a copy):
@@ -31,6 +31,11 @@ scaling   the plain loop on one thread vs 1 worker x 1 thread (b/a with cores le
           = throughput(2) / (2 x throughput(1)); ZeRO stages 1, 2, 3 on 2 workers x 1 thread.
           Per-worker memory is the fullest worker's peak (sys/peak_memory_gb: resident set
           on CPU, allocated memory on GPU).
+startup   the default `python -m pretrain.run` (2 workers, the demo model), one step, from
+          launching the command to the end of step 1: once "fresh" (as `make install` leaves
+          a machine: DeepSpeed's op prebuilt into an empty extension cache, no demo data yet),
+          then `--warm-runs` times "warm"; with the milestones in between (Ray up, the
+          workers' set-up logged). `--sections startup` runs only this (about 3 minutes).
 
 MFU = model FLOP/s / peak matmul FLOP/s of the precision, where model FLOPs per sample are
 counted by torch.utils.flop_counter over one forward + backward of the plain fp32 loop (the
@@ -45,12 +50,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -59,7 +66,7 @@ import torch  # noqa: E402
 
 from pretrain.hardware import device_precision_problem  # noqa: E402
 
-SECTIONS = ("plain", "stack", "scaling")
+SECTIONS = ("plain", "stack", "scaling", "startup")
 
 
 def peak_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 3.0) -> float:
@@ -267,6 +274,71 @@ def full_stack(
     }
 
 
+# ---------------------------------------------------------------- start-up
+
+
+LOG_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO (\S+): (.*)")
+
+
+def log_times(text: str) -> dict[str, float]:
+    """Epoch times of the start-up milestones in a `pretrain.run` log (driver and workers log local time)."""
+    marks = {"ray up": "a local Ray instance", "set up": "set up in ", "step 1": "step 1/"}
+    found: dict[str, float] = {}
+    for stamp, _, message in LOG_LINE.findall(text):
+        for mark, needle in marks.items():
+            if mark not in found and needle in message:
+                found[mark] = time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")) + int(stamp[20:]) / 1000
+    return found
+
+
+def start_up(tmp: Path, warm_runs: int) -> list[dict[str, Any]]:
+    """`python -m pretrain.run` (the default run, one step) from launch to the end of step 1.
+
+    "fresh": a just-installed machine, as `make install` leaves it (DeepSpeed's op built by
+    `pretrain.prebuild` into an empty extension cache) with an empty dataset cache (the
+    demo data is generated in the run). "warm": the same command again.
+    """
+    env = {
+        **os.environ,
+        "TORCH_EXTENSIONS_DIR": str(tmp / "torch_extensions"),
+        "PRETRAIN_CACHE": str(tmp / "startup-cache"),
+    }
+    tic = time.perf_counter()
+    built = subprocess.run([sys.executable, "-m", "pretrain.prebuild"], env=env, capture_output=True, text=True)
+    prebuild_s = time.perf_counter() - tic
+    print(f"install step: {built.stdout.strip()} ({prebuild_s:.0f} s)", file=sys.stderr)
+    rows = []
+    for i in range(1 + warm_runs):
+        name = "fresh" if i == 0 else f"warm {i}"
+        storage = tmp / "startup-runs"
+        overrides = [
+            "trainer.max_steps=1",
+            "eval.enabled=false",
+            "tracking.register=false",
+            f"trainer.storage_path={storage}",
+            f"name=start-{i}",
+        ]
+        launched = time.time()
+        out = subprocess.run(
+            [sys.executable, "-m", "pretrain.run", *overrides], cwd=REPO, env=env, capture_output=True, text=True
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"pretrain.run {' '.join(overrides)} exited {out.returncode}: {out.stdout[-2000:]}")
+        marks = log_times(out.stdout + out.stderr)
+        rows.append({"run": name, "launched": launched, **marks})
+        print(f"start-up {name}: {marks.get('step 1', float('nan')) - launched:.1f} s", file=sys.stderr)
+    return rows
+
+
+def print_start_up(rows: list[dict[str, Any]]) -> None:
+    print("\n| run | command -> step 1 s | Ray up s | Ray up -> worker set up s | set up -> step 1 s |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        t0 = row["launched"]
+        ray, setup, step = (row.get(k, float("nan")) for k in ("ray up", "set up", "step 1"))
+        print(f"| {row['run']} | {step - t0:.1f} | {ray - t0:.1f} | {setup - ray:.1f} | {step - setup:.1f} |")
+
+
 # ---------------------------------------------------------------- the tables
 
 
@@ -325,11 +397,18 @@ def main() -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (~1 min each)")
     parser.add_argument("--override", action="append", default=[], help="extra key=value for every run")
+    parser.add_argument("--warm-runs", type=int, default=3, help="start-up: runs after the fresh one")
     args = parser.parse_args()
     sections = [s for s in args.sections.split(",") if s]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown sections {unknown}; choose from {SECTIONS}")
+    if "startup" in sections:
+        with tempfile.TemporaryDirectory(prefix="pretrain-startup-") as tmp_name:
+            print_start_up(start_up(Path(tmp_name), args.warm_runs))
+        sections.remove("startup")
+        if not sections:
+            return 0
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

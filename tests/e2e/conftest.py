@@ -1,4 +1,5 @@
-"""One real local Ray instance for the end-to-end tests, and a tiny run configuration."""
+"""One real local Ray instance for the end-to-end tests (one per pytest-xdist worker: `make test`
+runs two), and a tiny run configuration."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ TINY = [
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A local Ray instance shared by the session (what `pretrain.run` starts on its own)."""
+    """A local Ray instance shared by the session's tests (what `pretrain.run` starts on its own)."""
     import ray
 
     os.environ["PRETRAIN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
