@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(PY) -m pretrain.run
 
-# Two pytest-xdist workers, a test file each at a time; the end-to-end files first (tests/conftest.py).
+# Two pytest-xdist workers, a test file each at a time (each worker with its own local Ray instance).
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 

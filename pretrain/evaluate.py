@@ -129,16 +129,13 @@ def _evaluate(
         "batch_size": e.batch_size,
         "num_workers": e.num_workers,
     }
-    passes = {}
-    for part, source in (("fit", fit), ("test", test)):
-        passes[part] = extract(
-            models,
-            labelled_batches(source, **read),
-            device=device,
-            features=e.features,
-            what=f"eval features, {part} set ({' + '.join(models)})",
-        )
-    (fit_feats, fit_labels, fit_bad), (test_feats, test_labels, test_bad) = passes["fit"], passes["test"]
+    what = f"eval features, %s set ({' + '.join(models)})"
+    fit_feats, fit_labels, fit_bad = extract(
+        models, labelled_batches(fit, **read), device=device, features=e.features, what=what % "fit"
+    )
+    test_feats, test_labels, test_bad = extract(
+        models, labelled_batches(test, **read), device=device, features=e.features, what=what % "test"
+    )
     for source, labels, bad in ((fit, fit_labels, fit_bad), (test, test_labels, test_bad)):
         if not labels.numel():
             raise ValueError(empty_message(source, bad))

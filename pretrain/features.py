@@ -77,7 +77,6 @@ def extract(
     device: torch.device,
     features: str,
     what: str = "features",
-    total: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
     """One pass over `batches` through every model: ({name: (N, D) float32 features}, labels (N,), skipped).
 
@@ -90,7 +89,7 @@ def extract(
     feats: dict[str, list[torch.Tensor]] = {name: [] for name in models}
     labels: list[torch.Tensor] = []
     skipped = 0
-    with torch.inference_mode(), Progress(what, total=total, unit="img", logger=log) as progress:
+    with torch.inference_mode(), Progress(what, unit="img", logger=log) as progress:
         for images, y, bad in batches:
             skipped += bad
             progress.update(int(y.numel()) + bad)

@@ -21,8 +21,8 @@ pretrain.run` run directly), RAY_AUTH_MODE=token, MLFLOW_TRACKING_URI, AWS_ENDPO
 with the endpoint's dummy credentials, and PRETRAIN_STORAGE_PATH=s3://<bucket>/runs.
 
 Each component runs in a session of its own; the three start side by side. `down`
-signals those sessions, all at once (SIGTERM, then SIGKILL after --stop-timeout) after checking that each leader pid is still the
-process `up` started. State, logs and the MLflow database live in --dir (default
+signals those sessions, all at once (SIGTERM, then SIGKILL after --stop-timeout), after
+checking that each leader pid is still the process `up` started. State, logs and the MLflow database live in --dir (default
 .stack/ in the working directory; Ray's session files in <dir>/ray, or in
 /tmp/pretrain-stack-<hash> where <dir> is too long for unix sockets); the S3 data is in memory, so the stack is
 ephemeral: `up` starts from an empty directory, and everything is gone after `down`.
@@ -264,27 +264,21 @@ def up(args: argparse.Namespace) -> Stack:
     if args.num_cpus:
         ray_argv += ["--num-cpus", str(args.num_cpus)]
     dashboard = stack.env["RAY_API_SERVER_ADDRESS"]
-    readiness = {
-        "s3": (f"{s3_url}/moto-api/", "moto_server", s3_url),
-        "mlflow": (f"{mlflow_url}/health", "mlflow server", mlflow_url),
-        "ray": ("", "ray head", dashboard),
-    }
+    services = [  # (name, argv, url, what, ready)
+        ("s3", [executable("moto_server"), "-H", HOST, "-p", str(ports["s3"])], s3_url, "moto_server",
+         lambda: answers(f"{s3_url}/moto-api/")),
+        ("mlflow", mlflow_argv, mlflow_url, "mlflow server", lambda: answers(f"{mlflow_url}/health")),
+        ("ray", ray_argv, dashboard, "ray head", lambda: _jobs_answer(dashboard)),
+    ]  # fmt: skip
     try:
         _ensure_ray_token(service_env)
         started = []
-        for name, argv in (
-            ("s3", [executable("moto_server"), "-H", HOST, "-p", str(ports["s3"])]),
-            ("mlflow", mlflow_argv),
-            ("ray", ray_argv),
-        ):
+        for name, argv, url, what, ready in services:
             process, log = spawn(name, argv, service_env, directory)
-            url = readiness[name][2]
             stack.components.append(Component(name, process.pid, start_ticks(process.pid), url, str(log)))
             stack.save()
-            started.append((name, process, log))
-        for name, process, log in started:
-            probe, what, _ = readiness[name]
-            ready = (lambda: _jobs_answer(dashboard)) if name == "ray" else (lambda p=probe: answers(p))
+            started.append((name, what, ready, process, log))
+        for name, what, ready, process, log in started:
             wait_until(ready, what, process, log, args.start_timeout)
             if name == "s3":
                 _create_bucket(s3_url, args.bucket, stack.env)

@@ -28,23 +28,6 @@ for _name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "P
     os.environ.pop(_name, None)
 
 
-# `make test` runs the suite on 2 pytest-xdist workers, a test file to a worker (--dist
-# loadfile), each worker with its own Ray instance (tests/e2e/conftest.py). The end-to-end
-# files are the long ones: they are handed out first, longest first, and the unit tests fill
-# the gaps, so the two workers end together.
-LONGEST_FIRST = ("test_cluster_job.py", "test_train.py", "test_more_objectives.py", "test_pipeline.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> tuple[int, int]:
-        path = item.path
-        if path.parent.name != "e2e":
-            return (1, 0)
-        return (0, LONGEST_FIRST.index(path.name) if path.name in LONGEST_FIRST else len(LONGEST_FIRST))
-
-    items.sort(key=rank)  # stable: the order within a file (and of the unit tests) is kept
-
-
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` still runs (a zombie counts as gone: it runs no code)."""
     try:
