@@ -9,7 +9,10 @@ hosts need not be the driver's.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import platform
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -69,3 +72,28 @@ def device_precision_problem(precision: str, device: Any) -> str:
     if device.type == "cpu":
         return cpu_bf16_problem()
     return ""
+
+
+EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
+
+
+def extension_cache_dir(prefix: str = sys.prefix) -> str:
+    """torch's JIT extension cache for one Python environment (a venv, a conda env).
+
+    torch's default, ~/.cache/torch_extensions/py311_cpu, is shared by every environment of a
+    user: two checkouts with their own venvs (or a venv and the cluster image's Python) each
+    rebuild DeepSpeed's CPU op the other built, 30-80 s per turn, because each builds with its
+    own `ninja`. Keyed by the environment's real path, every environment keeps its own build.
+    """
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    digest = hashlib.sha1(os.path.realpath(prefix).encode()).hexdigest()[:10]
+    return os.path.join(cache, "torch_extensions", f"py{sys.version_info[0]}{sys.version_info[1]}-{digest}")
+
+
+def use_environment_extension_cache() -> str:
+    """$TORCH_EXTENSIONS_DIR where the user set it, else this environment's own cache (set here).
+
+    Called before DeepSpeed loads an op: by `pretrain.prebuild` and by every engine build, so
+    the install step and the runs of one environment share one build.
+    """
+    return os.environ.setdefault(EXTENSIONS_ENV, extension_cache_dir())

@@ -22,6 +22,10 @@ RUN_RECORD = "pretrain_run.json"
 # 0.5 s took 3-4 s off every run's end on 2 cores (docs/benchmarks.md). An exported value wins.
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_INTERVAL_S = "0.5"
+# Ray Train's PreemptionWatcher actor polls the nodes for cloud preemption notices (spot
+# instances). A local instance is this one machine: nothing to watch, and the actor is one more
+# interpreter starting beside the workers' set-up. Kept on clusters. An exported value wins.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 @dataclass
@@ -98,6 +102,7 @@ def connect_ray(cfg: PretrainConfig) -> str:
     eval_cpus = cfg.eval.num_cpus if cfg.eval.enabled and cfg.eval.every_steps else 0.0
     need_cpus = int(t.num_workers * t.cpus_per_worker + eval_cpus + 0.999)
     start_local_ray(need_cpus)
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     return "started a local Ray instance"
 
 
@@ -132,6 +137,10 @@ def start_local_ray(num_cpus: int = 0, runtime_env: dict[str, Any] | None = None
         configure_logging=True,
         logging_level=logging.WARNING,
         runtime_env=runtime_env,
+        # Ray prestarts one idle interpreter per CPU, for tasks without a runtime environment;
+        # every actor here has one (Ray Train's and ours), so they were never used and only took
+        # CPU from the start-up (docs/benchmarks.md).
+        _system_config={"enable_worker_prestart": False},
     )
 
 

@@ -3,11 +3,12 @@
     python -m pretrain.prebuild        # `make install` runs it
 
 On the CPU accelerator DeepSpeed compiles its shared-memory communication op the first
-time a process group starts (30-80 s on 2 cores), into torch's extension cache
-(~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR), and compiles it again whenever
-another `ninja` comes first on PATH. This builds it once, with this interpreter's bin
-directory first on PATH, as `pretrain.launch` gives its local Ray workers; a run then
-only loads it. On CUDA nothing is built here (NCCL needs no op).
+time a process group starts (30-80 s on 2 cores), and compiles it again whenever another
+`ninja` built what is in the cache. This builds it once, with this interpreter's bin
+directory first on PATH (as `pretrain.launch` gives its local Ray workers), into this
+environment's own extension cache ($TORCH_EXTENSIONS_DIR, else
+~/.cache/torch_extensions/py311-<hash of the environment's path>, which every engine build
+uses too); a run then only loads it. On CUDA nothing is built here (NCCL needs no op).
 Exit codes: 0 built, already built or nothing to build; 1 the build failed.
 """
 
@@ -17,6 +18,7 @@ import os
 import sys
 import time
 
+from pretrain.hardware import use_environment_extension_cache
 from pretrain.launch import interpreter_first_on_path
 
 # DeepSpeed's name of the op builder its CPU accelerator uses for collectives.
@@ -25,6 +27,7 @@ SHM_BUILDER = "ShareMemCommBuilder"
 
 def main() -> int:
     os.environ["PATH"] = interpreter_first_on_path(os.environ.get("PATH", ""), sys.executable)
+    use_environment_extension_cache()
     import torch
 
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":

@@ -1,4 +1,5 @@
-"""The environment local Ray workers inherit: one ninja for every run of one interpreter."""
+"""The environment local Ray workers inherit: one ninja and one extension cache for every run of
+one Python environment."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from pretrain.hardware import EXTENSIONS_ENV, extension_cache_dir, use_environment_extension_cache
 from pretrain.launch import interpreter_first_on_path
 
 
@@ -38,6 +42,27 @@ def test_activated_or_not_the_same_ninja_is_found() -> None:
         assert version.stdout.strip()
 
 
+def test_each_environment_has_its_own_extension_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two venvs (two checkouts) no longer rebuild each other's DeepSpeed op in a shared cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    one, two = tmp_path / "a" / ".venv", tmp_path / "b" / ".venv"
+    one.mkdir(parents=True)
+    two.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(one)
+    first, second = extension_cache_dir(str(one)), extension_cache_dir(str(two))
+    assert first != second
+    assert extension_cache_dir(str(tmp_path / "link")) == first  # the real path: a symlinked venv is the same one
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}-"
+    assert Path(first).parent == tmp_path / "cache" / "torch_extensions" and Path(first).name.startswith(tag)
+    # Used unless the user chose a directory. (setenv first: monkeypatch then restores the
+    # variable's state from before the test, even where it was unset.)
+    monkeypatch.setenv(EXTENSIONS_ENV, "")
+    monkeypatch.delenv(EXTENSIONS_ENV)
+    assert use_environment_extension_cache() == extension_cache_dir() == os.environ[EXTENSIONS_ENV]
+    monkeypatch.setenv(EXTENSIONS_ENV, str(tmp_path / "mine"))
+    assert use_environment_extension_cache() == str(tmp_path / "mine")
+
+
 def test_prebuild_leaves_the_op_a_run_loads_and_a_second_call_only_loads_it() -> None:
     """`python -m pretrain.prebuild` (run by `make install`): the CPU communication op is built
     with this interpreter's ninja, so that a run's first process group only loads it."""
@@ -62,6 +87,7 @@ def test_prebuild_leaves_the_op_a_run_loads_and_a_second_call_only_loads_it() ->
     assert first.startswith("prebuild: deepspeed.ops.comm.deepspeed_shm_comm_op ready in ")
     library = Path(first.rsplit("(", 1)[1].rstrip(")"))
     assert library.is_file() and library.suffix == ".so"
+    assert library.is_relative_to(os.environ.get(EXTENSIONS_ENV) or extension_cache_dir())
     built = library.stat().st_mtime_ns
     # Called again, from an activated venv's PATH this time: loaded, not compiled again.
     second = subprocess.run(
