@@ -220,6 +220,9 @@ def load_config(overrides: list[str], config_name: str = "config") -> DictConfig
     overrides = [quote_urls(o) for o in overrides]
     try:
         cfg = _compose(list(overrides), config_name)
+        if config_name == "config" and _auto_preset_misfits(cfg, overrides):
+            # No preset asked for, and the default CPU preset does not fit: the paper recipe.
+            cfg = _compose([*overrides, "preset=none"], config_name)
         # Resolves interpolations and checks every value against its dataclass type.
         OmegaConf.to_object(cfg)
     except ConfigError:
@@ -231,6 +234,16 @@ def load_config(overrides: list[str], config_name: str = "config") -> DictConfig
     if problems:
         raise ConfigError(*problems[0], more=tuple(problems[1:]))
     return cfg
+
+
+def _auto_preset_misfits(cfg: DictConfig, overrides: list[str]) -> bool:
+    """Whether the default `<objective>_cpu` preset was applied where it was not meant to go."""
+    from pretrain.config import ModelConfig, cpu_preset_misfit
+
+    if any(_override_key(o) == "preset" for o in overrides):
+        return False  # asked for by name: kept, and refused by the config check if it does not fit
+    model = ModelConfig(name=str(cfg.model.name), img_size=int(cfg.model.img_size))
+    return bool(cpu_preset_misfit(str(cfg.preset_name), model, bool(cfg.trainer.use_gpu)))
 
 
 def schema_for(objective_name: str) -> PretrainConfig:

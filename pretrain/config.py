@@ -6,6 +6,7 @@ first mistake in well under a second, before torch, Ray or MLflow are imported.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +204,12 @@ class PretrainConfig:
     # Continue a run: its name (under trainer.storage_path) or its directory/URL.
     resume: str = ""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    # The preset this config was composed with (each preset YAML sets it; "none" = the paper
+    # recipe). Without `preset=` on the command line, a <objective>_cpu preset applies only to
+    # the CPU-sized model without GPUs (pretrain.compose); `force_preset=true` lets an explicit
+    # CPU preset run on GPUs or a larger model.
+    preset_name: str = "none"
+    force_preset: bool = False
     # Settings of earlier stages, by objective: stages.<objective>.<key>=<value> (e.g.
     # stages.mae.trainer.max_steps=50, stages.vqkd.model=vit_tiny); the rest of the command
     # line applies to every stage, except objective.*, optim.*, name and tracking.registered_model.
@@ -210,6 +217,106 @@ class PretrainConfig:
 
 
 Check = tuple[bool, str, str]  # (holds, key, message if it does not)
+
+# The CPU presets are sized for the demo model (vit_nano: 32 px inputs); a model with larger
+# inputs, or GPUs, gets the paper recipe unless a CPU preset is asked for and forced.
+CPU_PRESET_MAX_IMG_SIZE = 64
+
+
+def cpu_preset_misfit(preset: str, model: ModelConfig, use_gpu: bool) -> str:
+    """Why a CPU preset does not fit this model and hardware ("" where it fits or is no CPU preset)."""
+    if not preset.endswith("_cpu"):
+        return ""
+    if use_gpu:
+        return "trainer.use_gpu=true"
+    if model.img_size > CPU_PRESET_MAX_IMG_SIZE:
+        return f"model {model.name or model.arch} at {model.img_size} px (the CPU presets are sized for <= {CPU_PRESET_MAX_IMG_SIZE} px)"
+    return ""
+
+
+# `ray job submit` (and KubeRay's RayJob, which submits through the same job server) start
+# the entrypoint with this variable set: the driver runs in the job's temporary directory.
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def in_ray_job(environ: Any = None) -> bool:
+    """Whether this process is a submitted Ray job's entrypoint."""
+    return RAY_JOB_ENV in (os.environ if environ is None else environ)
+
+
+def node_local_storage_problems(cfg: Any, where: str) -> list[tuple[str, str]]:
+    """Checkpoints and the tracking store on one node's disk, where they must outlive the job or node.
+
+    where: "inside a Ray job" or "on a Ray cluster of N nodes". Both fixes can come from the
+    environment (PRETRAIN_STORAGE_PATH, MLFLOW_TRACKING_URI: `scripts/stack.sh env` and the
+    cluster YAMLs export them).
+    """
+    found = []
+    path = cfg.trainer.storage_path
+    if url_scheme(path) == "file":
+        shown = path or "./runs (the default)"
+        found.append(
+            (
+                "trainer.storage_path",
+                f"{shown} is on one node's disk {where}: checkpoints would be lost with the job's working "
+                "directory or node and resume= could not find them; set trainer.storage_path=s3://<bucket>/runs "
+                "(or PRETRAIN_STORAGE_PATH)",
+            )
+        )
+    uri = cfg.tracking.uri
+    if cfg.tracking.enabled and (not uri or url_scheme(uri) in ("file", "sqlite")):
+        shown = uri or "a sqlite store beside the runs (the default)"
+        found.append(
+            (
+                "tracking.uri",
+                f"{shown} is on one node's disk {where}; set tracking.uri=http://<mlflow server> "
+                "(or MLFLOW_TRACKING_URI, or tracking=server)",
+            )
+        )
+    return found
+
+
+def missing_eval_data(cfg: Any) -> str:
+    """Why the end-of-run evaluation is skipped: the user's training data without labelled eval data.
+
+    The embedded demo shapes are the evaluation data only for the embedded training data; on a
+    user's images they would score an unrelated task and could move the alias `best`.
+    """
+    if not cfg.eval.enabled or not cfg.data.urls or cfg.eval.fit_urls or cfg.eval.test_urls or cfg.data.eval_urls:
+        return ""
+    return (
+        "evaluation skipped: data.urls is your data and no labelled evaluation data is given "
+        "(eval.test_urls, eval.fit_urls or data.eval_urls: .cls shards); the alias best stays where it is"
+    )
+
+
+def recipe_line(cfg: Any) -> str:
+    """Which recipe a run trains with, for its first log line."""
+    name = cfg.objective.name
+    where = f"pretrain/conf/objective/{name}.yaml, optim/{name}.yaml"
+    if cfg.preset_name == "none":
+        return f"recipe: {name} on {cfg.model.name or cfg.model.arch}, the paper recipe ({where})"
+    forced = (
+        ", forced" if cfg.force_preset and cpu_preset_misfit(cfg.preset_name, cfg.model, cfg.trainer.use_gpu) else ""
+    )
+    return (
+        f"recipe: {name} on {cfg.model.name or cfg.model.arch} with the CPU preset {cfg.preset_name}{forced} "
+        f"(pretrain/conf/preset/{cfg.preset_name}.yaml over {where}); preset=none trains the paper recipe"
+    )
+
+
+def preset_problems(cfg: Any) -> list[tuple[str, str]]:
+    """A CPU preset (small decoder, CPU learning rate) on GPUs or a large model, unless forced."""
+    misfit = cpu_preset_misfit(cfg.preset_name, cfg.model, cfg.trainer.use_gpu)
+    if not misfit or cfg.force_preset:
+        return []
+    return [
+        (
+            "preset",
+            f"{cfg.preset_name} is a CPU preset (pretrain/conf/preset/{cfg.preset_name}.yaml: smaller sizes, "
+            f"the CPU learning rate), not meant for {misfit}; use preset=none (the paper recipe) or force_preset=true",
+        )
+    ]
 
 
 def failed(checks: list[Check]) -> list[tuple[str, str]]:
@@ -337,6 +444,9 @@ def find_problems(cfg: Any) -> list[tuple[str, str]]:
     found += data_problems(cfg.data)
     found += engine_problems(cfg.deepspeed, cfg.optim, cfg.trainer.use_gpu)
     found += eval_problems(cfg.eval)
+    found += preset_problems(cfg)
+    if in_ray_job():
+        found += node_local_storage_problems(cfg, "inside a Ray job")
     if cfg.eval.every_steps and not cfg.eval.enabled:
         found.append(("eval.every_steps", "needs eval.enabled=true"))
     problems = getattr(cfg.objective, "problems", None)

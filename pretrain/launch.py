@@ -8,11 +8,18 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pretrain.config import PretrainConfig, url_scheme
+from pretrain.config import (
+    PretrainConfig,
+    in_ray_job,
+    missing_eval_data,
+    node_local_storage_problems,
+    recipe_line,
+    url_scheme,
+)
 
 log = logging.getLogger("pretrain")
 
@@ -104,6 +111,23 @@ def connect_ray(cfg: PretrainConfig) -> str:
     start_local_ray(need_cpus)
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     return "started a local Ray instance"
+
+
+def cluster_storage_problems(cfg: PretrainConfig) -> list[tuple[str, str]]:
+    """Node-local checkpoints or tracking store on the Ray cluster this driver attached to.
+
+    More than one node: refused (a restarted worker or a later resume lands on another node).
+    One node, outside a job: a warning (it works until the cluster grows). Inside a job the
+    config check has refused them already.
+    """
+    import ray
+
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes > 1:
+        return node_local_storage_problems(cfg, f"on a Ray cluster of {nodes} nodes")
+    for key, message in node_local_storage_problems(cfg, "on this one-node Ray cluster"):
+        log.warning("%s: %s (works while the cluster has one node)", key, message.split("; set ", 1)[0])
+    return []
 
 
 def interpreter_first_on_path(path: str, executable: str) -> str:
@@ -199,11 +223,26 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None, 
     from pretrain.trainer.worker import RunInfo
 
     started = time.perf_counter()
-    # Ray starts (seconds, mostly waiting for its processes) while MLflow opens the run beside it.
-    with ThreadPoolExecutor(1, thread_name_prefix="open-tracking") as pool:
-        opening = pool.submit(open_tracking, cfg, place, record, parent_run_id)
+    log.info("%s", recipe_line(cfg))
+    skipped = missing_eval_data(cfg)
+    if skipped:
+        log.warning("%s", skipped)
+        cfg = replace(cfg, eval=replace(cfg.eval, enabled=False))
+    if os.environ.get("RAY_ADDRESS") or in_ray_job():
+        # Attaching to a cluster: its size decides whether node-local storage is refused, before
+        # anything is written.
         how = connect_ray(cfg)
-        uri, run_id = opening.result()
+        problems = cluster_storage_problems(cfg)
+        if problems:
+            print("\n".join(f"error: {key}: {message}" for key, message in problems), file=sys.stderr)
+            return 2
+        uri, run_id = open_tracking(cfg, place, record, parent_run_id)
+    else:
+        # Ray starts (seconds, mostly waiting for its processes) while MLflow opens the run beside it.
+        with ThreadPoolExecutor(1, thread_name_prefix="open-tracking") as pool:
+            opening = pool.submit(open_tracking, cfg, place, record, parent_run_id)
+            how = connect_ray(cfg)
+            uri, run_id = opening.result()
     write_run_record(
         place,
         {"name": place.name, "mlflow_run_id": run_id, "tracking_uri": uri, "config": tracking.redact(asdict(cfg))},

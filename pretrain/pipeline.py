@@ -166,8 +166,7 @@ def compose_stage(objective: str, overrides: list[str], stages: dict[str, Any]) 
         own_key = any(_key(o) == err.key or _key(o).startswith(f"{err.key}.") for o in own)
         key = f"stages.{objective}.{err.key}" if own_key else f"{err.key} (stage {objective})"
         raise ConfigError(key, str(err).split(": ", 1)[1]) from None
-    preset = next((o.split("=", 1)[1] for o in [*shared, *own] if _key(o) == "preset"), f"{objective}_cpu")
-    return Stage(objective, cfg, own, preset)
+    return Stage(objective, cfg, own, str(cfg.preset_name))
 
 
 def provenance(stage: Stage, key: str) -> str:
@@ -230,8 +229,7 @@ class Planner:
             except ConfigError as err:
                 raise ConfigError(f"stages.{name}.{err.key}", str(err).split(": ", 1)[1]) from None
         settings = [*self.overrides, *own]
-        preset = next((o.split("=", 1)[1] for o in reversed(settings) if _key(o) == "preset"), f"{name}_cpu")
-        final = Stage(name, cfg, settings, preset, final=True)
+        final = Stage(name, cfg, settings, str(cfg.preset_name), final=True)
         self._resolve_inputs(final, visiting=(final.objective,))
         self.order.append(final)
         from pretrain.config import objective_outputs

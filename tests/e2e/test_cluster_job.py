@@ -138,8 +138,9 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
             "stages.vqkd.objective.decoder_embed_dim=16",
             "stages.vqkd.objective.decoder_num_heads=2",
             # The teacher and the tokenizer are what the next stages need; their evaluations are not
-            # (the last stage's evaluation and its `best` rule are checked below).
-            "stages.mae.eval.enabled=false",
+            # (the last stage's evaluation and its `best` rule are checked below). The MAE stage has
+            # the user's data and no evaluation URLs: it skips its evaluation on its own.
+            "stages.mae.eval.test_urls=",
             "stages.vqkd.eval.enabled=false",
             "stages.beitv2.deepspeed.zero_stage=3",
             f"stages.beitv2.trainer.storage_path=s3://{BUCKET}/ckpt",
@@ -152,6 +153,9 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
         assert job_status(env, mim_id) == "SUCCEEDED"
         # The plan, each stage's summary and the chain's in the job log (worker logs streamed to the client).
         assert "== pretrain plan: beitv2, 3 stage(s) ==" in mim.stdout
+        # Each stage's first lines name its recipe (32 px on CPUs: the CPU presets).
+        for name in ("mae", "vqkd", "beitv2"):
+            assert f"recipe: {name} on vit_nano with the CPU preset {name}_cpu (" in mim.stdout, name
         assert mim.stdout.count("== pretrain summary ==") == 3 and mim.stdout.count("step 3/3") >= 3
         chain_summary = mim.stdout.split("== pipeline summary: beitv2 ==")[1].splitlines()
         assert chain_summary[1].startswith("1. mae          trained  encoder models:/mae-vit_nano/1")
@@ -199,6 +203,10 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
         # ... and the registered models with their lineage: teacher -> tokenizer -> encoder, each pinned.
         (teacher,) = client.search_model_versions("name='mae-vit_nano'")
         assert teacher.run_id == runs["mae"].info.run_id
+        # User data without evaluation data: said once, not evaluated on the demo shapes, `best` untouched.
+        assert mim.stdout.count("evaluation skipped: data.urls is your data and no labelled evaluation data") == 1
+        assert not any(key.startswith("eval.") for key in teacher.tags)
+        assert client.get_registered_model("mae-vit_nano").aliases == {}
         (tokenizer,) = client.search_model_versions("name='vqkd-mae-vit_nano'")
         assert tokenizer.run_id == tok_run and tokenizer.tags["pretrain.teacher"] == "models:/mae-vit_nano/1"
         (encoder,) = client.search_model_versions("name='beitv2-vit_nano'")

@@ -140,3 +140,87 @@ def test_storage_path_and_tracking_uri_default_to_the_environment(monkeypatch: p
     monkeypatch.setenv("PRETRAIN_STORAGE_PATH", "ftp://host/runs")
     done = run_cli()
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "trainer.storage_path" in done.stderr, done.stderr
+
+
+def test_the_cpu_preset_applies_only_to_the_cpu_model_without_gpus() -> None:
+    """`trainer=gpu model=vit_base` used to keep mae_cpu: a 2x128 decoder and the CPU learning rate."""
+    cpu = load_config([])
+    assert cpu.preset_name == "mae_cpu" and cpu.objective.decoder_depth == 2 and cpu.optim.base_lr == 1.0e-3
+    for overrides in (["trainer=gpu"], ["model=vit_base"], ["trainer.use_gpu=true"], ["model=vit_tiny"]):
+        cfg = load_config(overrides)
+        # The paper recipe (He et al. 2022: 8 blocks x 512, base lr 1.5e-4), as with preset=none.
+        assert cfg.preset_name == "none", overrides
+        assert (cfg.objective.decoder_depth, cfg.objective.decoder_embed_dim, cfg.optim.base_lr) == (8, 512, 1.5e-4)
+    # Small inputs on the CPU keep the preset (e.g. stages.mae.model.img_size=64 in a pipeline).
+    assert load_config(["model.img_size=64"]).preset_name == "mae_cpu"
+    # Another objective: its own preset, and the same rule.
+    assert load_config(["objective=simclr"]).preset_name == "simclr_cpu"
+    assert load_config(["objective=simclr", "trainer=gpu"]).preset_name == "none"
+
+
+def test_an_explicit_cpu_preset_on_gpus_or_a_large_model_is_refused_unless_forced() -> None:
+    proc = run_cli("trainer=gpu", "model=vit_base", "preset=mae_cpu", "trainer.max_steps=-1")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0] == "error: trainer.max_steps: must be >= 1, got -1"  # every problem, each on its line
+    assert lines[1].startswith("error: preset: mae_cpu is a CPU preset (pretrain/conf/preset/mae_cpu.yaml")
+    assert "not meant for trainer.use_gpu=true; use preset=none (the paper recipe) or force_preset=true" in lines[1]
+    proc = run_cli("model=vit_base", "preset=mae_cpu")
+    assert proc.returncode == 2
+    assert "not meant for model vit_base at 224 px (the CPU presets are sized for <= 64 px)" in proc.stderr
+    forced = load_config(["trainer=gpu", "preset=mae_cpu", "force_preset=true"])
+    assert forced.preset_name == "mae_cpu" and forced.objective.decoder_depth == 2
+
+
+def test_the_first_line_names_the_recipe() -> None:
+    from omegaconf import OmegaConf
+
+    from pretrain.config import recipe_line
+
+    line = recipe_line(OmegaConf.to_object(load_config([])))
+    assert line == (
+        "recipe: mae on vit_nano with the CPU preset mae_cpu (pretrain/conf/preset/mae_cpu.yaml over "
+        "pretrain/conf/objective/mae.yaml, optim/mae.yaml); preset=none trains the paper recipe"
+    )
+    paper = recipe_line(OmegaConf.to_object(load_config(["model=vit_base", "trainer=gpu"])))
+    assert paper == "recipe: mae on vit_base, the paper recipe (pretrain/conf/objective/mae.yaml, optim/mae.yaml)"
+    forced = OmegaConf.to_object(load_config(["trainer=gpu", "preset=mae_cpu", "force_preset=true"]))
+    assert "with the CPU preset mae_cpu, forced (" in recipe_line(forced)
+
+
+def test_inside_a_ray_job_node_local_storage_is_refused_with_the_fix() -> None:
+    """`ray job submit` runs the driver in the job's temporary directory: ./runs and the sqlite
+    store there would vanish with it, and resume= could not find the checkpoints."""
+    import os
+
+    from pretrain.config import RAY_JOB_ENV
+
+    def in_job(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        clean = {k: v for k, v in os.environ.items() if k not in ("PRETRAIN_STORAGE_PATH", "MLFLOW_TRACKING_URI")}
+        return subprocess.run(
+            [sys.executable, "-c", PROBE, "--cfg", "job", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**clean, RAY_JOB_ENV: "{}", **env},
+        )
+
+    proc = in_job()
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: trainer.storage_path: ./runs (the default) is on one node's disk inside a Ray job: checkpoints "
+        "would be lost with the job's working directory or node and resume= could not find them; set "
+        "trainer.storage_path=s3://<bucket>/runs (or PRETRAIN_STORAGE_PATH)",
+        "error: tracking.uri: a sqlite store beside the runs (the default) is on one node's disk inside a Ray job; "
+        "set tracking.uri=http://<mlflow server> (or MLFLOW_TRACKING_URI, or tracking=server)",
+    ]
+    assert (
+        "tracking.uri: sqlite:////tmp/m.db is on one node's disk"
+        in in_job("trainer.storage_path=s3://b/runs", "tracking.uri=sqlite:////tmp/m.db").stderr
+    )
+    # The environment the stack and the cluster YAMLs export is enough; so is tracking off.
+    fixed = in_job(PRETRAIN_STORAGE_PATH="s3://b/runs", MLFLOW_TRACKING_URI="http://127.0.0.1:5000")
+    assert fixed.returncode == 0, fixed.stderr
+    assert in_job("trainer.storage_path=s3://b/runs", "tracking.enabled=false").returncode == 0
+    # Outside a job the local defaults stay the default.
+    assert run_cli("--cfg", "job").returncode == 0
