@@ -22,7 +22,9 @@ from __future__ import annotations
 import io
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,16 +60,57 @@ def _bad(message: str) -> SourceError:
 
 @dataclass
 class Source:
-    """An opened source: what it is, and a fresh iterator over its samples per call."""
+    """An opened source: what it is, and a fresh iterator over its samples per call.
+
+    Sources of separate files (a folder, a file list) and sklearn's digits also read sample i
+    on its own (`read`): those can be written in any order and read by several threads.
+    """
 
     description: str
     iterate: Callable[[], Iterator[dict[str, Any]]]
     class_names: list[str] = field(default_factory=list)  # label i = class_names[i]; empty if unlabelled
     shard_urls: list[str] = field(default_factory=list)  # the shards read, when re-sharding
     count: int | None = None  # how many samples, where known before reading (progress)
+    read: Callable[[int], dict[str, Any]] | None = None  # sample i of count (random access), if possible
+    # Shuffled unless asked otherwise: folders and file lists, which list images class by class
+    # (or in whatever order they were collected).
+    shuffle_default: bool = False
 
-    def samples(self) -> Iterator[dict[str, Any]]:
-        return self.iterate()
+    def samples(self, order: Sequence[int] | None = None, workers: int = 1) -> Iterator[dict[str, Any]]:
+        """All samples, in `order` (indices; needs `read`) or the source's own, read by `workers` threads."""
+        if self.read is None:
+            if order is not None:
+                raise SourceError(f"{self.description} is read as a stream: it cannot be written in another order")
+            return self.iterate()
+        indices = range(self.count or 0) if order is None else order
+        return ordered_map(self.read, indices, workers)
+
+
+def shuffled_order(count: int, seed: int) -> list[int]:
+    """A seeded permutation of range(count): the same seed writes the same shards."""
+    return [int(i) for i in np.random.default_rng(seed).permutation(count)]
+
+
+def ordered_map(fn: Callable[[int], dict[str, Any]], indices: Iterable[int], workers: int) -> Iterator[dict[str, Any]]:
+    """fn over indices, in their order, on `workers` threads with at most 4 x workers reads ahead.
+
+    Threads suit the work: reading files and object-store GETs wait on I/O, not the interpreter.
+    """
+    if workers <= 1:
+        yield from (fn(i) for i in indices)
+        return
+    pending: deque[Future[dict[str, Any]]] = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="read") as pool:
+        try:
+            for i in indices:
+                pending.append(pool.submit(fn, i))
+                if len(pending) >= 4 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:  # stopped early (an error, --limit): no reads left running
+                future.cancel()
 
 
 def image_ext(path: str) -> str:
@@ -101,12 +144,16 @@ def _digits() -> Source:
 
     digits = load_digits()
 
-    def iterate() -> Iterator[dict[str, Any]]:
-        for index, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
-            yield {"__key__": f"digits-{index:05d}", "png": _png(digits_image(pixels)), "cls": int(label)}
+    def read(index: int) -> dict[str, Any]:
+        return {
+            "__key__": f"digits-{index:05d}",
+            "png": _png(digits_image(digits.images[index])),
+            "cls": int(digits.target[index]),
+        }
 
+    count = len(digits.target)
     names = [str(d) for d in range(10)]
-    return Source(f"sklearn digits ({len(digits.target)} images)", iterate, names, count=len(digits.target))
+    return Source(f"sklearn digits ({count} images)", lambda: map(read, range(count)), names, count=count, read=read)
 
 
 def _synthetic(spec: str, arg: str) -> Source:
@@ -143,15 +190,23 @@ def _folder(root: Path) -> Source:
     if not files:
         raise _bad(f"image folder {str(root)!r} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
 
-    def iterate() -> Iterator[dict[str, Any]]:
-        for index, (path, label) in enumerate(files):
-            sample: dict[str, Any] = {"__key__": f"img-{index:08d}", image_ext(path.name): path.read_bytes()}
-            if label is not None:
-                sample["cls"] = label
-            yield sample
+    def read(index: int) -> dict[str, Any]:
+        # The key is the image's place in the sorted listing: the same file, the same key, in any order.
+        path, label = files[index]
+        sample: dict[str, Any] = {"__key__": f"img-{index:08d}", image_ext(path.name): path.read_bytes()}
+        if label is not None:
+            sample["cls"] = label
+        return sample
 
     kind = f"{len(names)} classes" if names else "no labels"
-    return Source(f"image folder {root} ({len(files)} images, {kind})", iterate, names, count=len(files))
+    return Source(
+        f"image folder {root} ({len(files)} images, {kind})",
+        lambda: map(read, range(len(files))),
+        names,
+        count=len(files),
+        read=read,
+        shuffle_default=True,
+    )
 
 
 def _file_list(spec: str, storage_options: dict[str, Any]) -> Source:
@@ -172,15 +227,21 @@ def _file_list(spec: str, storage_options: dict[str, Any]) -> Source:
         raise _bad(f"file list {list_url!r} names no images")
     exts = [image_ext(url) for url in urls]  # checked now, not halfway through the write
 
-    def iterate() -> Iterator[dict[str, Any]]:
-        for index, (url, ext) in enumerate(zip(urls, exts, strict=True)):
-            try:
-                data = _read(url, storage_options)
-            except FileNotFoundError:
-                raise FileNotFoundError(f"image #{index + 1} of {list_url!r}, {url!r}, does not exist") from None
-            yield {"__key__": f"img-{index:08d}", ext: data}
+    def read(index: int) -> dict[str, Any]:
+        url = urls[index]
+        try:
+            data = _read(url, storage_options)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image #{index + 1} of {list_url!r}, {url!r}, does not exist") from None
+        return {"__key__": f"img-{index:08d}", exts[index]: data}
 
-    return Source(f"file list {list_url} ({len(urls)} images, no labels)", iterate, count=len(urls))
+    return Source(
+        f"file list {list_url} ({len(urls)} images, no labels)",
+        lambda: map(read, range(len(urls))),
+        count=len(urls),
+        read=read,
+        shuffle_default=True,
+    )
 
 
 def _shards(spec: str, storage_options: dict[str, Any]) -> Source:

@@ -1,13 +1,21 @@
 """The shard writer CLI: any image source -> WebDataset shards + manifest on any fsspec URL.
 
     python -m data.write SOURCE OUT_URL [--shard-size 512] [--shard-bytes B] [--prefix train] [--limit N]
-                         [--storage-options JSON]
+                         [--no-shuffle] [--seed 0] [--workers 8] [--storage-options JSON]
 
     python -m data.write sklearn:digits /data/digits --shard-size 256
     python -m data.write ~/images/train s3://pretrain/imgs --prefix train   # class sub-folders -> .cls
     python -m data.write @files.txt file:///data/unlabelled
     python -m data.write synthetic:4096 s3://pretrain/demo
     python -m data.write s3://pretrain/demo/train.manifest.json /data/resharded --shard-size 64
+
+Folders and file lists are written in a seeded random order (`--seed`; `--no-shuffle` keeps
+the listing's order): a folder lists its images class by class, and the loader's shuffle
+buffer (512 samples) alone would give batches of one or two classes. `--shuffle` asks for
+the same with sklearn's digits; shard sources are streamed in their order. Images are read
+by `--workers` threads (files and object-store GETs wait on I/O); the samples' keys are
+their place in the source's listing, whatever the order written. Progress: a bar with
+images/s on a terminal, a line every 10 s otherwise.
 
 SOURCE kinds are listed in `data.sources`. OUT_URL gets `{prefix}-NNNNNN.tar` shards and
 `{prefix}.manifest.json` (`data.shards.write_shards`); give the manifest URL to `data.urls`.
@@ -30,7 +38,7 @@ from typing import Any
 
 from data.progress import Progress
 from data.shards import ShardReadError, write_shards
-from data.sources import SOURCE_KINDS, SourceError, open_source
+from data.sources import SOURCE_KINDS, SourceError, open_source, shuffled_order
 
 logger = logging.getLogger("data.write")
 
@@ -50,7 +58,17 @@ def _parser() -> argparse.ArgumentParser:
         help="also cut a shard before it would exceed B bytes (a larger single sample gets its own shard)",
     )
     parser.add_argument("--prefix", default="train", help="shard/manifest name prefix (default train)")
-    parser.add_argument("--limit", type=int, default=None, help="write only the first N samples")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="write only the first N samples (of the shuffled order, if shuffled)"
+    )
+    parser.add_argument(
+        "--shuffle",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write in a seeded random order (default: on for folders and file lists, off otherwise)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled order (default 0)")
+    parser.add_argument("--workers", type=int, default=8, help="threads reading the source's images (default 8)")
     parser.add_argument(
         "--storage-options",
         default="{}",
@@ -83,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"--shard-bytes must be >= 10240 (one tar record), got {args.shard_bytes}", 2)
     if args.limit is not None and args.limit < 1:
         return _error(f"--limit must be >= 1, got {args.limit}", 2)
+    if args.workers < 1:
+        return _error(f"--workers must be >= 1, got {args.workers}", 2)
     try:
         storage_options: Any = json.loads(args.storage_options)
     except json.JSONDecodeError as e:
@@ -98,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("source: %s", source.description)
     if source.class_names:
         logger.info("class mapping (cls -> name): %s", dict(enumerate(source.class_names)))
-    samples = source.samples()
+    shuffle = source.shuffle_default if args.shuffle is None else args.shuffle
+    if shuffle and source.read is None:
+        return _error(f"--shuffle: {source.description} is read as a stream, in its own order; drop --shuffle", 2)
+    order = shuffled_order(source.count or 0, args.seed) if shuffle else None
+    logger.info("order: %s", f"shuffled (seed {args.seed})" if shuffle else "the source's own")
+    samples = source.samples(order, workers=args.workers)
     if args.limit is not None:
         samples = itertools.islice(samples, args.limit)
 

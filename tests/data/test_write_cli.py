@@ -129,7 +129,7 @@ def test_file_list_without_labels(tmp_path: Path) -> None:
     listing = tmp_path / "list.txt"
     listing.write_text(f"# images\nimgs/one.png\n\n{tmp_path / 'two.jpeg'}\n")
 
-    assert main([f"@{listing}", str(tmp_path / "out")]) == 0
+    assert main([f"@{listing}", str(tmp_path / "out"), "--no-shuffle"]) == 0
     samples = read_all(manifest_url(str(tmp_path / "out"), "train"))
     assert list(samples.values()) == [{"png": first}, {"jpeg": second}]
 
@@ -223,3 +223,90 @@ def test_bad_storage_options_are_one_line_and_not_echoed(
     assert len(err.splitlines()) == 1 and err.startswith("error: --storage-options ")
     assert "AKIAX" not in err and "s3cr3t" not in err  # what is passed there is usually a credential
     assert not (tmp_path / "out").exists()
+
+
+def class_folder(root: Path, classes: int, per_class: int) -> dict[str, tuple[int, bytes]]:
+    """An ImageNet-like folder: class sub-folders of distinct PNGs; returns key -> (label, bytes)
+    with the keys the writer gives (the place in the sorted listing)."""
+    out = {}
+    for label in range(classes):
+        for j in range(per_class):
+            data = image_bytes((label * 40, j * 20, 7), "PNG")
+            path = root / f"class{label}" / f"{j:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            out[f"img-{label * per_class + j:08d}"] = (label, data)
+    return out
+
+
+def shard_classes(manifest: str) -> list[set[int]]:
+    return [{int(s["cls"]) for s in iter_shard(url)} for url in read_manifest(manifest).shard_urls()]
+
+
+def test_a_folder_is_written_shuffled_seeded_and_every_image_once(tmp_path: Path) -> None:
+    """Class order (one class per shard here) made contrastive batches of one or two classes."""
+    from data.sources import shuffled_order
+
+    expected = class_folder(tmp_path / "images", classes=4, per_class=8)
+
+    def write(name: str, *flags: str) -> str:
+        assert main([str(tmp_path / "images"), str(tmp_path / name), "--shard-size", "8", *flags]) == 0
+        return manifest_url(str(tmp_path / name), "train")
+
+    in_order = write("ordered", "--no-shuffle")
+    assert shard_classes(in_order) == [{0}, {1}, {2}, {3}]
+    shuffled = write("shuffled")  # the default for folders, seed 0
+    samples = read_all(shuffled)
+    # Every image exactly once, its key naming the same file as without shuffling.
+    assert {k: (int(v["cls"]), v["png"]) for k, v in samples.items()} == expected
+    assert list(samples) == [f"img-{i:08d}" for i in shuffled_order(32, 0)] != sorted(samples)
+    assert sum(len(c) for c in shard_classes(shuffled)) > 4  # shards now mix classes
+    # Seeded: the same seed writes the same shards (same manifest hash); another seed another order.
+    again, other = write("again", "--seed", "0", "--workers", "1"), write("other", "--seed", "1")
+    assert read_manifest(again).manifest_hash == read_manifest(shuffled).manifest_hash
+    assert list(read_all(other)) != list(samples) and sorted(read_all(other)) == sorted(samples)
+
+
+def test_shuffled_order_is_a_permutation() -> None:
+    from data.sources import shuffled_order
+
+    for count in (0, 1, 7, 1000):
+        order = shuffled_order(count, 3)
+        assert sorted(order) == list(range(count)) and order == shuffled_order(count, 3)
+
+
+def test_parallel_reads_keep_the_order_and_raise_the_first_error() -> None:
+    import random
+    import time
+
+    from data.sources import ordered_map
+
+    def slow(i: int) -> dict:
+        time.sleep(random.random() / 200)  # out-of-order completion
+        return {"i": i}
+
+    order = [5, 3, 9, 0, 1, 8, 2, 7, 6, 4] * 3
+    assert [s["i"] for s in ordered_map(slow, order, workers=4)] == order
+
+    def broken(i: int) -> dict:
+        if i == 7:
+            raise FileNotFoundError(f"image #{i + 1} does not exist")
+        return {"i": i}
+
+    got = []
+    with pytest.raises(FileNotFoundError, match="image #8 does not exist"):
+        for sample in ordered_map(broken, range(20), workers=3):
+            got.append(sample["i"])
+    assert got == list(range(7))  # everything before the bad image, in order
+
+
+def test_shuffle_of_a_streamed_source_is_one_line_exit_2(
+    digits_dataset: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest, _ = digits_dataset
+    assert main([manifest, str(tmp_path / "out"), "--shuffle"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --shuffle: ") and err.endswith(
+        "is read as a stream, in its own order; drop --shuffle"
+    )
+    assert "\n" not in err
