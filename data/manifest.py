@@ -121,7 +121,7 @@ def read_manifest(
                 raw = json.load(f)
             break
         except FileNotFoundError:
-            raise FileNotFoundError(f"no manifest at {url!r}; write one with data.shards.write_shards") from None
+            raise FileNotFoundError(f"no manifest at {url!r}; write one with `python -m data.write`") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"manifest {url!r} is not valid JSON ({e})") from None
         except Exception as e:

@@ -224,6 +224,14 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None, 
 
     started = time.perf_counter()
     log.info("%s", recipe_line(cfg))
+    if cfg.data.urls:
+        from pretrain.resolve import data_key
+
+        try:  # the run's key reads the training data's manifest: read it before anything starts
+            data_key(cfg.data)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: data.urls: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+            return 2
     skipped = missing_eval_data(cfg)
     if skipped:
         log.warning("%s", skipped)
@@ -236,6 +244,7 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None, 
         if problems:
             print("\n".join(f"error: {key}: {message}" for key, message in problems), file=sys.stderr)
             return 2
+    if os.environ.get("RAY_ADDRESS") or in_ray_job():
         uri, run_id = open_tracking(cfg, place, record, parent_run_id)
     else:
         # Ray starts (seconds, mostly waiting for its processes) while MLflow opens the run beside it.

@@ -224,3 +224,17 @@ def test_inside_a_ray_job_node_local_storage_is_refused_with_the_fix() -> None:
     assert in_job("trainer.storage_path=s3://b/runs", "tracking.enabled=false").returncode == 0
     # Outside a job the local defaults stay the default.
     assert run_cli("--cfg", "job").returncode == 0
+
+
+def test_missing_training_manifest_is_one_line_exit_2_before_ray(tmp_path) -> None:  # noqa: ANN001
+    missing = tmp_path / "none" / "train.manifest.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.run", f"data.urls={missing}", f"trainer.storage_path={tmp_path / 'runs'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert errors == [f"error: data.urls: no manifest at '{missing}'; write one with `python -m data.write`"]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
