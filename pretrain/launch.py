@@ -244,7 +244,6 @@ def launch(cfg: PretrainConfig, place: RunPlace, record: dict[str, Any] | None, 
         if problems:
             print("\n".join(f"error: {key}: {message}" for key, message in problems), file=sys.stderr)
             return 2
-    if os.environ.get("RAY_ADDRESS") or in_ray_job():
         uri, run_id = open_tracking(cfg, place, record, parent_run_id)
     else:
         # Ray starts (seconds, mostly waiting for its processes) while MLflow opens the run beside it.
