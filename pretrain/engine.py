@@ -126,10 +126,10 @@ def build_engine(module: nn.Module, optim: OptimConfig, trainer: TrainerConfig, 
     """deepspeed.initialize on the trainable module with AdamW and the lr schedule."""
     import deepspeed
 
-    from pretrain.hardware import use_environment_extension_cache
+    from pretrain.hardware import use_environment_build_tools
     from pretrain.trainer.checkpoint import install_safe_checkpoint_engine
 
-    use_environment_extension_cache()  # before DeepSpeed loads its CPU communication op
+    use_environment_build_tools()  # ninja and extension cache, before DeepSpeed loads its CPU op
 
     if not ds.force_precision:  # this worker's own device: on a cluster it need not be the driver's host
         from deepspeed.accelerator import get_accelerator

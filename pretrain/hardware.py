@@ -90,10 +90,27 @@ def extension_cache_dir(prefix: str = sys.prefix) -> str:
     return os.path.join(cache, "torch_extensions", f"py{sys.version_info[0]}{sys.version_info[1]}-{digest}")
 
 
-def use_environment_extension_cache() -> str:
-    """$TORCH_EXTENSIONS_DIR where the user set it, else this environment's own cache (set here).
+def interpreter_first_on_path(path: str, executable: str) -> str:
+    """PATH with this interpreter's bin directory first.
 
-    Called before DeepSpeed loads an op: by `pretrain.prebuild` and by every engine build, so
-    the install step and the runs of one environment share one build.
+    DeepSpeed JIT-builds its CPU communication op with the first `ninja` on PATH and builds it
+    again whenever that changes: `make demo` (the venv not activated: /usr/bin/ninja) and an
+    activated venv (.venv/bin/ninja) rebuilt it in turn, 30-80 s each time. Local Ray workers
+    inherit this PATH (`pretrain.launch`), and every engine build sets it again
+    (`use_environment_build_tools`), so every process of one interpreter finds the same ninja.
     """
+    bin_dir = os.path.dirname(executable)
+    parts = [p for p in path.split(os.pathsep) if p]
+    return os.pathsep.join([bin_dir, *[p for p in parts if p != bin_dir]])
+
+
+def use_environment_build_tools() -> str:
+    """This environment's ninja and extension cache for DeepSpeed's JIT ops; returns the cache.
+
+    Its bin directory first on PATH, and $TORCH_EXTENSIONS_DIR where the user set it, else this
+    environment's own cache (set here). Called before DeepSpeed loads an op: by
+    `pretrain.prebuild` and by every engine build (in Ray workers, and in processes a test or a
+    notebook starts with another PATH), so the install step and every run share one build.
+    """
+    os.environ["PATH"] = interpreter_first_on_path(os.environ.get("PATH", ""), sys.executable)
     return os.environ.setdefault(EXTENSIONS_ENV, extension_cache_dir())

@@ -20,6 +20,7 @@ from pretrain.config import (
     recipe_line,
     url_scheme,
 )
+from pretrain.hardware import interpreter_first_on_path
 
 log = logging.getLogger("pretrain")
 
@@ -128,19 +129,6 @@ def cluster_storage_problems(cfg: PretrainConfig) -> list[tuple[str, str]]:
     for key, message in node_local_storage_problems(cfg, "on this one-node Ray cluster"):
         log.warning("%s: %s (works while the cluster has one node)", key, message.split("; set ", 1)[0])
     return []
-
-
-def interpreter_first_on_path(path: str, executable: str) -> str:
-    """PATH with this interpreter's bin directory first.
-
-    DeepSpeed JIT-builds its CPU communication op with the first `ninja` on PATH and builds it
-    again whenever that changes: `make demo` (the venv not activated: /usr/bin/ninja) and an
-    activated venv (.venv/bin/ninja) rebuilt it in turn, 30-80 s each time. Local Ray workers
-    inherit this PATH, so every run of one interpreter finds the same ninja.
-    """
-    bin_dir = os.path.dirname(executable)
-    parts = [p for p in path.split(os.pathsep) if p]
-    return os.pathsep.join([bin_dir, *[p for p in parts if p != bin_dir]])
 
 
 def start_local_ray(num_cpus: int = 0, runtime_env: dict[str, Any] | None = None) -> None:

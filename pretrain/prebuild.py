@@ -18,16 +18,14 @@ import os
 import sys
 import time
 
-from pretrain.hardware import use_environment_extension_cache
-from pretrain.launch import interpreter_first_on_path
+from pretrain.hardware import use_environment_build_tools
 
 # DeepSpeed's name of the op builder its CPU accelerator uses for collectives.
 SHM_BUILDER = "ShareMemCommBuilder"
 
 
 def main() -> int:
-    os.environ["PATH"] = interpreter_first_on_path(os.environ.get("PATH", ""), sys.executable)
-    use_environment_extension_cache()
+    use_environment_build_tools()
     import torch
 
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":

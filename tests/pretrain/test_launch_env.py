@@ -11,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.hardware import EXTENSIONS_ENV, extension_cache_dir, use_environment_extension_cache
-from pretrain.launch import interpreter_first_on_path
+from pretrain.hardware import (
+    EXTENSIONS_ENV,
+    extension_cache_dir,
+    interpreter_first_on_path,
+    use_environment_build_tools,
+)
 
 
 def test_the_interpreters_bin_comes_first_once() -> None:
@@ -58,9 +62,12 @@ def test_each_environment_has_its_own_extension_cache(tmp_path: Path, monkeypatc
     # variable's state from before the test, even where it was unset.)
     monkeypatch.setenv(EXTENSIONS_ENV, "")
     monkeypatch.delenv(EXTENSIONS_ENV)
-    assert use_environment_extension_cache() == extension_cache_dir() == os.environ[EXTENSIONS_ENV]
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"]))
+    assert use_environment_build_tools() == extension_cache_dir() == os.environ[EXTENSIONS_ENV]
+    # ... and this interpreter's ninja, whatever PATH the process was started with.
+    assert os.environ["PATH"].split(os.pathsep) == [str(Path(sys.executable).parent), "/usr/bin", "/bin"]
     monkeypatch.setenv(EXTENSIONS_ENV, str(tmp_path / "mine"))
-    assert use_environment_extension_cache() == str(tmp_path / "mine")
+    assert use_environment_build_tools() == str(tmp_path / "mine")
 
 
 def test_prebuild_leaves_the_op_a_run_loads_and_a_second_call_only_loads_it() -> None:
