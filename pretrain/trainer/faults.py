@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections.abc import Mapping
 
 from pretrain.trainer.hooks import TrainerHook
@@ -20,14 +21,18 @@ log = logging.getLogger("pretrain.worker")
 # "<step>:kill:<rank>" that rank SIGKILLs itself right after computing that step, before
 #                      reporting it, on the first attempt only (kill -9 of a worker mid-step);
 # "<step>:kill-in-checkpoint:<rank>"  that rank SIGKILLs itself while the checkpoint of
-#                      that step is being written (the other ranks upload their parts).
+#                      that step is being written (the other ranks upload their parts);
+# "<step>:hold:<rank>" that rank waits (up to 10 min) right after the report of that step, on
+#                      the first attempt only: the run stays mid-epoch with that step's
+#                      checkpoint complete, for a drill to stop the driver or kill a node.
 FAULT_ENV = "PRETRAIN_INJECT_FAULT_AT_STEP"
 # Steps whose loss is replaced by NaN on every rank: "4" or "4,5" or "4-" (from 4 on).
 NAN_ENV = "PRETRAIN_INJECT_NAN_AT_STEPS"
+HOLD_S = 600.0
 
 
 def parse_fault(spec: str) -> tuple[int, str, int]:
-    """FAULT_ENV -> (step, "raise" | "kill" | "kill-in-checkpoint", rank); (0, "", 0) when unset."""
+    """FAULT_ENV -> (step, "raise" | "kill" | "kill-in-checkpoint" | "hold", rank); (0, "", 0) when unset."""
     if not spec:
         return 0, "", 0
     step, _, rest = spec.partition(":")
@@ -81,6 +86,9 @@ class FaultHook(TrainerHook):
         # Not again once a resumed attempt has started past the step.
         if self.mode == "raise" and step == self.step and self.start_step < self.step:
             raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV})")
+        if self._kills_here("hold", step):
+            log.warning("rank %d: holding after step %d until stopped (%s)", self.this_rank, step, FAULT_ENV)
+            time.sleep(HOLD_S)
 
 
 class NanHook(TrainerHook):

@@ -1,7 +1,7 @@
 """The cluster path end to end: `scripts/stack.sh up` (S3 endpoint, MLflow server, Ray head with
 token auth) -> a bad-config job fails -> demo shards to s3:// -> one `ray job submit ... objective=beitv2`
 runs the chain MAE -> VQ-KD -> BEiT v2 through the MLflow registry -> the same command's plan reuses
-the first two stages -> `stack.sh down`."""
+the first two stages -> the driver stopped mid-run and a resume job -> `stack.sh down`."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ import math
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from pretrain.trainer.faults import FAULT_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -247,6 +250,31 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
 
         encoder = load_teacher(TeacherConfig(source=f"runs:/{mim_run}/encoder"), tracking_uri=mlflow_url)
         assert sum(p.numel() for p in encoder.parameters()) > 10_000
+
+        # The driver dies: `ray job stop` while rank 0 holds after step 4 (its checkpoint in S3);
+        # a new job with resume= continues from there, in the same MLflow run, each sample once.
+        drill = [o for o in TINY if not o.startswith(("trainer.max_steps=", "trainer.checkpoint_every="))]
+        drill += ["trainer.max_steps=8", "trainer.checkpoint_every=4", "eval.enabled=false", "name=dk"]
+        holding = json.dumps({"working_dir": ".", "env_vars": {FAULT_ENV: "4:hold:0", "RAY_AUTH_MODE": "token"}})
+        held_id, held = submit(
+            env, "held", ["python", "-m", "pretrain.run", *drill], "--no-wait", "--runtime-env-json", holding
+        )
+        assert held.returncode == 0, held.stderr
+        deadline = time.monotonic() + 240
+        while "holding after step 4" not in run([ray_cli, "job", "logs", held_id], env, 60).stdout:
+            assert time.monotonic() < deadline and job_status(env, held_id) == "RUNNING", job_status(env, held_id)
+            time.sleep(2)
+        stopped = run([ray_cli, "job", "stop", held_id], env, 120)
+        assert stopped.returncode == 0 and job_status(env, held_id) == "STOPPED", stopped.stderr
+        resumed_id, resumed = submit(
+            env, "resumed", ["python", "-m", "pretrain.run", "resume=dk"], "--runtime-env", "cluster/runtime_env.yaml"
+        )
+        assert resumed.returncode == 0 and job_status(env, resumed_id) == "SUCCEEDED", resumed.stdout[-3000:]
+        assert "restored step 4 from" in resumed.stdout and "finished 8 steps (4 this attempt)" in resumed.stdout
+        (dk,) = [r for r in client_runs(mlflow_url) if r.info.run_name == "dk"]
+        assert dk.info.status == "FINISHED"
+        samples = sorted((m.step, m.value) for m in client.get_metric_history(dk.info.run_id, "data/samples"))
+        assert samples == [(step, 16.0 * step) for step in range(1, 9)]
 
         # The stack's S3 credentials (fresh per stack) are nowhere in what the runs left behind:
         # MLflow params, tags and artifacts, the run records, the job logs, the services' logs.
