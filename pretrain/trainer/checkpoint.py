@@ -14,11 +14,12 @@ DeepSpeed stores.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -124,6 +125,25 @@ def _rank_files(directory: Path) -> list[Path]:
     return [found[r] for r in range(len(found))]
 
 
+@contextlib.contextmanager
+def checkpoint_files(checkpoint: Any, rank: int) -> Iterator[Path]:
+    """A Ray Train checkpoint as a local directory this rank alone reads.
+
+    A local checkpoint is read where it is. A remote one (S3) is downloaded into a directory of
+    this rank's own: Ray's shared `as_directory()` download lets the first rank to finish delete
+    the directory while a later rank still reads it (seen: "PytorchStreamReader failed reading
+    file", a resume on 2 workers from S3 after the driver was stopped). Every rank downloads the
+    whole checkpoint.
+    """
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix=f"restore-rank{rank}-") as tmp:
+        yield Path(checkpoint.to_directory(tmp))
+
+
 def restore(engine: Any, directory: Path, *, rank: int, world_size: int) -> tuple[int, list[dict[str, Any]]]:
     """All ranks: load DeepSpeed state and the extras; returns (step, data states of every saved rank).
 
@@ -173,8 +193,8 @@ class Checkpointer:
         latest = ray.train.get_checkpoint()
         if latest is None:
             return None
-        with latest.as_directory() as path:
-            step, data_states = restore(self.engine, Path(path), rank=self.rank, world_size=self.world_size)
+        with checkpoint_files(latest, self.rank) as path:
+            step, data_states = restore(self.engine, path, rank=self.rank, world_size=self.world_size)
         loader.load_state_dict(data_states)
         worker_log.info("rank %d: resumed at step %d", self.rank, step)
         return step
