@@ -102,7 +102,7 @@ def connect_ray(cfg: PretrainConfig) -> str:
         # GCS address: attach to the cluster whose head runs on this machine.
         ray.init(address="auto", log_to_driver=True)
         return f"attached to the Ray cluster on this machine (RAY_ADDRESS={address} is its job server)"
-    if address or os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"):
+    if address or in_ray_job():
         ray.init(address=address or "auto", log_to_driver=True)
         return f"attached to {address or 'the job cluster'}"
     t = cfg.trainer
