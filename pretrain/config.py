@@ -76,6 +76,11 @@ class TrainerConfig:
     """Ray Train scaling, run length, checkpointing and fault tolerance."""
 
     num_workers: int = 2
+    # Elastic: Ray Train runs between min_workers and num_workers workers, as many as the
+    # cluster has room for, and resizes after a node is lost or added (0 = exactly
+    # num_workers). Fewer workers keep the global batch by accumulating more micro-batches
+    # (docs/cluster.md#losing-nodes).
+    min_workers: int = 0
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
@@ -341,6 +346,11 @@ def trainer_problems(t: TrainerConfig) -> list[tuple[str, str]]:
             *at_least("trainer", t, -1, "max_failures"),
             *at_least("trainer", t, 0, "pictures_every"),
             *at_least("trainer", t, 1, "max_nonfinite_steps"),
+            (
+                0 <= t.min_workers <= t.num_workers,
+                "trainer.min_workers",
+                f"must be 0 (fixed size) or 1..trainer.num_workers={t.num_workers}, got {t.min_workers}",
+            ),
             (t.cpus_per_worker > 0, "trainer.cpus_per_worker", f"must be > 0, got {t.cpus_per_worker}"),
             (
                 not t.use_gpu or t.gpus_per_worker > 0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -39,12 +40,42 @@ def global_batch(trainer: TrainerConfig) -> int:
     return trainer.batch_size * trainer.grad_accum * trainer.num_workers
 
 
+def trainer_for_world(trainer: TrainerConfig, world_size: int) -> TrainerConfig:
+    """The trainer settings of a run that got `world_size` workers (elastic: fewer than num_workers).
+
+    The per-worker micro-batch stays; each worker accumulates num_workers x grad_accum /
+    world_size micro-batches, so the global batch, the learning rate and the samples per
+    step stay the recipe's. When world_size does not divide that product, the accumulation
+    is rounded up: the global batch grows a little, and the lr follows it by the linear
+    scaling rule (when it comes from optim.base_lr).
+    """
+    if world_size == trainer.num_workers:
+        return trainer
+    micro_batches = trainer.num_workers * trainer.grad_accum
+    accum = -(-micro_batches // world_size)
+    return dataclasses.replace(trainer, num_workers=world_size, grad_accum=accum)
+
+
 def peak_lr(optim: OptimConfig, trainer: TrainerConfig) -> float:
     """optim.lr if set, else base_lr * global_batch / 256 (linear scaling rule)."""
     if optim.lr is not None:
         return optim.lr
     assert optim.base_lr is not None  # guaranteed by config validation
     return optim.base_lr * global_batch(trainer) / 256
+
+
+def follow_schedule(scheduler: Any, optim: OptimConfig, trainer: TrainerConfig) -> None:
+    """After a restore: the lr of this run's schedule at the restored step (`scheduler`: our LambdaLR).
+
+    A checkpoint brings back the scheduler's step and its base lr (the peak of the run that
+    wrote it); the peak of this run differs when the global batch changed (another worker
+    count, elastic or on resume) and optim.lr is not fixed.
+    """
+    peak = peak_lr(optim, trainer)
+    lr = peak * lr_schedule(optim, trainer)(scheduler.last_epoch)
+    scheduler.base_lrs = [peak for _ in scheduler.base_lrs]
+    for group in scheduler.optimizer.param_groups:
+        group["lr"] = lr
 
 
 def warmup_cosine(step: int, *, total: int, warmup: int, peak: float, floor: float) -> float:

@@ -14,6 +14,7 @@ from typing import Any
 
 from pretrain.config import (
     PretrainConfig,
+    TrainerConfig,
     in_ray_job,
     missing_eval_data,
     node_local_storage_problems,
@@ -175,6 +176,11 @@ def worker_env(cfg: PretrainConfig) -> dict[str, str]:
     return env
 
 
+def worker_range(t: TrainerConfig) -> int | tuple[int, int]:
+    """Ray Train's worker count: fixed, or (min, max) for elastic training (Ray Train v2)."""
+    return (t.min_workers, t.num_workers) if 0 < t.min_workers < t.num_workers else t.num_workers
+
+
 def build_trainer(cfg: PretrainConfig, place: RunPlace, info: Any) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -191,7 +197,7 @@ def build_trainer(cfg: PretrainConfig, place: RunPlace, info: Any) -> Any:
     return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "info": info},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=worker_range(t), use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=place.name,
             storage_path=place.storage_path,

@@ -10,15 +10,23 @@ Train merges them in `storage_path`):
 Every load uses `torch.load(weights_only=True)`; DeepSpeed's own loader is replaced
 by one that does the same, with an explicit allow-list of the few plain-data types
 DeepSpeed stores.
+
+A checkpoint written by a different number of workers at ZeRO stage 1-3 (whose
+optimizer state is split per worker) is first converted into DeepSpeed's universal
+checkpoint format (one file per parameter and state: fp32 weights, Adam moments), which
+any number of workers can load; see `universal_copy`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import random
 import tempfile
+import time
+from argparse import Namespace
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,9 +67,34 @@ def _deepspeed_safe_globals() -> list[Any]:
     return allowed
 
 
+_allowed_depth = 0
+_allowed_before: list[Any] = []
+
+
+@contextlib.contextmanager
+def _deepspeed_globals_allowed() -> Iterator[None]:
+    """torch's weights_only allow-list extended by DeepSpeed's records, re-entrantly.
+
+    torch.serialization.safe_globals is not: the inner block's exit removes what an outer
+    block still relies on (a universal load nests our checkpoint engine's loads in it).
+    """
+    global _allowed_depth, _allowed_before
+    if _allowed_depth == 0:
+        _allowed_before = torch.serialization.get_safe_globals()
+        torch.serialization.add_safe_globals(_deepspeed_safe_globals())
+    _allowed_depth += 1
+    try:
+        yield
+    finally:
+        _allowed_depth -= 1
+        if _allowed_depth == 0:  # back to exactly the list found on entry
+            torch.serialization.clear_safe_globals()
+            torch.serialization.add_safe_globals(_allowed_before)
+
+
 def safe_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
     """torch.load restricted to tensors and plain data (no arbitrary pickle)."""
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+    with _deepspeed_globals_allowed():
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
@@ -144,23 +177,123 @@ def checkpoint_files(checkpoint: Any, rank: int) -> Iterator[Path]:
         yield Path(checkpoint.to_directory(tmp))
 
 
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every torch.load in this block is weights_only=True, whatever its caller passes.
+
+    DeepSpeed's universal-checkpoint converter and loader call `torch.load(weights_only=False)`
+    themselves; torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides that per call, and the
+    allow-list admits the few DeepSpeed records those files hold.
+    """
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        with _deepspeed_globals_allowed():
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+@contextlib.contextmanager
+def universal_copy(directory: Path, rank: int) -> Iterator[Path]:
+    """DeepSpeed's universal form of checkpoint `directory`, in a temporary directory of this rank's own.
+
+    DeepSpeed's ZeRO 1-3 files hold each rank's slice of flattened, padded fp32 weights and
+    Adam moments; `deepspeed.checkpoint.ds_to_universal` reassembles them into whole tensors
+    per parameter, and a `load_universal` engine cuts those into its own partitions. Every
+    rank converts for itself (no shared file system is assumed), in this process (the
+    converter's process pools are not used), at a cost of reading the whole checkpoint once
+    per rank - only when the worker count changed. The universal tag is `state`, as in a
+    normal checkpoint.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    with tempfile.TemporaryDirectory(prefix=f"universal-rank{rank}-") as tmp:
+        out = Path(tmp) / TAG
+        args = Namespace(
+            input_folder=str(directory / TAG),
+            output_folder=str(out),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,  # our engines do not record the Megatron-style layout info
+        )
+        chatter = io.StringIO()  # the converter prints its phases and progress bars
+        with weights_only_loads(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            ds_to_universal.main(args)
+        yield Path(tmp)
+
+
+def _load_universal(engine: Any, directory: Path) -> tuple[Any, dict[str, Any]]:
+    """engine.load_checkpoint of a universal checkpoint (tag `state` in `directory`)."""
+    config = engine._config  # DeepSpeed reads this flag at load time only (engine.load_universal_checkpoint())
+    if not hasattr(config, "load_universal_checkpoint"):
+        raise RuntimeError(
+            "this DeepSpeed version has no universal checkpoint loading; resume with the original trainer.num_workers"
+        )
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        with weights_only_loads():
+            loaded = engine.load_checkpoint(str(directory), tag=TAG)
+    finally:
+        config.load_universal_checkpoint = before
+    if int(engine.zero_optimization_stage()) == 3:
+        _repair_zero3_universal_load(engine, directory / TAG / "zero" / "optimizer_state.pt")
+    return loaded
+
+
+def _repair_zero3_universal_load(engine: Any, optimizer_state: Path) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19.8, runtime/zero/stage3.py,
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3), found by tests/pretrain/test_world_size_change.py:
+
+    - every parameter group gets the first group's hyperparameters: weight decay would reach the
+      norms and biases of the no-decay group. Each group gets its own saved ones back.
+    - one `step` tensor is shared by the state of every group, and torch's AdamW increments it in
+      place once per group: Adam's bias correction would run ahead. Each group gets its own copy.
+    """
+    saved = safe_load(optimizer_state)["optimizer_state_dict"]["param_groups"]
+    optimizer = engine.optimizer.optimizer  # the torch optimizer inside DeepSpeed's ZeRO-3 wrapper
+    groups = optimizer.param_groups
+    if len(saved) != len(groups):
+        raise RuntimeError(f"checkpoint has {len(saved)} optimizer parameter groups, this model {len(groups)}")
+    for group, hyper in zip(groups, saved, strict=True):
+        group.update({key: value for key, value in hyper.items() if key != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 def restore(engine: Any, directory: Path, *, rank: int, world_size: int) -> tuple[int, list[dict[str, Any]]]:
     """All ranks: load DeepSpeed state and the extras; returns (step, data states of every saved rank).
 
     The data states of all saved ranks come back so that the loader can re-lay out
     the data position when the number of workers changed. DeepSpeed's partitioned
-    optimizer states (ZeRO >= 1) are tied to the number of ranks that wrote them,
-    so a changed worker count is refused for those stages.
+    state (ZeRO >= 1) is tied to the number of ranks that wrote it: with another
+    worker count it is loaded through DeepSpeed's universal checkpoint format.
     """
     files = _rank_files(directory)
     stage = int(engine.zero_optimization_stage())
     if len(files) != world_size and stage >= 1:
-        raise RuntimeError(
-            f"checkpoint {directory} was written by {len(files)} workers with ZeRO stage {stage}, whose optimizer "
-            f"state is split per worker; resume with trainer.num_workers={len(files)} (the data position can "
-            "change its worker count, the ZeRO >= 1 optimizer state cannot)"
+        began = time.perf_counter()
+        with universal_copy(directory, rank) as universal:
+            load_path, client_state = _load_universal(engine, universal)
+        log.info(
+            "rank %d: ZeRO-%d state of %d workers re-partitioned for %d through DeepSpeed's universal "
+            "checkpoint in %.1f s",
+            rank,
+            stage,
+            len(files),
+            world_size,
+            time.perf_counter() - began,
         )
-    load_path, client_state = engine.load_checkpoint(str(directory), tag=TAG)
+    else:
+        load_path, client_state = engine.load_checkpoint(str(directory), tag=TAG)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
     extras = [safe_load(path) for path in files]

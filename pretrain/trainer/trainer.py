@@ -6,13 +6,20 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pretrain.config import PretrainConfig
-from pretrain.engine import build_engine, global_batch, training_dtype
+from pretrain.engine import (
+    build_engine,
+    follow_schedule,
+    global_batch,
+    peak_lr,
+    trainer_for_world,
+    training_dtype,
+)
 from pretrain.trainer.checkpoint import Checkpointer
 from pretrain.trainer.evaluation import PeriodicEval
 from pretrain.trainer.hooks import TrainerHook
@@ -45,6 +52,8 @@ class Trainer:
         device: torch.device,
         hooks: Sequence[TrainerHook] = (),
     ) -> None:
+        self.configured = cfg  # the recipe as given (logged); self.cfg: as run by these world_size workers
+        cfg = self._sized_for(cfg, world_size, rank)
         self.cfg, self.info = cfg, info
         self.rank, self.world_size, self.device = rank, world_size, device
         self.hooks = list(hooks)
@@ -62,6 +71,8 @@ class Trainer:
         self.step = restored or 0
         if restored is None:
             self._prepare_objective()
+        else:
+            follow_schedule(self.engine.lr_scheduler, cfg.optim, cfg.trainer)
         self.metrics = MetricsLogger(
             rank=rank,
             world=world_size,
@@ -90,6 +101,29 @@ class Trainer:
                 ticks[-1] - ticks[0],
                 *(b - a for a, b in zip(ticks, ticks[1:], strict=False)),
             )
+
+    @staticmethod
+    def _sized_for(cfg: PretrainConfig, world_size: int, rank: int) -> PretrainConfig:
+        """cfg with the trainer settings of `world_size` workers (Ray Train may start fewer: trainer.min_workers)."""
+        sized = trainer_for_world(cfg.trainer, world_size)
+        if sized is cfg.trainer:
+            return cfg
+        if rank == 0:
+            t = cfg.trainer
+            log.warning(
+                "%d of trainer.num_workers=%d workers (elastic, trainer.min_workers=%d): each accumulates %d "
+                "micro-batches of %d, global batch %d (configured %d), peak lr %.3g (configured %.3g)",
+                world_size,
+                t.num_workers,
+                t.min_workers,
+                sized.grad_accum,
+                t.batch_size,
+                global_batch(sized),
+                global_batch(t),
+                peak_lr(cfg.optim, sized),
+                peak_lr(cfg.optim, t),
+            )
+        return replace(cfg, trainer=sized)
 
     def _configure_torch(self) -> None:
         """Threads per worker on CPU; deterministic kernels when trainer.deterministic."""
@@ -135,9 +169,10 @@ class Trainer:
 
         logger = RunLogger(self.info.tracking_uri, self.info.mlflow_run_id)
         if self.step == 0:
-            logger.log_config(asdict(self.cfg))
+            logger.log_config(asdict(self.configured))
         else:
             logger.set_tags({"pretrain.resumed_at_step": str(self.step)})
+        logger.set_tags({"pretrain.workers": str(self.world_size)})  # this attempt's (elastic: trainer.min_workers)
         return logger
 
     def train(self) -> None:

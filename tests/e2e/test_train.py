@@ -87,6 +87,17 @@ def test_two_workers_each_zero_stage(stage: int, zero0: Finished, runs, tmp_path
     # ZeRO partitions state; it must not change the math (fp32): same losses as stage 0.
     assert [v for _, v in losses] == pytest.approx([v for _, v in zero0.losses], rel=1e-4)
 
+    if stage == 3:  # the world size changes: 2 more steps on 1 worker (grad_accum=2 keeps the global batch)
+        resume = [f"resume={done.run_dir}", "trainer.num_workers=1", "trainer.grad_accum=2", "trainer.max_steps=8"]
+        assert main([*resume, "eval.enabled=false", "eval.every_steps=0"]) == 0
+        record = runs.record(done.run_dir.parent, done.run_dir.name)
+        run = MlflowClient(record["tracking_uri"]).get_run(record["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["pretrain.resumed_at_step"] == "6"
+        assert [s for s, _ in runs.history(record, "loss")] == [1, 2, 3, 4, 5, 6, 7, 8]
+        # 8 steps x global batch 16 (2 x 8, then 1 x 8 x 2 micro-batches): no sample lost or repeated.
+        assert runs.history(record, "data/samples")[-1] == (8, 128.0)
+        assert all(math.isfinite(v) for _, v in runs.history(record, "loss"))
+
 
 @pytest.fixture(scope="module")
 def resume_args(runs) -> list[str]:
@@ -129,18 +140,21 @@ def test_worker_killed_mid_epoch_restarts_exactly(
 def test_killed_in_checkpoint_write_resumes_from_the_last_complete_one_on_fewer_workers(
     runs, resume_args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_local: None
 ) -> None:
-    """2 workers die while writing the step-6 checkpoint (no retries: the run fails); `resume=`
-    on 1 worker with grad_accum=2 (same global batch) finishes it from step 3 in the same MLflow run.
+    """2 workers at ZeRO-2 die while writing the step-6 checkpoint (no retries: the run fails);
+    `resume=` on 1 worker with grad_accum=2 (same global batch) finishes it from step 3 in the same
+    MLflow run.
 
     Exactly-once sample accounting across the changed layout is proven in tests/data/test_stream.py;
-    here the whole path runs: DeepSpeed (ZeRO 0) loads the 2-worker checkpoint on 1 worker, the
-    loader re-lays out both old ranks' positions, and the sample counter carries over. (Bit-exact
-    continuation from a checkpoint: test_worker_killed_mid_epoch_restarts_exactly.)
+    here the whole path runs: DeepSpeed's ZeRO-2 state of 2 workers is re-partitioned for 1 through
+    its universal checkpoint format (the optimizer state itself: tests/pretrain/test_world_size_change.py),
+    the loader re-lays out both old ranks' positions, and the sample counter carries over.
+    (Bit-exact continuation from a checkpoint: test_worker_killed_mid_epoch_restarts_exactly.)
     """
     # Rank 1 is killed while the step-6 checkpoint is written: rank 0's part reaches storage,
     # the checkpoint never completes, and the run (no retries) fails.
     monkeypatch.setenv(FAULT_ENV, "6:kill-in-checkpoint:1")
-    assert main([*resume_args, f"trainer.storage_path={tmp_path}", "name=shrink"]) == 1
+    # ZeRO-2: the optimizer state of 2 workers is re-partitioned for 1 (DeepSpeed's universal checkpoint).
+    assert main([*resume_args, "deepspeed.zero_stage=2", f"trainer.storage_path={tmp_path}", "name=shrink"]) == 1
     monkeypatch.delenv(FAULT_ENV)
     before = runs.record(tmp_path, "shrink")
     from mlflow.tracking import MlflowClient

@@ -85,13 +85,18 @@ def test_bad_config_is_one_line_exit_2_and_starts_nothing(args: list[str], expec
 
 def test_every_config_problem_is_reported_at_once_each_on_its_line() -> None:
     proc = run_cli(
-        "trainer.batch_size=-1", "trainer.num_workers=0", "deepspeed.zero_stage=7", "eval.holdout_fraction=2"
+        "trainer.batch_size=-1",
+        "trainer.num_workers=0",
+        "deepspeed.zero_stage=7",
+        "eval.holdout_fraction=2",
+        "trainer.min_workers=-1",
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert sorted(proc.stderr.strip().splitlines()) == [
         "error: deepspeed.zero_stage: must be one of 0, 1, 2, 3; got 7",
         "error: eval.holdout_fraction: must be in (0, 1), got 2.0",
         "error: trainer.batch_size: must be >= 1, got -1",
+        "error: trainer.min_workers: must be 0 (fixed size) or 1..trainer.num_workers=0, got -1",
         "error: trainer.num_workers: must be >= 1, got 0",
     ]
 

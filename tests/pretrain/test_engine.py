@@ -15,10 +15,12 @@ from pretrain.config import DeepSpeedConfig, OptimConfig, TrainerConfig
 from pretrain.engine import (
     build_optimizer,
     deepspeed_config,
+    follow_schedule,
     global_batch,
     lr_schedule,
     param_groups,
     peak_lr,
+    trainer_for_world,
     warmup_cosine,
 )
 
@@ -75,6 +77,56 @@ def test_warmup_then_half_cosine() -> None:
     assert [factor(s) * 2.0 for s in range(10)] == pytest.approx(
         [warmup_cosine(s, total=10, warmup=2, peak=2.0, floor=0.2) for s in range(10)]
     )
+
+
+def test_fewer_workers_accumulate_more_micro_batches() -> None:
+    t = TrainerConfig(num_workers=4, batch_size=32, grad_accum=2)  # 8 micro-batches of 32: 256
+    assert trainer_for_world(t, 4) is t
+    # 2 of 4 workers: 4 micro-batches each; global batch, lr and DeepSpeed's batch arithmetic unchanged.
+    two = trainer_for_world(t, 2)
+    assert (two.num_workers, two.grad_accum, two.batch_size) == (2, 4, 32)
+    assert global_batch(two) == 256 and peak_lr(OptimConfig(base_lr=1e-3), two) == pytest.approx(1e-3)
+    ds = deepspeed_config(DeepSpeedConfig(), two)
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+    # 3 workers cannot share 8 micro-batches: 3 each (9 x 32 = 288), the lr by the linear rule.
+    three = trainer_for_world(t, 3)
+    assert (three.grad_accum, global_batch(three)) == (3, 288)
+    assert peak_lr(OptimConfig(base_lr=1e-3), three) == pytest.approx(1e-3 * 288 / 256)
+    assert peak_lr(OptimConfig(base_lr=None, lr=2e-3), three) == 2e-3  # a fixed lr stays fixed
+
+
+def test_a_restored_schedule_follows_this_runs_peak() -> None:
+    # A checkpoint's scheduler state carries the writer's peak (base_lrs); after 3 steps at peak 0.1,
+    # a run whose global batch is 2x (peak 0.2 by the linear rule) must be at 0.2 x factor(3).
+    optim = OptimConfig(base_lr=0.1 * 256 / 64, warmup_fraction=0.2, min_lr=0.0)
+
+    def scheduler(trainer: TrainerConfig) -> torch.optim.lr_scheduler.LambdaLR:
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=peak_lr(optim, trainer))
+        return torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(optim, trainer))
+
+    small, large = (
+        TrainerConfig(num_workers=1, batch_size=64, max_steps=10),
+        TrainerConfig(num_workers=2, batch_size=64, max_steps=10),
+    )
+    writer = scheduler(small)
+    for _ in range(3):
+        writer.optimizer.step()
+        writer.step()
+    reader = scheduler(large)
+    reader.load_state_dict(writer.state_dict())
+    assert reader.base_lrs == pytest.approx([0.1])  # the writer's peak came back with the state
+    follow_schedule(reader, optim, large)
+    expected = warmup_cosine(3, total=10, warmup=2, peak=0.2, floor=0.0)
+    assert reader.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    reader.optimizer.step()
+    reader.step()
+    after = warmup_cosine(4, total=10, warmup=2, peak=0.2, floor=0.0)
+    assert reader.optimizer.param_groups[0]["lr"] == pytest.approx(after)
+    # Same peak: a no-op.
+    same = scheduler(small)
+    same.load_state_dict(writer.state_dict())
+    follow_schedule(same, optim, small)
+    assert same.optimizer.param_groups[0]["lr"] == pytest.approx(writer.optimizer.param_groups[0]["lr"])
 
 
 def test_fused_adamw_on_cpu_matches_the_reference_loop() -> None:
