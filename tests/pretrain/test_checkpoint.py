@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from pretrain.trainer.checkpoint import rng_state, safe_load, set_rng_state
+from pretrain.trainer.checkpoint import TAG, rng_state, safe_load, set_rng_state, universal_copy
 
 
 class Evil:
@@ -16,11 +16,36 @@ class Evil:
         return (os.system, ("echo pwned > /dev/null",))
 
 
+class Marker:
+    """Unpickling it would create `path` (a side effect a refused load never has)."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
 def test_malicious_pickle_is_refused(tmp_path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"model": Evil()}, path)
     with pytest.raises(Exception, match="(?i)weights only|unsupported global"):
         safe_load(path)
+
+
+def test_universal_conversion_refuses_a_malicious_pickle(tmp_path) -> None:
+    # DeepSpeed's converter calls torch.load(weights_only=False) itself; our conversion forces
+    # weights_only on every load inside it (a changed worker count at ZeRO 1-3 runs it).
+    state = tmp_path / "ckpt" / TAG
+    state.mkdir(parents=True)
+    torch.save(
+        {"optimizer_state_dict": Marker(tmp_path / "pwned")}, state / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    )
+    with pytest.raises(Exception, match="(?i)weights only|unsupported global"):
+        with universal_copy(tmp_path / "ckpt", rank=0):
+            pass
+    assert not (tmp_path / "pwned").exists()
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # restored after the block
 
 
 def test_rng_state_round_trip_through_weights_only_file(tmp_path) -> None:
