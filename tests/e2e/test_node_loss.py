@@ -3,7 +3,8 @@
 the stack's S3 endpoint, tracking on its MLflow server. The second node is killed (its whole process
 group: `ray start`, raylet, workers) once the step-4 checkpoint is registered; Ray Train's elastic
 worker range (trainer.min_workers=1) restarts the group on the one node left, from that S3
-checkpoint, in the same MLflow run, and the epoch goes on with every sample once."""
+checkpoint (ZeRO-3: the optimizer state of 2 workers re-partitioned for 1), in the same MLflow run,
+and the epoch goes on with every sample once."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ RUN = [
     "trainer.log_every=1",
     f"trainer.max_steps={STEPS}",
     "trainer.checkpoint_every=2",
-    "deepspeed.zero_stage=2",
+    "deepspeed.zero_stage=3",
     "data.num_workers=1",
     f"data.urls=s3://{BUCKET}/demo/train.manifest.json",
     "eval.enabled=false",
@@ -122,6 +123,7 @@ def test_second_node_killed_run_goes_on_elastically_from_the_s3_checkpoint(tmp_p
         assert tags["pretrain.resumed_at_step"] == "4" and tags["pretrain.workers"] == "1", tags
         assert mlflow_run.data.params["trainer.num_workers"] == "2"  # the recipe as given
         assert "1 of trainer.num_workers=2 workers (elastic" in log, log[-3000:]
+        assert "ZeRO-3 state of 2 workers re-partitioned for 1" in log, log[-3000:]
         losses = client.get_metric_history(run_id, "loss")
         assert sorted(m.step for m in losses) == list(range(1, STEPS + 1))
         # Every sample once: 16 per step before (2 workers x 8) and after (1 worker x 8 x 2 micro-batches).

@@ -87,17 +87,6 @@ def test_two_workers_each_zero_stage(stage: int, zero0: Finished, runs, tmp_path
     # ZeRO partitions state; it must not change the math (fp32): same losses as stage 0.
     assert [v for _, v in losses] == pytest.approx([v for _, v in zero0.losses], rel=1e-4)
 
-    if stage == 3:  # the world size changes: 2 more steps on 1 worker (grad_accum=2 keeps the global batch)
-        resume = [f"resume={done.run_dir}", "trainer.num_workers=1", "trainer.grad_accum=2", "trainer.max_steps=8"]
-        assert main([*resume, "eval.enabled=false", "eval.every_steps=0"]) == 0
-        record = runs.record(done.run_dir.parent, done.run_dir.name)
-        run = MlflowClient(record["tracking_uri"]).get_run(record["mlflow_run_id"])
-        assert run.info.status == "FINISHED" and run.data.tags["pretrain.resumed_at_step"] == "6"
-        assert [s for s, _ in runs.history(record, "loss")] == [1, 2, 3, 4, 5, 6, 7, 8]
-        # 8 steps x global batch 16 (2 x 8, then 1 x 8 x 2 micro-batches): no sample lost or repeated.
-        assert runs.history(record, "data/samples")[-1] == (8, 128.0)
-        assert all(math.isfinite(v) for _, v in runs.history(record, "loss"))
-
 
 @pytest.fixture(scope="module")
 def resume_args(runs) -> list[str]:
