@@ -46,6 +46,8 @@ class RunContext:
     # Optimizer steps of the whole run (trainer.max_steps): for schedules such as
     # MoCo v3's momentum; 0 when unknown (direct use outside a run).
     total_steps: int = 0
+    # The training image size (model.img_size), recorded with the exported encoder.
+    img_size: int = 0
     # Inputs from earlier stages already loaded ({"teacher": Teacher, "tokenizer": VQTokenizer,
     # "centroids": (K, p*p*3) tensor}): used instead of loading what the config names.
     inputs: dict[str, Any] = field(default_factory=dict)
@@ -160,7 +162,7 @@ class Objective(nn.Module):
 
     def encoder(self) -> nn.Module:
         """The module exported as the pretrained encoder (a timm model)."""
-        return self.backbone.vit
+        return self.backbone.timm_model
 
     def export(self, out_dir: Path) -> list[ExportedModel]:
         """Write what later stages load; rank 0, after the last step, with full parameters.
@@ -175,6 +177,12 @@ class Objective(nn.Module):
         if not ctx.arch:
             return []
         path = save_encoder(
-            self.encoder(), out_dir / "encoder", ctx.arch, ctx.arch_kwargs, mean=ctx.input_mean, std=ctx.input_std
+            self.encoder(),
+            out_dir / "encoder",
+            ctx.arch,
+            ctx.arch_kwargs,
+            mean=ctx.input_mean,
+            std=ctx.input_std,
+            img_size=ctx.img_size,
         )
         return [ExportedModel("encoder", path, "encoder", params={"arch": ctx.arch})]

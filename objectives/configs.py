@@ -9,7 +9,7 @@ the paper's recipe at paper scale; CPU presets live in `pretrain/conf/preset/`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 # An input left to `stage:<objective>` is produced by that objective's stage: the run
 # resolves it from the model registry or trains the stage first (pretrain/pipeline.py).
@@ -42,6 +42,9 @@ class ObjectiveConfig:
 
     # Registry name; set by the group's YAML (`objective=<name>`).
     name: str = "???"
+    # The objective reads a ViT's patch tokens (masking, per-patch targets). False: it uses only
+    # the pooled feature of an image, which any timm model gives (pretrain.config.backbone_problems).
+    needs_tokens: ClassVar[bool] = True
 
     def problems(self) -> list[tuple[str, str]]:
         """Checks that need no torch: (key, problem) pairs; empty when valid."""
@@ -60,6 +63,10 @@ class ObjectiveConfig:
     def outputs(self) -> tuple[str, ...]:
         """Artifact kinds a run of this objective exports for later stages."""
         return ("encoder",)
+
+    def backbone_problems(self, family: str) -> list[tuple[str, str]]:
+        """Settings that fit only some backbone families (family: pretrain.config.model_family)."""
+        return []
 
     def upstream(self) -> dict[str, str]:
         """Models of earlier stages this run uses ({"tokenizer": uri, "teacher": source}): lineage of its export."""
@@ -343,6 +350,8 @@ class ViewAugmentConfig:
 class SimCLRConfig(ObjectiveConfig):
     """SimCLR: two views, encoder -> projection MLP -> NT-Xent over the gathered batch."""
 
+    needs_tokens: ClassVar[bool] = False
+
     name: str = "simclr"
     # NT-Xent temperature: 0.1 with batch 4096 (tf2/run.py --temperature default, README ImageNet command).
     # The README's small-batch CIFAR-10 command uses 0.5.
@@ -379,6 +388,8 @@ class SimCLRConfig(ObjectiveConfig):
 class MoCoV3Config(ObjectiveConfig):
     """MoCo v3: query encoder + projector + predictor vs a momentum key encoder, symmetric InfoNCE x 2T."""
 
+    needs_tokens: ClassVar[bool] = False
+
     name: str = "mocov3"
     # Softmax temperature (CONFIG.md ViT: --moco-t=.2); the loss is CE x 2T (builder.py contrastive_loss).
     temperature: float = 0.2
@@ -412,6 +423,14 @@ class MoCoV3Config(ObjectiveConfig):
         if self.total_steps < 0:
             found.append(("objective.total_steps", f"must be >= 0 (0 = trainer.max_steps), got {self.total_steps}"))
         return found
+
+    def backbone_problems(self, family: str) -> list[tuple[str, str]]:
+        # The ViT recipe's two tricks act on a patch projection and position embeddings.
+        return [
+            (f"objective.{key}", f"is a ViT setting (a {family} backbone has no ViT {what}); set it false")
+            for key, what in (("freeze_patch_embed", "patch projection"), ("fixed_pos_embed", "position embedding"))
+            if family != "vit" and getattr(self, key)
+        ]
 
 
 # CCViT: "Centroid-centered Modeling for Efficient Vision Transformer Pre-training" (Yan et al.,

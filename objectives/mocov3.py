@@ -23,7 +23,7 @@ from torch import nn
 
 from objectives.base import LossOutput, Objective, RunContext
 from objectives.components.augment import ViewAugment
-from objectives.components.backbone import VitBackbone
+from objectives.components.backbone import PooledBackbone, VitBackbone
 from objectives.components.contrastive import info_nce, projection_mlp
 from objectives.components.ema import buffer_copy, momentum_at, momentum_update
 from objectives.components.pos_embed import sincos_2d
@@ -49,9 +49,13 @@ def freeze_patch_projection(backbone: VitBackbone) -> None:
 class MoCoV3(Objective):
     """Query ViT + projector + predictor against a momentum key encoder; symmetric InfoNCE."""
 
-    def __init__(self, cfg: MoCoV3Config, backbone: VitBackbone, context: RunContext | None = None) -> None:
+    def __init__(
+        self, cfg: MoCoV3Config, backbone: VitBackbone | PooledBackbone, context: RunContext | None = None
+    ) -> None:
         super().__init__(cfg, backbone, context)
         width = backbone.embed_dim
+        if (cfg.fixed_pos_embed or cfg.freeze_patch_embed) and not isinstance(backbone, VitBackbone):
+            raise ValueError("objective.fixed_pos_embed and objective.freeze_patch_embed are for ViTs; set them false")
         if cfg.fixed_pos_embed:  # vits.py build_2d_sincos_position_embedding (the same table up to the axis order)
             backbone.use_fixed_pos_embed(sincos_2d(width, *backbone.grid_size))
         if cfg.freeze_patch_embed:
@@ -78,15 +82,15 @@ class MoCoV3(Objective):
 
     def query(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, H, W) -> predictor(projector(CLS)): (B, dim)."""
-        cls = self.backbone(images)[:, 0]  # final normed CLS token: (B, D)
-        return self.predictor(self.projector(cls))
+        feature = self.backbone.pooled(images)  # ViT: the final normed CLS token (B, D); else timm's pooling
+        return self.predictor(self.projector(feature))
 
     @torch.no_grad()
     def keys(self, images: torch.Tensor) -> torch.Tensor:
         """Key encoder output (B, dim), in the key encoder's float32 (inputs may be bf16)."""
         key = self.momentum_encoder
         images = images.to(key["projector"][0].weight.dtype)
-        return key["projector"](key["backbone"](images)[:, 0])
+        return key["projector"](key["backbone"].pooled(images))
 
     def momentum(self, step: int) -> float:
         """m used after optimizer step `step` (0-based): the schedule at step + 1, the next forward's iteration.

@@ -21,7 +21,7 @@ import torch
 
 from objectives.base import LossOutput, Objective, RunContext
 from objectives.components.augment import ViewAugment
-from objectives.components.backbone import VitBackbone
+from objectives.components.backbone import PooledBackbone, VitBackbone
 from objectives.components.contrastive import nt_xent, projection_mlp
 from objectives.configs import SimCLRConfig
 from objectives.registry import register
@@ -32,7 +32,9 @@ from objectives.registry import register
 class SimCLR(Objective):
     """Two views -> ViT CLS -> projection MLP (synchronised BN) -> NT-Xent over the gathered batch."""
 
-    def __init__(self, cfg: SimCLRConfig, backbone: VitBackbone, context: RunContext | None = None) -> None:
+    def __init__(
+        self, cfg: SimCLRConfig, backbone: VitBackbone | PooledBackbone, context: RunContext | None = None
+    ) -> None:
         super().__init__(cfg, backbone, context)
         width = backbone.embed_dim
         hidden = cfg.proj_hidden_dim or width
@@ -41,8 +43,7 @@ class SimCLR(Objective):
 
     def project(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, H, W) -> projections (B, proj_dim), before l2-normalisation."""
-        cls = self.backbone(images)[:, 0]  # final normed CLS token: (B, D)
-        return self.projector(cls)
+        return self.projector(self.backbone.pooled(images))  # ViT: the final normed CLS token; else timm's pooling
 
     def forward(self, batch: dict[str, Any]) -> LossOutput:
         view1, view2 = batch["views"][:2]  # (B, 3, H, W) each, cropped + flipped, normalised

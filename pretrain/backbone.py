@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from objectives.components.backbone import VitBackbone, fused_attn_enabled, set_fused_attn
-from pretrain.config import ModelConfig
+from objectives.components.backbone import PooledBackbone, VitBackbone, fused_attn_enabled, set_fused_attn
+from pretrain.config import ModelConfig, model_family
 
 
 def arch_kwargs(cfg: ModelConfig) -> dict[str, object]:
-    """The `timm.create_model(cfg.arch, **kwargs)` arguments that fix the architecture (no weights, no drop path)."""
-    kwargs: dict[str, object] = {"num_classes": 0, "img_size": cfg.img_size, "patch_size": cfg.patch_size}
+    """The `timm.create_model(cfg.arch, **kwargs)` arguments that fix the architecture (no weights, no drop path).
+
+    ViTs are built for model.img_size and patch_size (and the optional width/depth/heads);
+    other families keep their architecture and take images of any size.
+    """
+    kwargs: dict[str, object] = {"num_classes": 0}
+    if model_family(cfg) != "vit":
+        return kwargs
+    kwargs.update(img_size=cfg.img_size, patch_size=cfg.patch_size)
     for key in ("embed_dim", "depth", "num_heads"):
         value = getattr(cfg, key)
         if value is not None:
@@ -16,13 +23,15 @@ def arch_kwargs(cfg: ModelConfig) -> dict[str, object]:
     return kwargs
 
 
-def build_backbone(cfg: ModelConfig) -> VitBackbone:
-    """Create the timm model named by `cfg.arch` with the config's overrides."""
+def build_backbone(cfg: ModelConfig) -> VitBackbone | PooledBackbone:
+    """Create the timm model named by `cfg.arch` with the config's overrides, behind its adapter."""
     import timm  # slow import (~5 s): only where a model is built
 
     if not timm.is_model(cfg.arch):
-        raise ValueError(f"model.arch: unknown timm model {cfg.arch!r}; see timm.list_models('vit_*')")
+        raise ValueError(f"model.arch: unknown timm model {cfg.arch!r}; see timm.list_models()")
     kwargs = {**arch_kwargs(cfg), "pretrained": cfg.pretrained, "drop_path_rate": cfg.drop_path_rate}
-    vit = timm.create_model(cfg.arch, **kwargs)
-    set_fused_attn(vit, fused_attn_enabled(cfg.fused_attn))  # "auto" is settled where the device is known
-    return VitBackbone(vit)
+    model = timm.create_model(cfg.arch, **kwargs)
+    if model_family(cfg) != "vit":
+        return PooledBackbone(model)
+    set_fused_attn(model, fused_attn_enabled(cfg.fused_attn))  # "auto" is settled where the device is known
+    return VitBackbone(model)

@@ -20,15 +20,19 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 @dataclass
 class ModelConfig:
-    """A timm ViT and the overrides applied when creating it."""
+    """A timm model and the overrides applied when creating it."""
 
     # Short name of this model option (the registry name is <objective>-<name>).
     name: str = ""
-    # timm model name (timm.list_models("vit_*")).
+    # timm model name (timm.list_models()): a ViT, or any timm model for the objectives that
+    # need only pooled features (simclr, mocov3).
     arch: str = "vit_base_patch16_224"
+    # vit | resnet | convnext | swin | other; "auto" reads it from the arch name (model_family).
+    family: str = "auto"
+    # Input size; ViTs are built for it, other families take any size.
     img_size: int = 224
+    # ViT only, like embed_dim, depth and num_heads (None keeps the architecture's own value).
     patch_size: int = 16
-    # None keeps the architecture's own value.
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None
@@ -378,10 +382,56 @@ def tracking_problems(tracking: TrackingConfig) -> list[tuple[str, str]]:
     )
 
 
+# timm architecture name prefixes of each backbone family (the rest: "other").
+FAMILY_PREFIXES = {
+    "vit": ("vit_", "deit_", "deit3_", "eva02_", "beit_", "beitv2_", "flexivit_", "samvit_"),
+    "resnet": ("resnet", "resnext", "wide_resnet", "seresne", "ecaresnet", "resnetv2_"),
+    "convnext": ("convnext",),
+    "swin": ("swin",),
+}
+FAMILIES = (*FAMILY_PREFIXES, "other")
+
+
+def model_family(m: ModelConfig) -> str:
+    """The backbone family of model.arch (model.family unless "auto"): vit, resnet, convnext, swin or other."""
+    if m.family != "auto":
+        return m.family
+    for family, prefixes in FAMILY_PREFIXES.items():
+        if m.arch.startswith(prefixes):
+            return family
+    return "other"
+
+
+def backbone_problems(cfg: Any) -> list[tuple[str, str]]:
+    """An objective that needs a ViT's patch tokens on a backbone that has none."""
+    needs_tokens = getattr(type(cfg.objective), "needs_tokens", True)
+    family = model_family(cfg.model)
+    if family not in FAMILIES:  # reported by model_problems
+        return []
+    found = list(cfg.objective.backbone_problems(family)) if hasattr(cfg.objective, "backbone_problems") else []
+    if not needs_tokens or family == "vit":
+        return found
+    return found + [
+        (
+            "model.arch",
+            f"objective {cfg.objective.name} needs patch tokens, and {cfg.model.arch} ({family}) pools its "
+            "features; backbones with patch tokens: timm ViTs (model=vit_*, or model.arch=<timm ViT>); "
+            "objectives on pooled features of any timm model: simclr, mocov3",
+        )
+    ]
+
+
 def model_problems(m: ModelConfig) -> list[tuple[str, str]]:
     """Sizes that timm would refuse later, and the attention switch."""
     checks = at_least("model", m, 1, "img_size", "patch_size")
-    if m.img_size >= 1 and m.patch_size >= 1:
+    checks.append(
+        (
+            m.family == "auto" or m.family in FAMILIES,
+            "model.family",
+            f"unknown family {m.family!r}; valid choices: auto, {', '.join(FAMILIES)}",
+        )
+    )
+    if m.img_size >= 1 and m.patch_size >= 1 and model_family(m) == "vit":
         checks.append(
             (
                 m.img_size % m.patch_size == 0,
@@ -455,6 +505,7 @@ def find_problems(cfg: Any) -> list[tuple[str, str]]:
     found += engine_problems(cfg.deepspeed, cfg.optim, cfg.trainer.use_gpu)
     found += eval_problems(cfg.eval)
     found += preset_problems(cfg)
+    found += backbone_problems(cfg)
     if in_ray_job():
         found += node_local_storage_problems(cfg, "inside a Ray job")
     if cfg.eval.every_steps and not cfg.eval.enabled:

@@ -30,9 +30,17 @@ class Encoder:
     std: list[float]
     source: str
 
+    input_size: int = 0  # the training image size, recorded by the export ("img_size"); 0 = unknown
+
     @property
     def img_size(self) -> int:
-        size = self.vit.patch_embed.img_size
+        """The image size the encoder was trained on: a ViT's own, else the export's record, else timm's default."""
+        patch_embed = getattr(self.vit, "patch_embed", None)
+        size = (
+            getattr(patch_embed, "img_size", None) if getattr(self.vit, "num_prefix_tokens", None) is not None else None
+        )
+        if size is None:
+            size = self.input_size or self.vit.pretrained_cfg["input_size"][-1]
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
@@ -49,6 +57,7 @@ def load_encoder(uri: str, *, tracking_uri: str | None, storage_options: dict[st
         mean=list(meta.get("mean") or IMAGENET_MEAN),
         std=list(meta.get("std") or IMAGENET_STD),
         source=uri,
+        input_size=int(meta.get("img_size") or 0),
     )
 
 
@@ -63,7 +72,10 @@ def random_init_like(encoder: Encoder, seed: int) -> nn.Module:
 
 
 def pooled_features(vit: nn.Module, images: torch.Tensor, features: str) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, D): the CLS token or the mean of the patch tokens, after the final norm."""
+    """(B, 3, H, W) -> (B, D): a ViT's CLS token or the mean of its patch tokens, after the final norm;
+    any other timm model's pooled features (what its classifier reads), whatever `features` says."""
+    if getattr(vit, "num_prefix_tokens", None) is None:  # not a ViT: ResNet, ConvNeXt, Swin, ...
+        return vit.forward_head(vit.forward_features(images), pre_logits=True)
     tokens = vit.forward_features(images)  # (B, prefix + N, D)
     if features == "cls":
         return tokens[:, 0]

@@ -1,8 +1,16 @@
-"""The backbone contract: a timm ViT behind a small adapter (patch tokens, keep-index masking, per-block features).
+"""The backbone contract: a timm model behind a small adapter.
 
-Objectives use this instead of copying a ViT: MAE encodes only the kept tokens,
-BEiT-style MIM replaces tokens with a mask token, aggregation heads read the
-output of an intermediate block.
+Two kinds, one shared surface (`timm_model`, `embed_dim`, `pooled(images)`):
+
+- `VitBackbone`, a timm ViT: patch tokens, keep-index masking, per-block features.
+  Objectives use it instead of copying a ViT: MAE encodes only the kept tokens,
+  BEiT-style MIM replaces tokens with a mask token, aggregation heads read the output
+  of an intermediate block. Its pooled feature is the final normed CLS token.
+- `PooledBackbone`, any other timm model (ResNet, ConvNeXt, Swin, ...): only the pooled
+  feature timm's own head would see (`forward_head(..., pre_logits=True)`).
+
+An objective that reads patch tokens declares it in its config class (`needs_tokens`,
+objectives/configs.py); pairing it with a model that has none is a config error.
 """
 
 from __future__ import annotations
@@ -40,6 +48,15 @@ class VitBackbone(nn.Module):
         self.depth = len(vit.blocks)
         if vit.cls_token is None:
             raise ValueError("the backbone needs a class token (timm class_token=True)")
+
+    @property
+    def timm_model(self) -> nn.Module:
+        """The timm model itself (what is exported, under timm's key names)."""
+        return self.vit
+
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the final normed CLS token (B, D) (timm's global_pool="token")."""
+        return self(images)[:, 0]
 
     # --- position embeddings -------------------------------------------------
     def _patch_pos_embed(self) -> torch.Tensor:
@@ -118,6 +135,36 @@ class VitBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Plain forward: final normalised tokens (B, prefix + N, D)."""
         return self.encode(self.embed_patches(images)).tokens
+
+
+class PooledBackbone(nn.Module):
+    """Any timm model with a pooling head (num_classes=0): one feature vector per image.
+
+    Its weights keep timm's names under `model.`. BatchNorm layers (ResNets) normalise over
+    the global batch of all workers, as SimCLR's global BN and MoCo's SyncBatchNorm do
+    (objectives.components.contrastive.SyncBatchNorm2d, on any backend): per-worker
+    statistics of small local batches would also let a contrastive model cheat through them.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        from objectives.components.contrastive import global_batchnorm
+
+        if not hasattr(model, "forward_head") or not hasattr(model, "num_features"):
+            raise TypeError(f"{type(model).__name__} is not a timm model with a pooling head (forward_head)")
+        self.model = global_batchnorm(model)
+        self.embed_dim = int(model.num_features)
+
+    @property
+    def timm_model(self) -> nn.Module:
+        return self.model
+
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D): the features timm's classifier would read (pooled, head norm applied)."""
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pooled(images)
 
 
 def fused_attn_enabled(

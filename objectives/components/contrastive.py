@@ -157,34 +157,36 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> Contrasti
 # --- heads -------------------------------------------------------------------------------------
 
 
-class SyncBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics cover the batch of every rank (any backend, CPU too).
+class _GlobalBatchStats:
+    """Training statistics over the batch of every rank (any backend, CPU too), for BatchNorm{1,2}d.
 
     torch's SyncBatchNorm needs a GPU; MoCo v3 (main_moco.py `convert_sync_batchnorm`) and
-    SimCLR (`global_bn`) normalise over the global batch. Mean and variance are reduced
-    in float32 with `all_reduce_with_grad`, two passes (sum, then the sum of squared
-    deviations); running statistics use the global count (unbiased variance). Eval mode
-    uses the running statistics, as BatchNorm1d. Computed in float32 whatever the dtypes
-    of input, affine parameters (bf16 under DeepSpeed) and running statistics (buffers
-    stay float32); the output has the input's dtype.
+    SimCLR (`global_bn`) normalise over the global batch. Mean and variance (per channel, over
+    the batch and any spatial positions) are reduced in float32 with `all_reduce_with_grad`,
+    two passes (sum, then the sum of squared deviations); running statistics use the global
+    count (unbiased variance). Eval mode uses the running statistics, as BatchNorm does.
+    Computed in float32 whatever the dtypes of input, affine parameters (bf16 under
+    DeepSpeed) and running statistics (buffers stay float32); the output has the input's dtype.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # (N, C)
+        xf = x.float()  # (N, C) or (N, C, H, W)
+        dims = [0, *range(2, xf.dim())]
+        shape = (1, -1) + (1,) * (xf.dim() - 2)
         if self.training or not self.track_running_stats or self.running_mean is None:
             reduce = all_reduce_with_grad if self.training else (lambda t: t)
-            count = xf.new_full((1,), float(xf.shape[0]))
-            sums = reduce(torch.cat([xf.sum(dim=0), count]))  # (C + 1,)
+            count = xf.new_full((1,), float(xf.numel() // xf.shape[1]))
+            sums = reduce(torch.cat([xf.sum(dim=dims), count]))  # (C + 1,)
             total = sums[-1].detach()
             mean = sums[:-1] / total  # (C,)
-            var = reduce(((xf - mean) ** 2).sum(dim=0)) / total  # biased, as BatchNorm normalises
+            var = reduce(((xf - mean.view(shape)) ** 2).sum(dim=dims)) / total  # biased, as BatchNorm normalises
             if self.training and self.track_running_stats and self.running_mean is not None:
                 self._update_running_stats(mean.detach(), var.detach(), total)
         else:
             mean, var = self.running_mean.float(), self.running_var.float()
-        out = (xf - mean) * torch.rsqrt(var + self.eps)
+        out = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
-            out = out * self.weight.float() + self.bias.float()
+            out = out * self.weight.float().view(shape) + self.bias.float().view(shape)
         return out.to(x.dtype)
 
     @torch.no_grad()
@@ -194,6 +196,33 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         unbiased = var * (total / (total - 1).clamp_min(1))
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+
+
+class SyncBatchNorm1d(_GlobalBatchStats, nn.BatchNorm1d):
+    """BatchNorm1d over the global batch (see `_GlobalBatchStats`): the projection heads."""
+
+
+class SyncBatchNorm2d(_GlobalBatchStats, nn.BatchNorm2d):
+    """BatchNorm2d over the global batch (see `_GlobalBatchStats`): a convolutional backbone's BN layers."""
+
+
+def global_batchnorm(module: nn.Module) -> nn.Module:
+    """Every nn.BatchNorm2d under `module` made a SyncBatchNorm2d, in place, with its state and names.
+
+    The key names stay (weight, bias, running_mean, running_var, num_batches_tracked), so the
+    weights still load strictly into the plain timm model.
+    """
+    for name, child in list(module.named_children()):
+        if type(child) is nn.BatchNorm2d:
+            sync = SyncBatchNorm2d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
+            sync.load_state_dict(child.state_dict())
+            sync.train(child.training)
+            setattr(module, name, sync)
+        else:
+            global_batchnorm(child)
+    return module
 
 
 def projection_mlp(

@@ -305,7 +305,8 @@ def build_timm_model(
     vit = timm.create_model(arch, pretrained=False, **kwargs)
     expected = vit.state_dict()
     if getattr(vit, "num_classes", 0) == 0:
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a classifier the model never uses
+        # A classifier the model never uses; a head's own parts (ConvNeXt's head.norm) stay.
+        state = {k: v for k, v in state.items() if not k.startswith("head.") or k in expected}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)

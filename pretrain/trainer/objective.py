@@ -26,6 +26,7 @@ def build_objective(
         input_std=tuple(cfg.data.std),
         arch=cfg.model.arch,
         arch_kwargs=arch_kwargs(cfg.model),
+        img_size=cfg.model.img_size,
         total_steps=total_steps,
     )
     objective = get_objective_class(cfg.objective.name)(cfg.objective, build_backbone(cfg.model), context)

@@ -336,3 +336,60 @@ def test_view_augment_config_problems() -> None:
     }
     with pytest.raises(ValueError, match="augment.hue"):
         ViewAugment(ViewAugmentConfig(hue=0.7), (0.5,) * 3, (0.5,) * 3)
+
+
+# --- SyncBatchNorm2d (a CNN backbone's BN over the global batch) --------------------------------
+
+
+def test_sync_batchnorm2d_is_batchnorm2d_in_one_process() -> None:
+    from objectives.components.contrastive import SyncBatchNorm2d
+
+    torch.manual_seed(2)
+    x = torch.randn(4, 5, 3, 3)
+    plain = nn.BatchNorm2d(5)
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 2)
+        plain.bias.normal_()
+    sync = SyncBatchNorm2d(5)
+    sync.load_state_dict(plain.state_dict())
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    torch.testing.assert_close(sync(x1), plain(x2))
+    torch.testing.assert_close(sync.running_var, plain.running_var)
+    (sync(x1) ** 3).sum().backward()
+    (plain(x2) ** 3).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    sync.eval(), plain.eval()
+    torch.testing.assert_close(sync(x), plain(x))
+
+
+def test_global_batchnorm_swaps_every_batchnorm2d_keeping_state_and_names() -> None:
+    from objectives.components.contrastive import SyncBatchNorm2d, global_batchnorm
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4)))
+    net[1].running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    global_batchnorm(net)
+    assert [type(m).__name__ for m in (net[1], net[2][1])] == ["SyncBatchNorm2d"] * 2
+    assert isinstance(net[1], SyncBatchNorm2d) and isinstance(net[1], nn.BatchNorm2d)
+    after = net.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def _bn2d_worker(rank: int, out_dir: str) -> None:
+    from objectives.components.contrastive import SyncBatchNorm2d
+
+    x = torch.randn(4, 5, 3, 3, generator=torch.Generator().manual_seed(7))[rank * 2 : (rank + 1) * 2]
+    bn = SyncBatchNorm2d(5)
+    out = bn(x)
+    torch.save({"out": out.detach(), "mean": bn.running_mean, "var": bn.running_var}, Path(out_dir) / f"bn{rank}.pt")
+
+
+def test_sync_batchnorm2d_on_two_ranks_is_batchnorm2d_of_the_whole_batch(tmp_path: Path, gloo_ranks) -> None:
+    gloo_ranks(_bn2d_worker, 2, str(tmp_path), timeout=120)
+    ranks = [torch.load(tmp_path / f"bn{r}.pt", weights_only=True) for r in range(2)]
+    x = torch.randn(4, 5, 3, 3, generator=torch.Generator().manual_seed(7))
+    plain = nn.BatchNorm2d(5)
+    torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), plain(x).detach())
+    for r in ranks:
+        torch.testing.assert_close(r["mean"], plain.running_mean)
+        torch.testing.assert_close(r["var"], plain.running_var)

@@ -242,3 +242,36 @@ def test_momentum_update_under_zero3_and_checkpoint_round_trip(tmp_path: Path, g
     assert result["restored_m"] == pytest.approx(m)
     bf16 = result["bf16"]
     assert (bf16["param"], bf16["key"]) == ("torch.bfloat16", "torch.float32") and math.isfinite(bf16["loss"])
+
+
+def test_on_a_cnn_the_key_encoder_copies_the_whole_backbone_and_the_loss_falls() -> None:
+    """ResNet-18 (BatchNorm over the global batch): queries and keys from timm's pooled features."""
+    off = ViewAugmentConfig(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
+    cfg = MoCoV3Config(
+        mlp_dim=64, dim=16, total_steps=20, view1=off, view2=off, freeze_patch_embed=False, fixed_pos_embed=False
+    )
+    assert cfg.backbone_problems("resnet") == []
+    assert [k for k, _ in MoCoV3Config().backbone_problems("resnet")] == [
+        "objective.freeze_patch_embed",
+        "objective.fixed_pos_embed",
+    ]
+    torch.manual_seed(0)
+    model = MoCoV3(cfg, build_backbone(ModelConfig(arch="resnet18"))).train()
+    key = model.momentum_encoder["backbone"]
+    # The key encoder's backbone holds the query backbone's weights as buffers (running stats too).
+    query_state = model.backbone.state_dict()
+    assert key.state_dict().keys() == query_state.keys()
+    assert all(torch.equal(key.state_dict()[k], v) for k, v in query_state.items())
+    with pytest.raises(ValueError, match="are for ViTs"):
+        MoCoV3(MoCoV3Config(mlp_dim=64, dim=16, total_steps=20), build_backbone(ModelConfig(arch="resnet18")))
+    batch = {"views": views(8, 4)}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for step in range(12):
+        out = model(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        model.after_step(step)
+        losses.append(float(out.loss.detach()))
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses

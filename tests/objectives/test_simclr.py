@@ -105,3 +105,27 @@ def test_augmentation_uses_the_run_normalisation() -> None:
     model = SimCLR(SimCLRConfig(), build_backbone(TINY), ctx)
     assert model.augment.mean.flatten().tolist() == [0.0, 0.0, 0.0]
     assert model.augment.std.flatten().tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "convnext_atto"])
+def test_on_a_cnn_the_loss_is_nt_xent_of_timms_pooled_features_and_falls(arch: str) -> None:
+    """Any timm model: the representation is what timm's classifier reads (global pool, head norm)."""
+    off = ViewAugmentConfig(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
+    torch.manual_seed(0)
+    model = SimCLR(SimCLRConfig(temperature=0.1, proj_dim=16, augment=off), build_backbone(ModelConfig(arch=arch)))
+    model.train()
+    batch = {"views": views(8, 2)}
+    out = model(batch)
+    with torch.no_grad():  # by hand, on the statistics the forward just used (eval would read running ones)
+        images = model.augment(torch.cat(batch["views"]))
+        z = model.projector(model.backbone.model.forward_head(model.backbone.model.forward_features(images), True))
+    assert float(out.loss.detach()) == pytest.approx(nt_xent_by_loop(z, 8, 0.1), rel=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        out = model(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.loss.detach()))
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses

@@ -1,10 +1,14 @@
-"""The ViT adapter computes what timm's own forward computes."""
+"""The backbone adapters compute what timm's own forward computes: a ViT's tokens, any model's pooled features."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
 
-from pretrain.backbone import build_backbone, fused_attn_enabled, set_fused_attn
+from objectives.components.backbone import PooledBackbone
+from objectives.components.contrastive import SyncBatchNorm2d
+from pretrain.backbone import arch_kwargs, build_backbone, fused_attn_enabled, set_fused_attn
 from pretrain.config import ModelConfig
 
 
@@ -78,3 +82,47 @@ def test_fused_attention_switch_reaches_the_objectives_own_blocks() -> None:
     set_fused_attn(mae, False)
     flags = [m.fused_attn for m in mae.modules() if hasattr(m, "fused_attn")]
     assert flags == [False] * 5  # 3 encoder blocks + 2 decoder blocks
+
+
+# --- other families: pooled features only -----------------------------------------------------
+
+
+def test_a_vits_pooled_feature_is_its_final_cls_token() -> None:
+    bb = tiny_backbone()
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(bb.pooled(images), bb.vit.forward_features(images)[:, 0])
+    assert bb.timm_model is bb.vit
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "convnext_atto"])
+def test_other_families_give_timms_pooled_features_and_export_under_timms_names(arch: str, tmp_path) -> None:
+    import timm
+
+    from objectives.artifacts import save_encoder
+    from objectives.components.teacher import load_encoder
+    from pretrain.features import pooled_features
+
+    cfg = ModelConfig(arch=arch, img_size=32)
+    assert arch_kwargs(cfg) == {"num_classes": 0}  # no ViT sizes for a CNN
+    torch.manual_seed(0)
+    bb = build_backbone(cfg)
+    assert isinstance(bb, PooledBackbone) and bb.timm_model is bb.model
+    plain = timm.create_model(arch, num_classes=0)
+    bn = sum(type(m) is nn.BatchNorm2d for m in plain.modules())
+    assert sum(type(m) is SyncBatchNorm2d for m in bb.modules()) == bn  # every BN over the global batch
+    assert (bn > 0) == (arch == "resnet18")  # ConvNeXt normalises with LayerNorm
+    images = torch.randn(3, 3, 32, 32)
+    bb.train()
+    bb(images)  # one training step's statistics, so that eval mode reads non-trivial running stats
+    bb.eval()
+    with torch.no_grad():
+        feats = bb.pooled(images)
+    assert feats.shape == (3, plain.num_features) == (3, bb.embed_dim)
+    # Exported under timm's key names: loads strictly into timm.create_model(arch) with identical features.
+    path = save_encoder(bb.timm_model, tmp_path / "encoder", arch, arch_kwargs(cfg), img_size=32)
+    assert set(bb.timm_model.state_dict()) == set(plain.state_dict())
+    loaded, meta = load_encoder(str(path))
+    assert meta["img_size"] == 32
+    with torch.no_grad():
+        torch.testing.assert_close(pooled_features(loaded, images, "cls"), feats)
+        torch.testing.assert_close(loaded(images), feats)  # timm's own forward with num_classes=0

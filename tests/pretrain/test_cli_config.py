@@ -36,7 +36,22 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
             ["objective=nope"],
             "objective: unknown objective 'nope'; valid choices: beitv2, ccvit, mae, maskdistill, mocov3, semaim, simclr, vqkd",
         ),
-        (["model=vit_huge_typo"], "valid choices: vit_base, vit_large, vit_nano, vit_small, vit_tiny"),
+        (
+            ["model=vit_huge_typo"],
+            "valid choices: convnext_atto, convnext_tiny, resnet18, resnet50, vit_base, vit_large, vit_nano, vit_small, "
+            "vit_tiny",
+        ),
+        (
+            ["model=resnet18"],  # the default objective, MAE, reads patch tokens
+            "model.arch: objective mae needs patch tokens, and resnet18 (resnet) pools its features; backbones with "
+            "patch tokens: timm ViTs",
+        ),
+        (
+            ["model=convnext_atto", "objective=mocov3", "objective.fixed_pos_embed=false"],
+            "objective.freeze_patch_embed: is a ViT setting (a convnext backbone has no ViT patch projection); set it "
+            "false",
+        ),
+        (["model.family=cnn"], "model.family: unknown family 'cnn'; valid choices: auto, vit, resnet, convnext"),
         (["trainer.nope=1"], "trainer.nope: unknown key 'nope'; valid keys under trainer:"),
         (["nope=1"], "nope: unknown key 'nope'"),
         (["trainer.batch_size=abc"], "trainer.batch_size: 'abc' is not a valid Integer"),
