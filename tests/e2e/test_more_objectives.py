@@ -1,7 +1,8 @@
 """The contrastive, centroid and autoregressive objectives end to end: real Ray Train +
-DeepSpeed + MLflow, 2 CPU workers, a few steps each, spread over ZeRO stages and precisions.
-(SimCLR shares MoCo v3's two-view pipeline and cross-worker gather; its loss is unit-tested in
-tests/objectives/test_simclr.py. ZeRO-1 runs in tests/e2e/test_maskdistill.py.)"""
+DeepSpeed + MLflow, 2 CPU workers, a few steps each, spread over ZeRO stages, precisions and
+backbone families (the contrastive ones on a ResNet and a ConvNeXt at ZeRO-3; the exported CNN
+loads strictly into timm and is evaluated on its pooled features). ZeRO-1 runs in
+tests/e2e/test_pipeline.py."""
 
 from __future__ import annotations
 
@@ -14,29 +15,36 @@ from pretrain.run import main
 
 pytestmark = pytest.mark.slow
 
+CNN = ["objective.freeze_patch_embed=false", "objective.fixed_pos_embed=false"]  # MoCo v3's ViT-only settings
 CASES = {
-    # objective: (ZeRO stage, precision, overrides that size it for the tiny model)
-    # The momentum encoder is updated from parameters that ZeRO-3 partitions.
-    "mocov3": (3, "fp32", ["objective.dim=16", "objective.mlp_dim=32"]),
+    # objective: (model, ZeRO stage, precision, overrides that size it for the tiny model)
+    # On a ResNet (BatchNorm over both workers' batches): the momentum encoder, running
+    # statistics included, is updated from parameters that ZeRO-3 partitions.
+    "mocov3": ("resnet18", 3, "fp32", ["objective.dim=16", "objective.mlp_dim=32", *CNN]),
+    # On a ConvNeXt: pooled features + the head's LayerNorm, ZeRO-3 partitioned.
+    "simclr": ("convnext_atto", 3, "fp32", ["objective.proj_dim=16"]),
     # k-means centroids built in prepare() from the stream, exported and registered at the end.
-    "ccvit": (2, "bf16", ["objective.num_centroids=32", "objective.kmeans_samples=2048"]),
+    "ccvit": ("vit_nano", 2, "bf16", ["objective.num_centroids=32", "objective.kmeans_samples=2048"]),
     # Order from the EMA encoder, kept in fp32 buffers and updated from ZeRO-3-partitioned
     # parameters; with gradient accumulation (bf16 + accumulation + ZeRO-3 in one engine).
-    "semaim": (3, "bf16", ["objective.order_source=ema", "trainer.grad_accum=2"]),
+    "semaim": ("vit_nano", 3, "bf16", ["objective.order_source=ema", "trainer.grad_accum=2"]),
 }
 
 
 # Pictures each objective logs at the end (drawn on every rank: ZeRO-2/3 included).
-PICTURES = {"mocov3": [], "ccvit": ["centroid_ids", "centroid_usage"], "semaim": ["semantic_order"]}
+PICTURES = {"mocov3": [], "simclr": [], "ccvit": ["centroid_ids", "centroid_usage"], "semaim": ["semantic_order"]}
 
 
 @pytest.mark.parametrize("objective", sorted(CASES))
 def test_objective_runs_end_to_end(objective: str, ray_local: None, runs, tmp_path: Path) -> None:
-    stage, precision, overrides = CASES[objective]
-    common = [a for a in runs.tiny if not a.startswith("objective.")]
+    model, stage, precision, overrides = CASES[objective]
+    common = [a for a in runs.tiny if not a.startswith(("objective.", "model."))] + (
+        [a for a in runs.tiny if a.startswith("model.")] if model == "vit_nano" else []
+    )
     rc = main(
         [
             *common,
+            f"model={model}",
             f"objective={objective}",
             *overrides,
             f"deepspeed.zero_stage={stage}",
@@ -61,7 +69,7 @@ def test_objective_runs_end_to_end(objective: str, ray_local: None, runs, tmp_pa
     own = [k for k in run.data.metrics if k.startswith(f"{objective}/")]
     assert own, f"no {objective}/ metrics logged"
     # Evaluated against a random-init baseline, then registered as <objective>-<model>.
-    assert run.data.tags["pretrain.export.encoder"] == f"models:/{objective}-vit_nano/1"
+    assert run.data.tags["pretrain.export.encoder"] == f"models:/{objective}-{model}/1"
     for key in ("eval/knn_top1", "eval/linear_top1", "eval/baseline_knn_top1", "eval/baseline_linear_top1"):
         assert 0.0 <= run.data.metrics[key] <= 1.0, key
     pictures = {a.path for a in MlflowClient(record["tracking_uri"]).list_artifacts(run.info.run_id, "pictures")}
