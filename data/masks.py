@@ -109,24 +109,51 @@ def block_patch_mask(grid: tuple[int, int], generator: torch.Generator, *, ratio
     return block_patch_mask_with_blocks(grid, generator, ratio=ratio)[0]
 
 
-# kind -> generator(grid, generator, *, ratio) -> (N,) bool. Module-level functions, so
+def group_patch_mask(grid: tuple[int, int], generator: torch.Generator, *, ratio: float, group: int) -> torch.Tensor:
+    """(N,) bool, True = masked: ceil(G * ratio) of the G square groups of `group` x `group` patches,
+    chosen uniformly (SimMIM's MaskGenerator: 32-px groups over 4- or 16-px patches, ratio 0.6)."""
+    rows, cols = grid
+    if group < 1 or rows % group or cols % group:
+        raise ValueError(f"mask groups of {group} patches do not tile the {rows}x{cols} patch grid")
+    g_rows, g_cols = rows // group, cols // group
+    n = g_rows * g_cols
+    count = math.ceil(n * ratio)
+    if not 0 < count < n:
+        raise ValueError(f"mask ratio {ratio} masks {count} of {n} patch groups")
+    groups = torch.zeros(n, dtype=torch.bool)
+    groups[torch.randperm(n, generator=generator)[:count]] = True
+    per_patch = groups.view(g_rows, g_cols).repeat_interleave(group, 0).repeat_interleave(group, 1)
+    return per_patch.flatten()
+
+
+# kind -> generator(grid, generator, *, ratio[, group]) -> (N,) bool. Module-level functions, so
 # that the partials built from them pickle into DataLoader worker processes.
-MASK_GENERATORS: dict[str, Callable[..., torch.Tensor]] = {"random": random_patch_mask, "block": block_patch_mask}
+MASK_GENERATORS: dict[str, Callable[..., torch.Tensor]] = {
+    "random": random_patch_mask,
+    "block": block_patch_mask,
+    "group": group_patch_mask,
+}
 
 
-def mask_generator(spec: MaskSpec) -> Callable[[tuple[int, int], torch.Generator], torch.Tensor]:
-    """`make(grid, generator) -> (N,) bool` for a MaskSpec (picklable)."""
+def mask_generator(spec: MaskSpec, patch_size: int = 1) -> Callable[[tuple[int, int], torch.Generator], torch.Tensor]:
+    """`make(grid, generator) -> (N,) bool` for a MaskSpec on a model of `patch_size` px patches (picklable)."""
     if spec.kind not in MASK_GENERATORS:
         raise ValueError(f"unknown mask kind {spec.kind!r}; known: {', '.join(sorted(MASK_GENERATORS))}")
+    if spec.kind == "group":
+        if spec.group_px < patch_size or spec.group_px % patch_size:
+            raise ValueError(f"mask groups of {spec.group_px} px are not a multiple of the {patch_size}-px patches")
+        return partial(group_patch_mask, ratio=spec.ratio, group=spec.group_px // patch_size)
     return partial(MASK_GENERATORS[spec.kind], ratio=spec.ratio)
 
 
-def draw_masks(spec: MaskSpec, batch: int, grid: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+def draw_masks(
+    spec: MaskSpec, batch: int, grid: tuple[int, int], device: torch.device | str = "cpu", *, patch_size: int = 1
+) -> torch.Tensor:
     """(B, N) bool masks of `spec` seeded from torch's global RNG.
 
     For direct calls of an objective without `batch["mask"]`; in training the data
     pipeline draws them, seeded per sample.
     """
     generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
-    make = mask_generator(spec)
+    make = mask_generator(spec, patch_size)
     return torch.stack([make(grid, generator) for _ in range(batch)]).to(device)

@@ -10,11 +10,14 @@ class MaskSpec:
     """A patch mask the data pipeline draws per sample, in its loader workers.
 
     kind: a generator registered in `data.masks.MASK_GENERATORS` ("random": a uniform
-    random subset, as MAE; "block": BEiT's block-wise mask). ratio: fraction of patches masked.
+    random subset, as MAE; "block": BEiT's block-wise mask; "group": a uniform random subset
+    of square groups of patches, as SimMIM). ratio: fraction of patches (or groups) masked.
+    group_px: side in pixels of a "group" kind's groups, a multiple of the model's patch size.
     """
 
     kind: str
     ratio: float
+    group_px: int = 0
 
 
 @dataclass(frozen=True)

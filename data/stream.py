@@ -480,7 +480,7 @@ def build_train_loader(
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         grid = (img_size // patch_size, img_size // patch_size)
-        mask = (mask_generator(needs.mask), grid)
+        mask = (mask_generator(needs.mask, patch_size), grid)
     return ResumableLoader(
         urls,
         cfg=cfg,

@@ -117,7 +117,8 @@ class Objective(nn.Module):
         spec = self.data_needs(self.cfg).mask
         if spec is None:
             raise ValueError(f"objective {self.name!r} asks the data pipeline for no mask")
-        return batch_mask(batch, spec, self.backbone.grid_size, batch["views"][0].device)
+        backbone = self.backbone
+        return batch_mask(batch, spec, backbone.grid_size, batch["views"][0].device, patch_size=backbone.patch_size)
 
     def forward(self, batch: dict[str, Any]) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError

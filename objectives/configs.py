@@ -42,9 +42,10 @@ class ObjectiveConfig:
 
     # Registry name; set by the group's YAML (`objective=<name>`).
     name: str = "???"
-    # The objective reads a ViT's patch tokens (masking, per-patch targets). False: it uses only
-    # the pooled feature of an image, which any timm model gives (pretrain.config.backbone_problems).
-    needs_tokens: ClassVar[bool] = True
+    # Backbone families (pretrain.config.FAMILIES) the objective runs on: a ViT's patch tokens
+    # for masking and per-patch targets by default; ("any",) when it uses only the pooled
+    # feature of an image, which every timm model gives (pretrain.config.backbone_problems).
+    families: ClassVar[tuple[str, ...]] = ("vit",)
 
     def problems(self) -> list[tuple[str, str]]:
         """Checks that need no torch: (key, problem) pairs; empty when valid."""
@@ -109,6 +110,31 @@ class MAEConfig(ObjectiveConfig):
 TEACHER_SCHEMES = ("timm:", "models:/", "runs:/")
 TEACHER_FILE_SUFFIXES = (".safetensors", ".pt", ".pth")
 TEACHER_NORMALIZE = ("none", "layer_norm")
+
+
+@dataclass
+class SimMIMConfig(ObjectiveConfig):
+    """SimMIM (Xie et al., CVPR 2022). Defaults: microsoft/SimMIM models/simmim.py, data/data_simmim.py,
+    configs/*/simmim_pretrain__*.yaml."""
+
+    # A mask token replaces the embedding of every masked patch at the input; the encoder sees
+    # every position: a ViT or a Swin (its feature map).
+    families: ClassVar[tuple[str, ...]] = ("vit", "swin")
+
+    name: str = "simmim"
+    # Random masking of square groups of mask_patch_size px (32 px over 16-px ViT or 4-px Swin
+    # patches), ceil(groups x mask_ratio) groups per image (MaskGenerator: MASK_PATCH_SIZE 32,
+    # MASK_RATIO 0.6).
+    mask_ratio: float = 0.6
+    mask_patch_size: int = 32
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
+        if not 0.0 < self.mask_ratio < 1.0:
+            found.append(("objective.mask_ratio", f"must be in (0, 1), got {self.mask_ratio}"))
+        if self.mask_patch_size < 1:
+            found.append(("objective.mask_patch_size", f"must be >= 1, got {self.mask_patch_size}"))
+        return found
 
 
 @dataclass
@@ -350,7 +376,7 @@ class ViewAugmentConfig:
 class SimCLRConfig(ObjectiveConfig):
     """SimCLR: two views, encoder -> projection MLP -> NT-Xent over the gathered batch."""
 
-    needs_tokens: ClassVar[bool] = False
+    families: ClassVar[tuple[str, ...]] = ("any",)
 
     name: str = "simclr"
     # NT-Xent temperature: 0.1 with batch 4096 (tf2/run.py --temperature default, README ImageNet command).
@@ -388,7 +414,7 @@ class SimCLRConfig(ObjectiveConfig):
 class MoCoV3Config(ObjectiveConfig):
     """MoCo v3: query encoder + projector + predictor vs a momentum key encoder, symmetric InfoNCE x 2T."""
 
-    needs_tokens: ClassVar[bool] = False
+    families: ClassVar[tuple[str, ...]] = ("any",)
 
     name: str = "mocov3"
     # Softmax temperature (CONFIG.md ViT: --moco-t=.2); the loss is CE x 2T (builder.py contrastive_loss).

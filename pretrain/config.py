@@ -36,6 +36,8 @@ class ModelConfig:
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None
+    # More timm.create_model arguments, e.g. a Swin's window_size, depths and num_heads lists.
+    kwargs: dict[str, Any] = field(default_factory=dict)
     drop_path_rate: float = 0.0
     # Load timm's pretrained weights (needs network access to the hub).
     pretrained: bool = False
@@ -403,20 +405,19 @@ def model_family(m: ModelConfig) -> str:
 
 
 def backbone_problems(cfg: Any) -> list[tuple[str, str]]:
-    """An objective that needs a ViT's patch tokens on a backbone that has none."""
-    needs_tokens = getattr(type(cfg.objective), "needs_tokens", True)
+    """An objective on a backbone family it does not run on (e.g. masking patch tokens of a CNN)."""
+    accepted = getattr(type(cfg.objective), "families", ("vit",))
     family = model_family(cfg.model)
     if family not in FAMILIES:  # reported by model_problems
         return []
     found = list(cfg.objective.backbone_problems(family)) if hasattr(cfg.objective, "backbone_problems") else []
-    if not needs_tokens or family == "vit":
+    if "any" in accepted or family in accepted:
         return found
     return found + [
         (
             "model.arch",
-            f"objective {cfg.objective.name} needs patch tokens, and {cfg.model.arch} ({family}) pools its "
-            "features; backbones with patch tokens: timm ViTs (model=vit_*, or model.arch=<timm ViT>); "
-            "objectives on pooled features of any timm model: simclr, mocov3",
+            f"objective {cfg.objective.name} runs on {' or '.join(accepted)} backbones, and {cfg.model.arch} is a "
+            f"{family}; objectives on any timm model (pooled features): simclr, mocov3",
         )
     ]
 
@@ -431,7 +432,7 @@ def model_problems(m: ModelConfig) -> list[tuple[str, str]]:
             f"unknown family {m.family!r}; valid choices: auto, {', '.join(FAMILIES)}",
         )
     )
-    if m.img_size >= 1 and m.patch_size >= 1 and model_family(m) == "vit":
+    if m.img_size >= 1 and m.patch_size >= 1 and model_family(m) in ("vit", "swin"):
         checks.append(
             (
                 m.img_size % m.patch_size == 0,

@@ -1,16 +1,18 @@
 """The backbone contract: a timm model behind a small adapter.
 
-Two kinds, one shared surface (`timm_model`, `embed_dim`, `pooled(images)`):
+Three kinds, one shared surface (`timm_model`, `embed_dim`, `pooled(images)`):
 
 - `VitBackbone`, a timm ViT: patch tokens, keep-index masking, per-block features.
   Objectives use it instead of copying a ViT: MAE encodes only the kept tokens,
   BEiT-style MIM replaces tokens with a mask token, aggregation heads read the output
   of an intermediate block. Its pooled feature is the final normed CLS token.
-- `PooledBackbone`, any other timm model (ResNet, ConvNeXt, Swin, ...): only the pooled
+- `SwinBackbone`, a timm Swin: its pooled feature, and its final feature map with masked
+  patch embeddings (`feature_map`, which `VitBackbone` has too: SimMIM).
+- `PooledBackbone`, any other timm model (ResNet, ConvNeXt, ...): only the pooled
   feature timm's own head would see (`forward_head(..., pre_logits=True)`).
 
-An objective that reads patch tokens declares it in its config class (`needs_tokens`,
-objectives/configs.py); pairing it with a model that has none is a config error.
+An objective names the backbone families it runs on in its config class (`families`,
+objectives/configs.py); pairing it with another family is a config error.
 """
 
 from __future__ import annotations
@@ -135,6 +137,71 @@ class VitBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Plain forward: final normalised tokens (B, prefix + N, D)."""
         return self.encode(self.embed_patches(images)).tokens
+
+    # --- the masked feature map (SimMIM) ------------------------------------
+    @property
+    def patch_dim(self) -> int:
+        """Width of a patch embedding (where a mask token replaces it)."""
+        return self.embed_dim
+
+    @property
+    def stride(self) -> int:
+        """Pixels per position of `feature_map`."""
+        return self.patch_size
+
+    def feature_map(
+        self, images: torch.Tensor, *, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, 3, H, W) -> the final normed patch tokens as a map (B, D, H / stride, W / stride);
+        with `mask` (B, N) and `mask_token` (1, 1, D), masked patch embeddings are replaced first."""
+        tokens = self.encode(self.embed_patches(images, mask=mask, mask_token=mask_token)).tokens
+        patches = tokens[:, self.num_prefix_tokens :]  # (B, N, D)
+        return patches.transpose(1, 2).reshape(patches.shape[0], self.embed_dim, *self.grid_size)
+
+
+class SwinBackbone(nn.Module):
+    """A timm SwinTransformer: its pooled feature, and its final feature map with masked patch embeddings.
+
+    Weights keep timm's names under `model.`. Masking happens where SimMIM's Swin does it: on the
+    patch embeddings (B, H/p, W/p, C), before the first stage; the stages then see every position.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if not all(hasattr(model, name) for name in ("patch_embed", "layers", "norm", "feature_info")):
+            raise TypeError(f"{type(model).__name__} is not a timm SwinTransformer (patch_embed/layers/norm)")
+        self.model = model
+        self.patch_size = int(model.patch_embed.patch_size[0])
+        self.grid_size = tuple(int(g) for g in model.patch_embed.grid_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.embed_dim = int(model.num_features)
+        self.patch_dim = int(model.feature_info[0]["num_chs"])
+        self.stride = int(model.feature_info[-1]["reduction"])
+
+    @property
+    def timm_model(self) -> nn.Module:
+        return self.model
+
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D): timm's average pool of the final normed map."""
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pooled(images)
+
+    def feature_map(
+        self, images: torch.Tensor, *, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, 3, H, W) -> the final normed map (B, D, H / stride, W / stride) (timm's forward_features,
+        channels first); with `mask` (B, N) and `mask_token` (1, 1, C0), masked patch embeddings are replaced."""
+        x = self.model.patch_embed(images)  # (B, H/p, W/p, C0), channels last
+        if mask is not None:
+            if mask_token is None:
+                raise ValueError("feature_map: a mask needs a mask_token")
+            w = mask.view(x.shape[0], x.shape[1], x.shape[2], 1).to(x.dtype)
+            x = x * (1 - w) + mask_token.view(1, 1, 1, -1).to(x.dtype) * w
+        x = self.model.norm(self.model.layers(x))  # (B, h, w, D)
+        return x.permute(0, 3, 1, 2)
 
 
 class PooledBackbone(nn.Module):

@@ -62,9 +62,11 @@ def masking_from_mask(mask: torch.Tensor) -> RandomMask:
     return RandomMask(keep_idx=shuffle_idx[:, :num_keep], mask=mask.float(), restore_idx=restore_idx)
 
 
-def batch_mask(batch: dict[str, Any], spec: MaskSpec, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+def batch_mask(
+    batch: dict[str, Any], spec: MaskSpec, grid: tuple[int, int], device: torch.device, *, patch_size: int = 1
+) -> torch.Tensor:
     """(B, N) bool mask of a batch: `batch["mask"]` (drawn by the data pipeline), else one drawn for `spec`."""
     mask = batch.get("mask")
     if mask is None:
-        mask = draw_masks(spec, batch["views"][0].shape[0], grid, device)
+        mask = draw_masks(spec, batch["views"][0].shape[0], grid, device, patch_size=patch_size)
     return mask.to(device=device, dtype=torch.bool)

@@ -43,8 +43,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         ),
         (
             ["model=resnet18"],  # the default objective, MAE, reads patch tokens
-            "model.arch: objective mae needs patch tokens, and resnet18 (resnet) pools its features; backbones with "
-            "patch tokens: timm ViTs",
+            "model.arch: objective mae runs on vit backbones, and resnet18 is a resnet; objectives on any timm model "
+            "(pooled features): simclr, mocov3",
         ),
         (
             ["model=convnext_atto", "objective=mocov3", "objective.fixed_pos_embed=false"],
