@@ -94,23 +94,38 @@ def test_a_vits_pooled_feature_is_its_final_cls_token() -> None:
     assert bb.timm_model is bb.vit
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "convnext_atto"])
-def test_other_families_give_timms_pooled_features_and_export_under_timms_names(arch: str, tmp_path) -> None:
+SWIN = ModelConfig(
+    arch="swin_tiny_patch4_window7_224",
+    img_size=32,
+    patch_size=4,
+    embed_dim=16,
+    kwargs={"window_size": 4, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4]},
+)
+
+
+@pytest.mark.parametrize(
+    "cfg", [ModelConfig(arch="resnet18", img_size=32), ModelConfig(arch="convnext_atto", img_size=32), SWIN]
+)
+def test_other_families_give_timms_pooled_features_and_export_under_timms_names(cfg: ModelConfig, tmp_path) -> None:
     import timm
 
     from objectives.artifacts import save_encoder
+    from objectives.components.backbone import SwinBackbone
     from objectives.components.teacher import load_encoder
     from pretrain.features import pooled_features
 
-    cfg = ModelConfig(arch=arch, img_size=32)
-    assert arch_kwargs(cfg) == {"num_classes": 0}  # no ViT sizes for a CNN
+    arch = cfg.arch
+    if cfg is SWIN:  # a patch grid: built for the input size, with the Swin's own arguments
+        assert arch_kwargs(cfg) == {"num_classes": 0, "img_size": 32, "patch_size": 4, "embed_dim": 16, **cfg.kwargs}
+    else:
+        assert arch_kwargs(cfg) == {"num_classes": 0}  # no ViT sizes for a CNN
     torch.manual_seed(0)
     bb = build_backbone(cfg)
-    assert isinstance(bb, PooledBackbone) and bb.timm_model is bb.model
-    plain = timm.create_model(arch, num_classes=0)
+    assert isinstance(bb, SwinBackbone if cfg is SWIN else PooledBackbone) and bb.timm_model is bb.model
+    plain = timm.create_model(arch, **arch_kwargs(cfg))
     bn = sum(type(m) is nn.BatchNorm2d for m in plain.modules())
     assert sum(type(m) is SyncBatchNorm2d for m in bb.modules()) == bn  # every BN over the global batch
-    assert (bn > 0) == (arch == "resnet18")  # ConvNeXt normalises with LayerNorm
+    assert (bn > 0) == (arch == "resnet18")  # ConvNeXt and Swin normalise with LayerNorm
     images = torch.randn(3, 3, 32, 32)
     bb.train()
     bb(images)  # one training step's statistics, so that eval mode reads non-trivial running stats

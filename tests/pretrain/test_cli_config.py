@@ -34,12 +34,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     [
         (
             ["objective=nope"],
-            "objective: unknown objective 'nope'; valid choices: beitv2, ccvit, mae, maskdistill, mocov3, semaim, simclr, vqkd",
+            "objective: unknown objective 'nope'; valid choices: beitv2, ccvit, mae, maskdistill, mocov3, semaim, simclr, "
+            "simmim, vqkd",
         ),
         (
             ["model=vit_huge_typo"],
-            "valid choices: convnext_atto, convnext_tiny, resnet18, resnet50, vit_base, vit_large, vit_nano, vit_small, "
-            "vit_tiny",
+            "valid choices: convnext_atto, convnext_tiny, resnet18, resnet50, swin_base_192, swin_nano, vit_base, "
+            "vit_large, vit_nano, vit_small, vit_tiny",
         ),
         (
             ["model=resnet18"],  # the default objective, MAE, reads patch tokens
