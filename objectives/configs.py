@@ -459,6 +459,48 @@ class MoCoV3Config(ObjectiveConfig):
         ]
 
 
+@dataclass
+class MoBYConfig(ObjectiveConfig):
+    """MoBY (Xie et al., 2021, "Self-Supervised Learning with Swin Transformers"): MoCo v2 + BYOL.
+    Defaults: SwinTransformer/Transformer-SSL models/moby.py, configs/moby_swin_tiny.yaml."""
+
+    # The pooled feature only: any timm model (the paper: Swin-T and DeiT-S).
+    families: ClassVar[tuple[str, ...]] = ("any",)
+
+    name: str = "moby"
+    # CONTRAST_TEMPERATURE 0.2; CONTRAST_NUM_NEGATIVE 4096 keys per queue (one queue per view).
+    temperature: float = 0.2
+    queue_size: int = 4096
+    # Projector and predictor: 2-layer MLPs, hidden 4096, output 256, BN + ReLU between
+    # (PROJ_NUM_LAYERS 2, PRED_NUM_LAYERS 2, MoBYMLP inner_dim 4096 out_dim 256).
+    proj_layers: int = 2
+    pred_layers: int = 2
+    dim: int = 256
+    mlp_dim: int = 4096
+    # Target encoder momentum 0.99 -> 1 with a half cosine over training (CONTRAST_MOMENTUM 0.99,
+    # _momentum_update_key_encoder); its drop path is 0 (TARGET_DROP_PATH_RATE 0.0; the online
+    # encoder's is model.drop_path_rate, ONLINE_DROP_PATH_RATE 0.2 for Swin-T).
+    momentum: float = 0.99
+    # Optimizer steps of the cosine schedule; 0 = the run's length (trainer.max_steps).
+    total_steps: int = 0
+    # BYOL's asymmetric views (AUG.SSL_AUG, as MoCo v3): view 1 blur p=1.0; view 2 blur p=0.1 + solarise p=0.2.
+    view1: ViewAugmentConfig = field(default_factory=ViewAugmentConfig)
+    view2: ViewAugmentConfig = field(default_factory=lambda: ViewAugmentConfig(blur_prob=0.1, solarize_prob=0.2))
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = self.view1.problems("objective.view1") + self.view2.problems("objective.view2")
+        if not self.temperature > 0:
+            found.append(("objective.temperature", f"must be > 0, got {self.temperature}"))
+        for key in ("queue_size", "proj_layers", "pred_layers", "dim", "mlp_dim"):
+            if getattr(self, key) < 1:
+                found.append((f"objective.{key}", f"must be >= 1, got {getattr(self, key)}"))
+        if not 0.0 <= self.momentum < 1.0:
+            found.append(("objective.momentum", f"must be in [0, 1), got {self.momentum}"))
+        if self.total_steps < 0:
+            found.append(("objective.total_steps", f"must be >= 0 (0 = trainer.max_steps), got {self.total_steps}"))
+        return found
+
+
 # CCViT: "Centroid-centered Modeling for Efficient Vision Transformer Pre-training" (Yan et al.,
 # 2023, arXiv 2303.04664). Values from the official code Cakeyan/CCViT_Public: README.md (ViT-B
 # pre-training command), train_faiss_kmeans.py, run_ccvit_pretraining.py, datasets.py,

@@ -417,7 +417,7 @@ def backbone_problems(cfg: Any) -> list[tuple[str, str]]:
         (
             "model.arch",
             f"objective {cfg.objective.name} runs on {' or '.join(accepted)} backbones, and {cfg.model.arch} is a "
-            f"{family}; objectives on any timm model (pooled features): simclr, mocov3",
+            f"{family}; objectives on any timm model (pooled features): simclr, mocov3, moby",
         )
     ]
 

@@ -125,6 +125,26 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> Contrastiv
     return ContrastiveLoss(loss, accuracy)
 
 
+def queue_contrast(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> ContrastiveLoss:
+    """MoCo v2 / MoBY's loss against a queue of negatives (Transformer-SSL models/moby.py `contrastive_loss`).
+
+    q: (N, D) local predictions, k: (N, D) their positive keys, queue: (D, K) earlier keys.
+    q and k are l2-normalised; logits = [q . k, q @ queue] / T (N, 1 + K); label 0 (the
+    positive) for every row; the mean cross-entropy. No gradient reaches k or the queue.
+    Computed in float32.
+    """
+    q = F.normalize(q.float(), dim=1)
+    k = F.normalize(k.float().detach(), dim=1)
+    positive = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
+    negative = q @ queue.detach().float()  # (N, K)
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    loss = F.cross_entropy(logits, labels)
+    with torch.no_grad():
+        accuracy = (logits.argmax(dim=1) == 0).float().mean()
+    return ContrastiveLoss(loss, accuracy)
+
+
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> ContrastiveLoss:
     """SimCLR's NT-Xent loss (Chen et al. 2020, Eq. 1 and Alg. 1), negatives from the whole gathered batch.
 
@@ -226,13 +246,15 @@ def global_batchnorm(module: nn.Module) -> nn.Module:
 
 
 def projection_mlp(
-    num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, *, last_bn: bool = True
+    num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, *, last_bn: bool = True, out_bias: bool = False
 ) -> nn.Sequential:
     """MoCo v3's projector/predictor MLP (moco-v3 moco/builder.py `_build_mlp`), also SimCLR's head.
 
     num_layers x Linear without bias; every hidden layer is followed by BatchNorm and ReLU,
     the last (if last_bn) by BatchNorm without affine parameters ("follow SimCLR's
-    design ... removed gamma"). BatchNorms are synchronised over ranks.
+    design ... removed gamma"). BatchNorms are synchronised over ranks. MoBY's MLP
+    (Transformer-SSL models/moby.py `MoBYMLP`): last_bn=False, out_bias=True (its last
+    Linear keeps the bias; the hidden ones' biases are cancelled by the BatchNorm anyway).
     """
     if num_layers < 1:
         raise ValueError(f"an MLP needs >= 1 layer, got {num_layers}")
@@ -241,7 +263,7 @@ def projection_mlp(
         dim_in = in_dim if i == 0 else hidden_dim
         last = i == num_layers - 1
         dim_out = out_dim if last else hidden_dim
-        layers.append(nn.Linear(dim_in, dim_out, bias=False))
+        layers.append(nn.Linear(dim_in, dim_out, bias=out_bias and last))
         if not last:
             layers += [SyncBatchNorm1d(dim_out), nn.ReLU()]
         elif last_bn:

@@ -34,8 +34,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     [
         (
             ["objective=nope"],
-            "objective: unknown objective 'nope'; valid choices: beitv2, ccvit, mae, maskdistill, mocov3, semaim, simclr, "
-            "simmim, vqkd",
+            "objective: unknown objective 'nope'; valid choices: beitv2, ccvit, mae, maskdistill, moby, mocov3, semaim, "
+            "simclr, simmim, vqkd",
         ),
         (
             ["model=vit_huge_typo"],
@@ -45,7 +45,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (
             ["model=resnet18"],  # the default objective, MAE, reads patch tokens
             "model.arch: objective mae runs on vit backbones, and resnet18 is a resnet; objectives on any timm model "
-            "(pooled features): simclr, mocov3",
+            "(pooled features): simclr, mocov3, moby",
         ),
         (
             ["model=convnext_atto", "objective=mocov3", "objective.fixed_pos_embed=false"],
