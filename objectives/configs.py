@@ -138,6 +138,34 @@ class SimMIMConfig(ObjectiveConfig):
 
 
 @dataclass
+class FCMAEConfig(ObjectiveConfig):
+    """FCMAE (Woo et al., CVPR 2023, ConvNeXt V2). Defaults: facebookresearch/ConvNeXt-V2 models/fcmae.py,
+    main_pretrain.py, TRAINING.md."""
+
+    # A fully convolutional encoder with dense masking: ConvNeXt (the paper's: ConvNeXt V2, with GRN).
+    families: ClassVar[tuple[str, ...]] = ("convnext",)
+
+    name: str = "fcmae"
+    # Fraction of the 32 x 32 px regions (one per position of the encoder's final map) masked
+    # per image (--mask_ratio 0.6; gen_random_mask: L - int(L x 0.4) of L regions).
+    mask_ratio: float = 0.6
+    # One ConvNeXt V2 block of width 512 (--decoder_depth 1 --decoder_embed_dim 512).
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 1
+    # MSE on per-patch normalised pixels of the masked regions (--norm_pix_loss, on by default).
+    norm_pix_loss: bool = True
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
+        if not 0.0 < self.mask_ratio < 1.0:
+            found.append(("objective.mask_ratio", f"must be in (0, 1), got {self.mask_ratio}"))
+        for key in ("decoder_embed_dim", "decoder_depth"):
+            if getattr(self, key) < 1:
+                found.append((f"objective.{key}", f"must be >= 1, got {getattr(self, key)}"))
+        return found
+
+
+@dataclass
 class TeacherConfig:
     """A frozen network whose features are the targets of VQ-KD, MaskDistill and SemAIM*.
 

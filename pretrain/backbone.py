@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from objectives.components.backbone import (
+    ConvNeXtBackbone,
     PooledBackbone,
     SwinBackbone,
     VitBackbone,
@@ -34,7 +35,7 @@ def arch_kwargs(cfg: ModelConfig) -> dict[str, object]:
     return kwargs
 
 
-def build_backbone(cfg: ModelConfig) -> VitBackbone | SwinBackbone | PooledBackbone:
+def build_backbone(cfg: ModelConfig) -> VitBackbone | SwinBackbone | ConvNeXtBackbone | PooledBackbone:
     """Create the timm model named by `cfg.arch` with the config's overrides, behind its adapter."""
     import timm  # slow import (~5 s): only where a model is built
 
@@ -43,6 +44,8 @@ def build_backbone(cfg: ModelConfig) -> VitBackbone | SwinBackbone | PooledBackb
     kwargs = {**arch_kwargs(cfg), "pretrained": cfg.pretrained, "drop_path_rate": cfg.drop_path_rate}
     model = timm.create_model(cfg.arch, **kwargs)
     family = model_family(cfg)
+    if family == "convnext":
+        return ConvNeXtBackbone(model, cfg.img_size)
     if family not in ("vit", "swin"):
         return PooledBackbone(model)
     set_fused_attn(model, fused_attn_enabled(cfg.fused_attn))  # "auto" is settled where the device is known

@@ -392,6 +392,13 @@ FAMILY_PREFIXES = {
     "swin": ("swin",),
 }
 FAMILIES = (*FAMILY_PREFIXES, "other")
+# The model options (pretrain/conf/model/) of each family, named in errors: a CPU one first.
+FAMILY_MODELS = {
+    "vit": "vit_nano, vit_base",
+    "resnet": "resnet18, resnet50",
+    "convnext": "convnextv2_nano_32, convnextv2_base, convnext_atto",
+    "swin": "swin_nano, swin_base_192",
+}
 
 
 def model_family(m: ModelConfig) -> str:
@@ -404,6 +411,18 @@ def model_family(m: ModelConfig) -> str:
     return "other"
 
 
+# A ConvNeXt's stem is a patchify convolution of this stride (timm's default), then three 2x downsamplings.
+CONVNEXT_STEM_STRIDE = 4
+
+
+def mask_unit(m: ModelConfig) -> int:
+    """Pixels per cell of the grid the data pipeline draws masks on: a ViT's or Swin's patch; a
+    ConvNeXt's final stride (its stem stride x 8: FCMAE masks 32-px regions at the standard stem)."""
+    if model_family(m) == "convnext":
+        return int(dict(m.kwargs).get("patch_size", CONVNEXT_STEM_STRIDE)) * 8
+    return m.patch_size
+
+
 def backbone_problems(cfg: Any) -> list[tuple[str, str]]:
     """An objective on a backbone family it does not run on (e.g. masking patch tokens of a CNN)."""
     accepted = getattr(type(cfg.objective), "families", ("vit",))
@@ -413,11 +432,12 @@ def backbone_problems(cfg: Any) -> list[tuple[str, str]]:
     found = list(cfg.objective.backbone_problems(family)) if hasattr(cfg.objective, "backbone_problems") else []
     if "any" in accepted or family in accepted:
         return found
+    models = "; ".join(f"{f}: model={FAMILY_MODELS[f]}" for f in accepted if f in FAMILY_MODELS)
     return found + [
         (
             "model.arch",
-            f"objective {cfg.objective.name} runs on {' or '.join(accepted)} backbones, and {cfg.model.arch} is a "
-            f"{family}; objectives on any timm model (pooled features): simclr, mocov3, moby",
+            f"objective {cfg.objective.name} runs on {' or '.join(accepted)} backbones ({models}), and "
+            f"{cfg.model.arch} is a {family}; objectives on any timm model: simclr, mocov3, moby",
         )
     ]
 
@@ -438,6 +458,14 @@ def model_problems(m: ModelConfig) -> list[tuple[str, str]]:
                 m.img_size % m.patch_size == 0,
                 "model.img_size",
                 f"{m.img_size} is not a multiple of model.patch_size={m.patch_size}",
+            )
+        )
+    if m.img_size >= 1 and model_family(m) == "convnext" and m.img_size % mask_unit(m):
+        checks.append(
+            (
+                False,
+                "model.img_size",
+                f"{m.img_size} is not a multiple of the ConvNeXt's final stride {mask_unit(m)} (stem stride x 8)",
             )
         )
     if m.embed_dim is not None and m.num_heads:

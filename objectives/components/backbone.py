@@ -1,6 +1,6 @@
 """The backbone contract: a timm model behind a small adapter.
 
-Three kinds, one shared surface (`timm_model`, `embed_dim`, `pooled(images)`):
+Four kinds, one shared surface (`timm_model`, `embed_dim`, `pooled(images)`):
 
 - `VitBackbone`, a timm ViT: patch tokens, keep-index masking, per-block features.
   Objectives use it instead of copying a ViT: MAE encodes only the kept tokens,
@@ -8,7 +8,9 @@ Three kinds, one shared surface (`timm_model`, `embed_dim`, `pooled(images)`):
   of an intermediate block. Its pooled feature is the final normed CLS token.
 - `SwinBackbone`, a timm Swin: its pooled feature, and its final feature map with masked
   patch embeddings (`feature_map`, which `VitBackbone` has too: SimMIM).
-- `PooledBackbone`, any other timm model (ResNet, ConvNeXt, ...): only the pooled
+- `ConvNeXtBackbone`, a timm ConvNeXt: its pooled feature, and its final feature map with
+  masked regions computed densely as a sparse convolution would (`feature_map`: FCMAE).
+- `PooledBackbone`, any other timm model (ResNet, ...): only the pooled
   feature timm's own head would see (`forward_head(..., pre_logits=True)`).
 
 An objective names the backbone families it runs on in its config class (`families`,
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -202,6 +205,82 @@ class SwinBackbone(nn.Module):
             x = x * (1 - w) + mask_token.view(1, 1, 1, -1).to(x.dtype) * w
         x = self.model.norm(self.model.layers(x))  # (B, h, w, D)
         return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBackbone(nn.Module):
+    """A timm ConvNeXt (V1 or V2): its pooled feature, and its final feature map with masked regions.
+
+    `feature_map(images, mask=)` is FCMAE's dense stand-in for sparse convolution (ConvNeXt V2
+    TRAINING.md, "masked (dense) convolution", the model the paper trained with): masked
+    positions are set to zero after the stem, before and after every depthwise convolution
+    (the only layer that mixes positions), and at the input of every Global Response Norm (the
+    only one that pools over positions), so visible positions see exactly what a sparse
+    convolution over the visible positions computes. Masks are on the final grid (one position
+    per `stride` px, 32 for the standard stem), upsampled to each stage's grid. Weights keep
+    timm's names under `model.`.
+    """
+
+    def __init__(self, model: nn.Module, img_size: int) -> None:
+        super().__init__()
+        if not all(hasattr(model, name) for name in ("stem", "stages", "feature_info")):
+            raise TypeError(f"{type(model).__name__} is not a timm ConvNeXt (stem/stages)")
+        self.model = model
+        self.embed_dim = int(model.num_features)
+        self.stride = self.patch_size = int(model.feature_info[-1]["reduction"])
+        if img_size % self.stride:
+            raise ValueError(f"model.img_size={img_size} is not a multiple of the ConvNeXt's stride {self.stride}")
+        self.grid_size = (img_size // self.stride, img_size // self.stride)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self._visible: torch.Tensor | None = None  # (B, 1, h, w) at the final grid during a masked forward
+        model.stem.register_forward_hook(self._mask_output)
+        for stage in model.stages:
+            for block in stage.blocks:
+                block.conv_dw.register_forward_pre_hook(self._mask_input)
+                block.conv_dw.register_forward_hook(self._mask_output)
+                grn = getattr(getattr(block, "mlp", None), "grn", None)
+                if grn is not None:
+                    grn.register_forward_pre_hook(self._mask_input)
+
+    @property
+    def timm_model(self) -> nn.Module:
+        return self.model
+
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D): timm's average pool and head norm."""
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pooled(images)
+
+    def _visible_like(self, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+        """The visible-position mask (1 = visible) at the grid of `x`: (B, 1, H, W) or (B, H, W, 1)."""
+        visible = self._visible
+        height = x.shape[1] if channels_last else x.shape[2]
+        scale = height // visible.shape[2]
+        up = visible.repeat_interleave(scale, 2).repeat_interleave(scale, 3).to(x.dtype)  # (B, 1, H, W)
+        return up.permute(0, 2, 3, 1) if channels_last else up
+
+    def _mask_input(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        if self._visible is None:
+            return None
+        channels_last = tuple(getattr(module, "spatial_dim", (2, 3))) == (1, 2)  # timm's GRN after a Linear
+        return (args[0] * self._visible_like(args[0], channels_last), *args[1:])
+
+    def _mask_output(self, module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
+        if self._visible is None:
+            return None
+        return out * self._visible_like(out, channels_last=False)  # the stem and depthwise convolutions: (B, C, H, W)
+
+    def feature_map(self, images: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) -> the final map (B, D, H / stride, W / stride); with `mask` (B, N) over the final
+        grid (True = masked), computed as on the visible regions only (masked positions hold no meaning)."""
+        if mask is None:
+            return self.model.forward_features(images)
+        self._visible = (~mask.bool()).view(mask.shape[0], 1, *self.grid_size)
+        try:
+            return self.model.forward_features(images)
+        finally:
+            self._visible = None
 
 
 class PooledBackbone(nn.Module):

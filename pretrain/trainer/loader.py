@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pretrain.config import PretrainConfig
+from pretrain.config import PretrainConfig, mask_unit
 
 if TYPE_CHECKING:
     from data.stream import ResumableLoader
@@ -35,5 +35,5 @@ def build_loader(cfg: PretrainConfig, urls: list[str], *, rank: int, world_size:
         rank=rank,
         world_size=world_size,
         seed=seed,
-        patch_size=cfg.model.patch_size,
+        patch_size=mask_unit(cfg.model),
     )

@@ -110,7 +110,7 @@ def test_other_families_give_timms_pooled_features_and_export_under_timms_names(
     import timm
 
     from objectives.artifacts import save_encoder
-    from objectives.components.backbone import SwinBackbone
+    from objectives.components.backbone import ConvNeXtBackbone, SwinBackbone
     from objectives.components.teacher import load_encoder
     from pretrain.features import pooled_features
 
@@ -121,7 +121,10 @@ def test_other_families_give_timms_pooled_features_and_export_under_timms_names(
         assert arch_kwargs(cfg) == {"num_classes": 0}  # no ViT sizes for a CNN
     torch.manual_seed(0)
     bb = build_backbone(cfg)
-    assert isinstance(bb, SwinBackbone if cfg is SWIN else PooledBackbone) and bb.timm_model is bb.model
+    adapter = {"swin_tiny_patch4_window7_224": SwinBackbone, "convnext_atto": ConvNeXtBackbone}.get(
+        arch, PooledBackbone
+    )
+    assert isinstance(bb, adapter) and bb.timm_model is bb.model
     plain = timm.create_model(arch, **arch_kwargs(cfg))
     bn = sum(type(m) is nn.BatchNorm2d for m in plain.modules())
     assert sum(type(m) is SyncBatchNorm2d for m in bb.modules()) == bn  # every BN over the global batch

@@ -34,23 +34,28 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     [
         (
             ["objective=nope"],
-            "objective: unknown objective 'nope'; valid choices: beitv2, ccvit, mae, maskdistill, moby, mocov3, semaim, "
-            "simclr, simmim, vqkd",
+            "objective: unknown objective 'nope'; valid choices: beitv2, ccvit, fcmae, mae, maskdistill, moby, mocov3, "
+            "semaim, simclr, simmim, vqkd",
         ),
         (
             ["model=vit_huge_typo"],
-            "valid choices: convnext_atto, convnext_tiny, resnet18, resnet50, swin_base_192, swin_nano, vit_base, "
-            "vit_large, vit_nano, vit_small, vit_tiny",
+            "valid choices: convnext_atto, convnext_tiny, convnextv2_base, convnextv2_nano_32, resnet18, resnet50, "
+            "swin_base_192, swin_nano, vit_base, vit_large, vit_nano, vit_small, vit_tiny",
         ),
         (
             ["model=resnet18"],  # the default objective, MAE, reads patch tokens
-            "model.arch: objective mae runs on vit backbones, and resnet18 is a resnet; objectives on any timm model "
-            "(pooled features): simclr, mocov3, moby",
+            "model.arch: objective mae runs on vit backbones (vit: model=vit_nano, vit_base), and resnet18 is a resnet; "
+            "objectives on any timm model: simclr, mocov3, moby",
         ),
         (
             ["model=convnext_atto", "objective=mocov3", "objective.fixed_pos_embed=false"],
             "objective.freeze_patch_embed: is a ViT setting (a convnext backbone has no ViT patch projection); set it "
             "false",
+        ),
+        (
+            ["objective=fcmae"],  # on the default ViT
+            "model.arch: objective fcmae runs on convnext backbones (convnext: model=convnextv2_nano_32, "
+            "convnextv2_base, convnext_atto), and vit_tiny_patch16_224 is a vit",
         ),
         (["model.family=cnn"], "model.family: unknown family 'cnn'; valid choices: auto, vit, resnet, convnext"),
         (["trainer.nope=1"], "trainer.nope: unknown key 'nope'; valid keys under trainer:"),
@@ -140,7 +145,7 @@ def test_every_objective_yaml_has_a_registered_class_and_back() -> None:
 
     assert group_options("objective") == available()
     # Values without a default (the tokenizer of beitv2) are given as a user would.
-    required = {"beitv2": ["objective.tokenizer=models:/vqkd-x/latest"]}
+    required = {"beitv2": ["objective.tokenizer=models:/vqkd-x/latest"], "fcmae": ["model=convnextv2_nano_32"]}
     for name in available():
         assert load_config([f"objective={name}", *required.get(name, [])]).objective.name == name
 
