@@ -459,8 +459,9 @@ class MoCoV3Config(ObjectiveConfig):
     total_steps: int = 0
     # Frozen random patch projection (--stop-grad-conv1 in every ViT recipe of CONFIG.md; vits.py re-inits it
     # xavier-uniform and sets requires_grad=False), and fixed 2-D sin-cos position embeddings (vits.py).
-    freeze_patch_embed: bool = True
-    fixed_pos_embed: bool = True
+    # "auto": on for a ViT, off for other backbones (the ResNet recipe has neither: main_moco.py resnet50).
+    freeze_patch_embed: bool | str = "auto"
+    fixed_pos_embed: bool | str = "auto"
     # Asymmetric views (main_moco.py, BYOL's recipe): view 1 blur p=1.0; view 2 blur p=0.1 + solarise p=0.2.
     view1: ViewAugmentConfig = field(default_factory=ViewAugmentConfig)
     view2: ViewAugmentConfig = field(default_factory=lambda: ViewAugmentConfig(blur_prob=0.1, solarize_prob=0.2))
@@ -476,14 +477,18 @@ class MoCoV3Config(ObjectiveConfig):
             found.append(("objective.momentum", f"must be in [0, 1), got {self.momentum}"))
         if self.total_steps < 0:
             found.append(("objective.total_steps", f"must be >= 0 (0 = trainer.max_steps), got {self.total_steps}"))
+        for key in ("freeze_patch_embed", "fixed_pos_embed"):
+            value = getattr(self, key)
+            if not (isinstance(value, bool) or value == "auto"):
+                found.append((f"objective.{key}", f"must be true, false or auto, got {value!r}"))
         return found
 
     def backbone_problems(self, family: str) -> list[tuple[str, str]]:
         # The ViT recipe's two tricks act on a patch projection and position embeddings.
         return [
-            (f"objective.{key}", f"is a ViT setting (a {family} backbone has no ViT {what}); set it false")
+            (f"objective.{key}", f"is a ViT setting (a {family} backbone has no ViT {what}); use auto or false")
             for key, what in (("freeze_patch_embed", "patch projection"), ("fixed_pos_embed", "position embedding"))
-            if family != "vit" and getattr(self, key)
+            if family != "vit" and getattr(self, key) is True
         ]
 
 

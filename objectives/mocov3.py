@@ -54,11 +54,17 @@ class MoCoV3(Objective):
     ) -> None:
         super().__init__(cfg, backbone, context)
         width = backbone.embed_dim
-        if (cfg.fixed_pos_embed or cfg.freeze_patch_embed) and not isinstance(backbone, VitBackbone):
-            raise ValueError("objective.fixed_pos_embed and objective.freeze_patch_embed are for ViTs; set them false")
-        if cfg.fixed_pos_embed:  # vits.py build_2d_sincos_position_embedding (the same table up to the axis order)
+        vit = isinstance(backbone, VitBackbone)
+        fixed_pos, frozen_patch = (
+            vit if value == "auto" else value for value in (cfg.fixed_pos_embed, cfg.freeze_patch_embed)
+        )
+        if (fixed_pos or frozen_patch) and not vit:
+            raise ValueError(
+                "objective.fixed_pos_embed and objective.freeze_patch_embed are for ViTs; use auto or false"
+            )
+        if fixed_pos:  # vits.py build_2d_sincos_position_embedding (the same table up to the axis order)
             backbone.use_fixed_pos_embed(sincos_2d(width, *backbone.grid_size))
-        if cfg.freeze_patch_embed:
+        if frozen_patch:
             freeze_patch_projection(backbone)
         self.projector = projection_mlp(3, width, cfg.mlp_dim, cfg.dim)  # (B, D) -> (B, dim)
         self.predictor = projection_mlp(2, cfg.dim, cfg.mlp_dim, cfg.dim)  # (B, dim) -> (B, dim)

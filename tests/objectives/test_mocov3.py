@@ -151,7 +151,8 @@ def test_registry_data_needs_and_config_problems() -> None:
     cfg = MoCoV3Config()
     assert cfg.problems() == []
     assert (cfg.temperature, cfg.dim, cfg.mlp_dim, cfg.momentum) == (0.2, 256, 4096, 0.99)
-    assert cfg.momentum_cosine and cfg.freeze_patch_embed and cfg.fixed_pos_embed and cfg.total_steps == 0
+    assert cfg.momentum_cosine and cfg.total_steps == 0
+    assert (cfg.freeze_patch_embed, cfg.fixed_pos_embed) == ("auto", "auto")  # on for a ViT
     assert (cfg.view1.blur_prob, cfg.view1.solarize_prob, cfg.view2.blur_prob, cfg.view2.solarize_prob) == (
         1.0,
         0.0,
@@ -247,14 +248,15 @@ def test_momentum_update_under_zero3_and_checkpoint_round_trip(tmp_path: Path, g
 def test_on_a_cnn_the_key_encoder_copies_the_whole_backbone_and_the_loss_falls() -> None:
     """ResNet-18 (BatchNorm over the global batch): queries and keys from timm's pooled features."""
     off = ViewAugmentConfig(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
-    cfg = MoCoV3Config(
-        mlp_dim=64, dim=16, total_steps=20, view1=off, view2=off, freeze_patch_embed=False, fixed_pos_embed=False
-    )
+    cfg = MoCoV3Config(mlp_dim=64, dim=16, total_steps=20, view1=off, view2=off)  # "auto": off on a CNN
     assert cfg.backbone_problems("resnet") == []
-    assert [k for k, _ in MoCoV3Config().backbone_problems("resnet")] == [
+    forced = MoCoV3Config(freeze_patch_embed=True, fixed_pos_embed=True)
+    assert [k for k, _ in forced.backbone_problems("resnet")] == [
         "objective.freeze_patch_embed",
         "objective.fixed_pos_embed",
     ]
+    assert forced.backbone_problems("vit") == []
+    assert [k for k, _ in MoCoV3Config(fixed_pos_embed="yes").problems()] == ["objective.fixed_pos_embed"]
     torch.manual_seed(0)
     model = MoCoV3(cfg, build_backbone(ModelConfig(arch="resnet18"))).train()
     key = model.momentum_encoder["backbone"]
@@ -263,7 +265,10 @@ def test_on_a_cnn_the_key_encoder_copies_the_whole_backbone_and_the_loss_falls()
     assert key.state_dict().keys() == query_state.keys()
     assert all(torch.equal(key.state_dict()[k], v) for k, v in query_state.items())
     with pytest.raises(ValueError, match="are for ViTs"):
-        MoCoV3(MoCoV3Config(mlp_dim=64, dim=16, total_steps=20), build_backbone(ModelConfig(arch="resnet18")))
+        MoCoV3(
+            MoCoV3Config(mlp_dim=64, dim=16, total_steps=20, freeze_patch_embed=True),
+            build_backbone(ModelConfig(arch="resnet18")),
+        )
     batch = {"views": views(8, 4)}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []

@@ -48,9 +48,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
             "objectives on any timm model: simclr, mocov3, moby",
         ),
         (
-            ["model=convnext_atto", "objective=mocov3", "objective.fixed_pos_embed=false"],
-            "objective.freeze_patch_embed: is a ViT setting (a convnext backbone has no ViT patch projection); set it "
-            "false",
+            ["model=convnext_atto", "objective=mocov3", "objective.freeze_patch_embed=true"],
+            "objective.freeze_patch_embed: is a ViT setting (a convnext backbone has no ViT patch projection); use "
+            "auto or false",
         ),
         (
             ["objective=fcmae"],  # on the default ViT
