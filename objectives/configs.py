@@ -438,6 +438,21 @@ class SimCLRConfig(ObjectiveConfig):
 
 # MoCo v3: Chen, Xie, He, "An Empirical Study of Training Self-Supervised Vision Transformers" (ICCV 2021);
 # facebookresearch/moco-v3 (main_moco.py, moco/builder.py MoCo_ViT, vits.py, CONFIG.md ViT recipes).
+def momentum_contrast_problems(cfg: Any, sizes: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The checks MoCo v3 and MoBY share: two views, temperature, head sizes, momentum and its schedule."""
+    found = cfg.view1.problems("objective.view1") + cfg.view2.problems("objective.view2")
+    if not cfg.temperature > 0:
+        found.append(("objective.temperature", f"must be > 0, got {cfg.temperature}"))
+    for key in sizes:
+        if getattr(cfg, key) < 1:
+            found.append((f"objective.{key}", f"must be >= 1, got {getattr(cfg, key)}"))
+    if not 0.0 <= cfg.momentum < 1.0:
+        found.append(("objective.momentum", f"must be in [0, 1), got {cfg.momentum}"))
+    if cfg.total_steps < 0:
+        found.append(("objective.total_steps", f"must be >= 0 (0 = trainer.max_steps), got {cfg.total_steps}"))
+    return found
+
+
 @dataclass
 class MoCoV3Config(ObjectiveConfig):
     """MoCo v3: query encoder + projector + predictor vs a momentum key encoder, symmetric InfoNCE x 2T."""
@@ -467,16 +482,7 @@ class MoCoV3Config(ObjectiveConfig):
     view2: ViewAugmentConfig = field(default_factory=lambda: ViewAugmentConfig(blur_prob=0.1, solarize_prob=0.2))
 
     def problems(self) -> list[tuple[str, str]]:
-        found = self.view1.problems("objective.view1") + self.view2.problems("objective.view2")
-        if not self.temperature > 0:
-            found.append(("objective.temperature", f"must be > 0, got {self.temperature}"))
-        for key in ("dim", "mlp_dim"):
-            if getattr(self, key) < 1:
-                found.append((f"objective.{key}", f"must be >= 1, got {getattr(self, key)}"))
-        if not 0.0 <= self.momentum < 1.0:
-            found.append(("objective.momentum", f"must be in [0, 1), got {self.momentum}"))
-        if self.total_steps < 0:
-            found.append(("objective.total_steps", f"must be >= 0 (0 = trainer.max_steps), got {self.total_steps}"))
+        found = momentum_contrast_problems(self, ("dim", "mlp_dim"))
         for key in ("freeze_patch_embed", "fixed_pos_embed"):
             value = getattr(self, key)
             if not (isinstance(value, bool) or value == "auto"):
@@ -521,17 +527,7 @@ class MoBYConfig(ObjectiveConfig):
     view2: ViewAugmentConfig = field(default_factory=lambda: ViewAugmentConfig(blur_prob=0.1, solarize_prob=0.2))
 
     def problems(self) -> list[tuple[str, str]]:
-        found = self.view1.problems("objective.view1") + self.view2.problems("objective.view2")
-        if not self.temperature > 0:
-            found.append(("objective.temperature", f"must be > 0, got {self.temperature}"))
-        for key in ("queue_size", "proj_layers", "pred_layers", "dim", "mlp_dim"):
-            if getattr(self, key) < 1:
-                found.append((f"objective.{key}", f"must be >= 1, got {getattr(self, key)}"))
-        if not 0.0 <= self.momentum < 1.0:
-            found.append(("objective.momentum", f"must be in [0, 1), got {self.momentum}"))
-        if self.total_steps < 0:
-            found.append(("objective.total_steps", f"must be >= 0 (0 = trainer.max_steps), got {self.total_steps}"))
-        return found
+        return momentum_contrast_problems(self, ("queue_size", "proj_layers", "pred_layers", "dim", "mlp_dim"))
 
 
 # CCViT: "Centroid-centered Modeling for Efficient Vision Transformer Pre-training" (Yan et al.,

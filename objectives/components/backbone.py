@@ -162,7 +162,24 @@ class VitBackbone(nn.Module):
         return patches.transpose(1, 2).reshape(patches.shape[0], self.embed_dim, *self.grid_size)
 
 
-class SwinBackbone(nn.Module):
+class _TimmHeadBackbone(nn.Module):
+    """What the non-ViT adapters share: the wrapped timm model under `model.`, and its pooled feature."""
+
+    model: nn.Module
+
+    @property
+    def timm_model(self) -> nn.Module:
+        return self.model
+
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D): the features timm's classifier would read (pooled, head norm applied)."""
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pooled(images)
+
+
+class SwinBackbone(_TimmHeadBackbone):
     """A timm SwinTransformer: its pooled feature, and its final feature map with masked patch embeddings.
 
     Weights keep timm's names under `model.`. Masking happens where SimMIM's Swin does it: on the
@@ -181,17 +198,6 @@ class SwinBackbone(nn.Module):
         self.patch_dim = int(model.feature_info[0]["num_chs"])
         self.stride = int(model.feature_info[-1]["reduction"])
 
-    @property
-    def timm_model(self) -> nn.Module:
-        return self.model
-
-    def pooled(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, D): timm's average pool of the final normed map."""
-        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.pooled(images)
-
     def feature_map(
         self, images: torch.Tensor, *, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -207,7 +213,7 @@ class SwinBackbone(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-class ConvNeXtBackbone(nn.Module):
+class ConvNeXtBackbone(_TimmHeadBackbone):
     """A timm ConvNeXt (V1 or V2): its pooled feature, and its final feature map with masked regions.
 
     `feature_map(images, mask=)` is FCMAE's dense stand-in for sparse convolution (ConvNeXt V2
@@ -232,6 +238,7 @@ class ConvNeXtBackbone(nn.Module):
         self.grid_size = (img_size // self.stride, img_size // self.stride)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self._visible: torch.Tensor | None = None  # (B, 1, h, w) at the final grid during a masked forward
+        self._visible_at: dict[tuple[int, bool, torch.dtype], torch.Tensor] = {}  # that mask per grid, this forward
         model.stem.register_forward_hook(self._mask_output)
         for stage in model.stages:
             for block in stage.blocks:
@@ -241,24 +248,19 @@ class ConvNeXtBackbone(nn.Module):
                 if grn is not None:
                     grn.register_forward_pre_hook(self._mask_input)
 
-    @property
-    def timm_model(self) -> nn.Module:
-        return self.model
-
-    def pooled(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, D): timm's average pool and head norm."""
-        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.pooled(images)
-
     def _visible_like(self, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-        """The visible-position mask (1 = visible) at the grid of `x`: (B, 1, H, W) or (B, H, W, 1)."""
-        visible = self._visible
+        """The visible-position mask (1 = visible) at the grid of `x`: (B, 1, H, W) or (B, H, W, 1).
+
+        Built once per grid, layout and dtype in a masked forward (every block of a stage asks for it
+        two or three times)."""
         height = x.shape[1] if channels_last else x.shape[2]
-        scale = height // visible.shape[2]
-        up = visible.repeat_interleave(scale, 2).repeat_interleave(scale, 3).to(x.dtype)  # (B, 1, H, W)
-        return up.permute(0, 2, 3, 1) if channels_last else up
+        key = (height, channels_last, x.dtype)
+        if key not in self._visible_at:
+            visible = self._visible
+            scale = height // visible.shape[2]
+            up = visible.repeat_interleave(scale, 2).repeat_interleave(scale, 3).to(x.dtype)  # (B, 1, H, W)
+            self._visible_at[key] = up.permute(0, 2, 3, 1) if channels_last else up
+        return self._visible_at[key]
 
     def _mask_input(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
         if self._visible is None:
@@ -280,10 +282,10 @@ class ConvNeXtBackbone(nn.Module):
         try:
             return self.model.forward_features(images)
         finally:
-            self._visible = None
+            self._visible, self._visible_at = None, {}
 
 
-class PooledBackbone(nn.Module):
+class PooledBackbone(_TimmHeadBackbone):
     """Any timm model with a pooling head (num_classes=0): one feature vector per image.
 
     Its weights keep timm's names under `model.`. BatchNorm layers (ResNets) normalise over
@@ -300,17 +302,6 @@ class PooledBackbone(nn.Module):
             raise TypeError(f"{type(model).__name__} is not a timm model with a pooling head (forward_head)")
         self.model = global_batchnorm(model)
         self.embed_dim = int(model.num_features)
-
-    @property
-    def timm_model(self) -> nn.Module:
-        return self.model
-
-    def pooled(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, D): the features timm's classifier would read (pooled, head norm applied)."""
-        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.pooled(images)
 
 
 def fused_attn_enabled(

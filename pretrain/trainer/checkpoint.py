@@ -181,8 +181,8 @@ def checkpoint_files(checkpoint: Any, rank: int) -> Iterator[Path]:
 def weights_only_loads() -> Iterator[None]:
     """Every torch.load in this block is weights_only=True, whatever its caller passes.
 
-    DeepSpeed's universal-checkpoint converter and loader call `torch.load(weights_only=False)`
-    themselves; torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides that per call, and the
+    DeepSpeed's universal-checkpoint converter and loader turn torch's weights-only mode off in
+    their own loads; torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides that per call, and the
     allow-list admits the few DeepSpeed records those files hold.
     """
     key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"

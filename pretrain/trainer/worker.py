@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,25 @@ class RunInfo:
     evaluator: Any = None  # a BackgroundEvaluator actor when eval.every_steps > 0
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """A StreamHandler that writes to whatever `sys.stderr` is when a record is emitted.
+
+    A plain StreamHandler keeps the stream it was made with; in a driver whose stderr is swapped
+    later (pytest's capture, a notebook) it would write to a closed stream ("--- Logging error ---").
+    """
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ assigns one; the property wins
+        pass
+
+
 def configure_logging() -> None:
     """INFO lines from this project's loggers (pretrain.*, data.*, objectives.*) only."""
-    handler = logging.StreamHandler()
+    handler = CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ("pretrain", "data", "objectives"):
         logger = logging.getLogger(name)

@@ -34,7 +34,7 @@ def test_malicious_pickle_is_refused(tmp_path) -> None:
 
 
 def test_universal_conversion_refuses_a_malicious_pickle(tmp_path) -> None:
-    # DeepSpeed's converter calls torch.load(weights_only=False) itself; our conversion forces
+    # DeepSpeed's converter turns torch's weights-only mode off in its own loads; our conversion forces
     # weights_only on every load inside it (a changed worker count at ZeRO 1-3 runs it).
     state = tmp_path / "ckpt" / TAG
     state.mkdir(parents=True)

@@ -101,3 +101,23 @@ def test_prebuild_leaves_the_op_a_run_loads_and_a_second_call_only_loads_it() ->
         [sys.executable, "-m", "pretrain.prebuild"], capture_output=True, text=True, timeout=600
     ).stdout.strip()
     assert second.endswith(f"({library})") and library.stat().st_mtime_ns == built
+
+
+def test_project_log_lines_follow_the_current_stderr() -> None:
+    """configure_logging's handler writes to sys.stderr as it is at each record: a driver whose stderr
+    is replaced later (pytest's capture, a notebook) gets no "--- Logging error ---" (seen: data.write's
+    lines after an in-process run had configured logging under an earlier, closed capture)."""
+    script = (
+        "import io, logging, sys\n"
+        "from pretrain.trainer.worker import configure_logging\n"
+        "first = sys.stderr = io.StringIO()\n"
+        "configure_logging()\n"
+        "logging.getLogger('data.write').info('one')\n"
+        "first.close()\n"
+        "second = sys.stderr = io.StringIO()\n"
+        "logging.getLogger('data.write').info('two')\n"
+        "sys.__stdout__.write(second.getvalue())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("INFO data.write: two") and "Logging error" not in done.stdout + done.stderr
