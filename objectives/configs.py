@@ -167,7 +167,8 @@ class FCMAEConfig(ObjectiveConfig):
 
 @dataclass
 class TeacherConfig:
-    """A frozen network whose features are the targets of VQ-KD, MaskDistill and SemAIM*.
+    """A frozen network (a timm ViT, or a ResNet/ConvNeXt/Swin feature map) whose features are the
+    targets of VQ-KD, MaskDistill and SemAIM*.
 
     Loaded by `objectives.components.teacher.load_teacher`; objectives hold one as a field
     (`objective.teacher`) and validate it with `problems("objective.teacher")`.
@@ -184,6 +185,8 @@ class TeacherConfig:
     # Extra `timm.create_model` kwargs (img_size, patch_size, embed_dim, depth, num_heads, ...).
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     # Which features: -1 = final tokens after the last norm; k >= 0 = output of block k (0-based).
+    # A ResNet/ConvNeXt/Swin teacher gives feature map k (timm feature_info order), its cells as
+    # patches: pick the one whose stride is the encoder's patch size (16: 3 on a ResNet, 2 on the others).
     layer: int = -1
     # "none" | "layer_norm": LayerNorm without affine over D, the MaskDistill target.
     normalize: str = "none"

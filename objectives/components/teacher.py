@@ -1,4 +1,4 @@
-"""Frozen teachers: a timm ViT that maps normalised images to patch features.
+"""Frozen teachers: a timm model that maps normalised images to patch features.
 
 Shared by the objectives that regress or quantise a teacher's features (VQ-KD,
 MaskDistill, SemAIM*): `attach_teacher` loads one, checks its patch grid against the
@@ -13,6 +13,11 @@ given those (`input_mean`/`input_std`) and the teacher was trained with other on
 Resolution: a teacher built for another image size has its position embedding
 resampled (timm `set_input_size`, bicubic), so its grid is img_size / its patch size;
 images are never resized.
+
+Non-ViT teachers (ResNet, ConvNeXt, Swin, any timm model with `feature_info`): one feature
+map flattened into tokens; `layer` picks which (-1: the last, after the final norm), and its
+stride must equal the encoder's patch size (stride 16 is index 3 of a ResNet, 2 of a ConvNeXt
+or Swin; the error names the index).
 """
 
 from __future__ import annotations
@@ -56,16 +61,22 @@ class TeacherOutput(NamedTuple):
 
 
 class Teacher(FrozenModel):
-    """A frozen timm ViT exposing one layer's patch (and CLS) features; always in eval mode."""
+    """A frozen timm model exposing one layer's patch features (and a ViT's CLS); always in eval mode.
+
+    A VisionTransformer gives its tokens. A hierarchical model (ResNet, ConvNeXt, Swin: any timm
+    model with `feature_info` and `forward_intermediates`) gives one feature map, flattened row by
+    row into tokens: its cells are the patches of a ViT whose patch size is that map's stride.
+    """
 
     def __init__(
         self,
-        vit: nn.Module,
+        model: nn.Module,
         *,
         layer: int = -1,
         normalize: str = "none",
         return_cls: bool = False,
         project: bool = False,
+        img_size: int | None = None,
         input_mean: Sequence[float] | None = None,
         input_std: Sequence[float] | None = None,
         teacher_mean: Sequence[float] | None = None,
@@ -73,33 +84,61 @@ class Teacher(FrozenModel):
         source: str = "",
     ) -> None:
         super().__init__(source)
-        if not hasattr(vit, "patch_embed") or not hasattr(vit, "blocks"):
-            raise ValueError(f"teacher {source!r}: {type(vit).__name__} is not a timm VisionTransformer")
-        depth = len(vit.blocks)
+        name = type(model).__name__
+        self.is_vit = hasattr(model, "patch_embed") and hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens")
+        if self.is_vit:
+            depth = len(model.blocks)
+            img_size = int(model.patch_embed.img_size[0])
+        else:
+            if not getattr(model, "feature_info", None) or not hasattr(model, "forward_intermediates"):
+                raise ValueError(
+                    f"teacher {source!r}: {name} gives neither patch tokens (a timm VisionTransformer) "
+                    "nor feature maps (timm feature_info + forward_intermediates)"
+                )
+            if img_size is None:
+                raise ValueError(f"teacher {source!r}: a {name} teacher needs the image size to know its grid")
+            depth = len(model.feature_info)
         if not -1 <= layer < depth:
+            unit = "a block index" if self.is_vit else f"a feature index (strides {self._strides(model)})"
             raise ValueError(
-                f"teacher {source!r}: layer {layer} out of range; use -1 (final, normed) or a block index 0..{depth - 1}"
+                f"teacher {source!r}: layer {layer} out of range; use -1 (final, normed) or {unit} 0..{depth - 1}"
             )
         if normalize not in TEACHER_NORMALIZE:
             raise ValueError(f"teacher normalize: {normalize!r} is not one of {TEACHER_NORMALIZE}")
-        if return_cls and getattr(vit, "cls_token", None) is None:
+        if return_cls and getattr(model, "cls_token", None) is None:
             raise ValueError(f"teacher {source!r}: return_cls=True but the model has no class token")
-        if project and (layer != -1 or not isinstance(getattr(vit, "head", None), nn.Linear)):
-            raise ValueError(f"teacher {source!r}: project=True needs layer=-1 and a Linear head (num_classes > 0)")
-        self.vit = vit
+        if project and (not self.is_vit or layer != -1 or not isinstance(getattr(model, "head", None), nn.Linear)):
+            raise ValueError(
+                f"teacher {source!r}: project=True needs a ViT, layer=-1 and a Linear head (num_classes > 0)"
+            )
+        self.model = model
         self.layer = layer
+        self.img_size = img_size
         self.normalize = normalize
         self.return_cls = return_cls
         self.project = project
         self.freeze(input_mean, input_std, teacher_mean, teacher_std)
 
+    @staticmethod
+    def _strides(model: nn.Module) -> list[int]:
+        return [int(f["reduction"]) for f in model.feature_info]
+
+    def _feature_index(self) -> int:
+        return self.layer if self.layer >= 0 else len(self.model.feature_info) - 1
+
     @property
     def patch_size(self) -> int:
-        return int(self.vit.patch_embed.patch_size[0])
+        """The stride of the features: the ViT's patch size, or the chosen feature map's reduction."""
+        if self.is_vit:
+            return int(self.model.patch_embed.patch_size[0])
+        return self._strides(self.model)[self._feature_index()]
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        return tuple(int(g) for g in self.vit.patch_embed.grid_size)
+        if self.is_vit:
+            return tuple(int(g) for g in self.model.patch_embed.grid_size)
+        side = self.img_size // self.patch_size
+        return side, side
 
     @property
     def num_patches(self) -> int:
@@ -108,19 +147,45 @@ class Teacher(FrozenModel):
 
     @property
     def feature_dim(self) -> int:
-        return int(self.vit.head.out_features) if self.project else int(self.vit.embed_dim)
+        if not self.is_vit:
+            return int(self.model.feature_info[self._feature_index()]["num_chs"])
+        return int(self.model.head.out_features) if self.project else int(self.model.embed_dim)
+
+    def layer_for_stride(self, stride: int) -> int | None:
+        """The feature index of a hierarchical teacher whose stride is `stride` (None: none is, or a ViT)."""
+        if self.is_vit:
+            return None
+        strides = self._strides(self.model)
+        return strides.index(stride) if stride in strides else None
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> TeacherOutput:
         """(B, 3, H, W) normalised images -> patches (B, N, D) and optionally CLS (B, D)."""
-        x = self.model_input(images, self.vit.patch_embed.proj.weight.dtype)
+        x = self.model_input(images, next(self.model.parameters()).dtype)
+        if not self.is_vit:
+            # One feature map (B, C, h, w), NCHW for every family; the last one after the model's final
+            # norm where it has one (Swin's norm, ConvNeXt's norm_pre), like forward_features.
+            (fmap,) = self.model.forward_intermediates(
+                x, indices=[self._feature_index()], norm=self.layer == -1, intermediates_only=True
+            )
+            patches, cls = fmap.flatten(2).transpose(1, 2), None  # (B, h*w, C)
+        else:
+            patches, cls = self._vit_tokens(x)
+        if self.normalize == "layer_norm":
+            # MaskDistill target: LayerNorm over D without affine parameters.
+            patches = F.layer_norm(patches, patches.shape[-1:])
+            cls = None if cls is None else F.layer_norm(cls, cls.shape[-1:])
+        return TeacherOutput(patches=patches, cls=cls)
+
+    def _vit_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        vit = self.model
         if self.layer == -1:
-            tokens = self.vit.forward_features(x)  # (B, prefix + N, D), after the final norm
+            tokens = vit.forward_features(x)  # (B, prefix + N, D), after the final norm
             if self.project:
-                tokens = self.vit.head(tokens)  # (B, prefix + N, D')
+                tokens = vit.head(tokens)  # (B, prefix + N, D')
         else:
             # Output of block `layer`, before any norm; prefix tokens come back separately.
-            ((patches, prefix_tokens),) = self.vit.forward_intermediates(
+            ((patches, prefix_tokens),) = vit.forward_intermediates(
                 x,
                 indices=[self.layer],
                 return_prefix_tokens=True,
@@ -130,14 +195,8 @@ class Teacher(FrozenModel):
                 intermediates_only=True,
             )
             tokens = torch.cat([prefix_tokens, patches], dim=1)  # (B, prefix + N, D)
-        prefix = int(self.vit.num_prefix_tokens)
-        patches = tokens[:, prefix:]  # (B, N, D)
-        cls = tokens[:, 0] if self.return_cls else None  # (B, D)
-        if self.normalize == "layer_norm":
-            # MaskDistill target: LayerNorm over D without affine parameters.
-            patches = F.layer_norm(patches, patches.shape[-1:])
-            cls = None if cls is None else F.layer_norm(cls, cls.shape[-1:])
-        return TeacherOutput(patches=patches, cls=cls)
+        prefix = int(vit.num_prefix_tokens)
+        return tokens[:, prefix:], (tokens[:, 0] if self.return_cls else None)
 
 
 # --- loading ---------------------------------------------------------------------
@@ -154,7 +213,7 @@ def load_teacher(
     """Build the frozen teacher `cfg` describes, for images of `img_size` normalised with input_mean/std."""
     source = cfg.source
     if source.startswith("timm:"):
-        vit, mean, std = _from_timm(source.removeprefix("timm:"), cfg, img_size)
+        model, mean, std = _from_timm(source.removeprefix("timm:"), cfg)
     elif "://" in source and not source.startswith(MODEL_URI_SCHEMES):
         raise ArtifactError(
             f"teacher source {source!r}: unknown scheme; use timm:<name>, models:/<name>@<alias>, "
@@ -162,29 +221,46 @@ def load_teacher(
         )
     else:
         state, meta = _read_weights(source, tracking_uri)
-        vit = build_timm_model(
+        model = build_timm_model(
             _pick_arch(source, cfg.arch, meta.get("arch", "")),
             {**meta.get("arch_kwargs", {}), **cfg.arch_kwargs},
             state,
             label=f"teacher source {source}",
             hint="set objective.teacher.arch/arch_kwargs to the network the weights came from",
         )
-        if img_size is not None and tuple(vit.patch_embed.img_size) != (img_size, img_size):
-            vit.set_input_size(img_size=(img_size, img_size))  # bicubic resampling of the position embedding
         mean, std = meta.get("mean"), meta.get("std")
-    log.info("teacher %s: %s, layer %d, normalize %s", source, type(vit).__name__, cfg.layer, cfg.normalize)
+    if img_size is not None:
+        _fit_input_size(model, img_size)
+    log.info("teacher %s: %s, layer %d, normalize %s", source, type(model).__name__, cfg.layer, cfg.normalize)
     return Teacher(
-        vit,
+        model,
         layer=cfg.layer,
         normalize=cfg.normalize,
         return_cls=cfg.return_cls,
         project=cfg.project,
+        img_size=img_size or _default_img_size(model),
         input_mean=input_mean,
         input_std=input_std,
         teacher_mean=mean,
         teacher_std=std,
         source=source,
     )
+
+
+def _fit_input_size(model: nn.Module, img_size: int) -> None:
+    """A model built for another image size (ViT, Swin) resamples its position tables (timm
+    `set_input_size`, bicubic); a convolutional one takes any size as it is."""
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if built is not None and tuple(built) != (img_size, img_size):
+        model.set_input_size(img_size=(img_size, img_size))
+
+
+def _default_img_size(model: nn.Module) -> int | None:
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if built is not None:
+        return int(built[0])
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    return int(size[-1]) if size else None
 
 
 def attach_teacher(objective: Objective, cfg: TeacherConfig) -> Teacher:
@@ -205,9 +281,15 @@ def attach_teacher(objective: Objective, cfg: TeacherConfig) -> Teacher:
             tracking_uri=ctx.tracking_uri or None,
         )
     if teacher.grid_size != backbone.grid_size:
+        fits = teacher.layer_for_stride(backbone.patch_size)
+        hint = (
+            f"set objective.teacher.layer={fits} (its stride-{backbone.patch_size} features)"
+            if fits is not None
+            else f"use a teacher whose features have stride {backbone.patch_size}, the encoder's patch size"
+        )
         raise ValueError(
-            f"the teacher's patch grid {teacher.grid_size} differs from the encoder's {backbone.grid_size}; "
-            "use a teacher with the same patch size"
+            f"the teacher's patch grid {teacher.grid_size} (stride {teacher.patch_size}) differs from the "
+            f"encoder's {backbone.grid_size}; {hint}"
         )
     objective.attach_frozen("teacher", teacher)
     return teacher
@@ -216,24 +298,21 @@ def attach_teacher(objective: Objective, cfg: TeacherConfig) -> Teacher:
 Stats = Sequence[float] | None
 
 
-def _from_timm(name: str, cfg: TeacherConfig, img_size: int | None) -> tuple[nn.Module, Stats, Stats]:
+def _from_timm(name: str, cfg: TeacherConfig) -> tuple[nn.Module, Stats, Stats]:
     import timm
 
     if not timm.is_model(name):
         raise ValueError(f"teacher source timm:{name}: unknown timm model; see timm.list_models(pretrained=True)")
-    kwargs = dict(cfg.arch_kwargs)
-    if img_size is not None:
-        kwargs["img_size"] = img_size  # timm resamples the position embedding while loading
     try:
-        vit = timm.create_model(name, pretrained=True, **kwargs)
+        model = timm.create_model(name, pretrained=True, **cfg.arch_kwargs)
     except Exception as err:  # download errors come from requests, huggingface_hub, urllib, OSError...
         raise RuntimeError(
             f"teacher source timm:{name}: could not get pretrained weights ({first_line(err)}); "
             "without network access save the teacher with objectives.artifacts.save_encoder and pass a local "
             "path or a models:/ URI as objective.teacher.source"
         ) from None
-    cfg_data = getattr(vit, "pretrained_cfg", {}) or {}
-    return vit.eval(), cfg_data.get("mean"), cfg_data.get("std")
+    cfg_data = getattr(model, "pretrained_cfg", {}) or {}
+    return model.eval(), cfg_data.get("mean"), cfg_data.get("std")
 
 
 def _is_bare_file(path: Path) -> bool:

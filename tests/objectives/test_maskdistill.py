@@ -109,7 +109,7 @@ def test_loss_equals_a_loop_over_masked_patches(teacher_dir: Path, kind: str, be
     md = make(teacher_dir, loss=kind, smooth_l1_beta=beta)
     x, mask = images(3, 2), block_masks(3, 3)
     out = md({"views": [x], "mask": mask})
-    teacher_vit = md.frozen_modules()["teacher"].vit
+    teacher_vit = md.frozen_modules()["teacher"].model
     expected = loss_by_loop(student_by_hand(md, x, mask), teacher_by_hand(teacher_vit, x), mask, kind, beta)
     assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5)
     assert out.loss.dtype == torch.float32

@@ -305,7 +305,7 @@ def test_teacher_target_and_teacher_order(teacher_dir: Path) -> None:
     torch.manual_seed(18)
     noise = torch.rand(2, N) * 1e-3
     with torch.no_grad():
-        tokens = teacher.vit.forward_features(x)  # (B, 1 + N, 24): the teacher's final normed tokens
+        tokens = teacher.model.forward_features(x)  # (B, 1 + N, 24): the teacher's final normed tokens
         keys = torch.zeros(2, N)
         for b in range(2):
             cos = [float(F.cosine_similarity(tokens[b, 0], tokens[b, 1 + i], dim=0)) for i in range(N)]

@@ -181,3 +181,98 @@ def test_project_applies_head_to_every_final_token(tmp_path: Path, images) -> No
     expected = by_hand(clip_like, images, -1)[:, 1:] @ clip_like.head.weight.T + clip_like.head.bias
     assert teacher.feature_dim == 8
     torch.testing.assert_close(teacher(images).patches, expected)
+
+
+# --- non-ViT teachers: one feature map, its cells as patches ----------------------------------
+
+SWIN = {
+    "img_size": 32,
+    "patch_size": 4,
+    "window_size": 2,
+    "embed_dim": 16,
+    "depths": (1, 1, 1, 1),
+    "num_heads": (1, 1, 1, 1),
+}
+
+
+def resnet_by_hand(model: torch.nn.Module, x: torch.Tensor, upto: str) -> torch.Tensor:
+    """The stem, then the residual stages up to `upto`: (B, C, h, w)."""
+    with torch.no_grad():
+        x = model.maxpool(model.act1(model.bn1(model.conv1(x))))
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            x = getattr(model, name)(x)
+            if name == upto:
+                return x
+    raise AssertionError(upto)
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "layer", "stride", "dim"),
+    [
+        ("resnet18", {}, 3, 16, 256),  # layer3 (feature_info: act1, layer1..4)
+        ("resnet18", {}, -1, 32, 512),
+        ("convnext_atto", {}, -1, 32, 320),
+        ("swin_tiny_patch4_window7_224", SWIN, 1, 8, 32),
+    ],
+    ids=["resnet-stage3", "resnet-final", "convnext-final", "swin-stage1"],
+)
+def test_a_cnn_or_swin_teacher_gives_one_feature_map_as_tokens(
+    tmp_path: Path, arch: str, kwargs: dict, layer: int, stride: int, dim: int
+) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=0, **kwargs).eval()
+    with torch.no_grad():  # BatchNorm running statistics that are not the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    save_encoder(model, tmp_path / "t", arch, {**kwargs, "num_classes": 0})
+    size = kwargs.get("img_size", 64)  # convolutional teachers take any size; Swin at its own here
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    teacher = load_teacher(TeacherConfig(source=str(tmp_path / "t"), layer=layer), img_size=size)
+    out = teacher(x)
+    side = size // stride
+    assert teacher.patch_size == stride and teacher.grid_size == (side, side) and teacher.feature_dim == dim
+    assert out.patches.shape == (2, side * side, dim) and out.cls is None
+    if arch == "resnet18":
+        fmap = resnet_by_hand(model, x, "layer3" if layer == 3 else "layer4")
+    elif arch == "convnext_atto":
+        with torch.no_grad():
+            fmap = model.forward_features(x)  # stem + stages + norm_pre, before the head's pooling
+    else:
+        with torch.no_grad():  # patch embedding and the first two stages, NHWC in timm's Swin
+            fmap = model.layers[1](model.layers[0](model.patch_embed(x))).permute(0, 3, 1, 2)
+    # Row-major cells, as a ViT numbers its patches: token i*w + j is cell (i, j).
+    torch.testing.assert_close(out.patches, fmap.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(out.patches[:, side + 1], fmap[:, :, 1, 1])
+
+
+def test_a_cnn_teacher_on_a_vit_student_needs_the_matching_stride(tmp_path: Path) -> None:
+    """MaskDistill of a ViT with 8-pixel patches from a ResNet: stride 8 is feature 2 (layer2)."""
+    from objectives.configs import MaskDistillConfig
+    from objectives.maskdistill import MaskDistill
+    from pretrain.backbone import build_backbone
+    from pretrain.config import ModelConfig
+
+    torch.manual_seed(0)
+    resnet = timm.create_model("resnet18", num_classes=0).eval()
+    save_encoder(resnet, tmp_path, "resnet18", {"num_classes": 0})
+    student = ModelConfig(arch=ARCH, **{k: v for k, v in KWARGS.items() if k != "num_classes"})
+    with pytest.raises(ValueError, match=r"\(1, 1\) \(stride 32\).*\(4, 4\); set objective.teacher.layer=2") as info:
+        MaskDistill(MaskDistillConfig(teacher=TeacherConfig(source=str(tmp_path))), build_backbone(student))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=r"layer 5 out of range.*strides \[2, 4, 8, 16, 32\]\) 0\.\.4"):
+        load_teacher(TeacherConfig(source=str(tmp_path), layer=5), img_size=32)
+    with pytest.raises(ValueError, match="return_cls=True but the model has no class token"):
+        load_teacher(TeacherConfig(source=str(tmp_path), return_cls=True), img_size=32)
+    md = MaskDistill(
+        MaskDistillConfig(teacher=TeacherConfig(source=str(tmp_path), layer=2, normalize="layer_norm")),
+        build_backbone(student),
+    )
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, :6] = True
+    out = md({"views": [x], "mask": mask})
+    assert md.head.out_features == 128 and torch.isfinite(out.loss)
+    target = torch.nn.functional.layer_norm(resnet_by_hand(resnet, x, "layer2").flatten(2).transpose(1, 2), (128,))
+    torch.testing.assert_close(md.frozen_modules()["teacher"](x).patches, target)
