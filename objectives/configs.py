@@ -469,6 +469,8 @@ class MoCoV3Config(ObjectiveConfig):
     # hidden layer and (without affine) after the last (--moco-mlp-dim 4096 --moco-dim 256, MoCo_ViT).
     dim: int = 256
     mlp_dim: int = 4096
+    # Projector depth; "auto": 3 on a ViT (MoCo_ViT), 2 on other backbones (MoCo_ResNet, builder.py).
+    proj_layers: int | str = "auto"
     # Momentum of the key encoder, from `momentum` to 1 with a half-cosine over training
     # (--moco-m 0.99 --moco-m-cos, adjust_moco_momentum); false = constant.
     momentum: float = 0.99
@@ -490,6 +492,9 @@ class MoCoV3Config(ObjectiveConfig):
             value = getattr(self, key)
             if not (isinstance(value, bool) or value == "auto"):
                 found.append((f"objective.{key}", f"must be true, false or auto, got {value!r}"))
+        layers = self.proj_layers
+        if not (layers == "auto" or (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 1)):
+            found.append(("objective.proj_layers", f"must be auto or an integer >= 1, got {layers!r}"))
         return found
 
     def backbone_problems(self, family: str) -> list[tuple[str, str]]:

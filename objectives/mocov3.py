@@ -66,7 +66,8 @@ class MoCoV3(Objective):
             backbone.use_fixed_pos_embed(sincos_2d(width, *backbone.grid_size))
         if frozen_patch:
             freeze_patch_projection(backbone)
-        self.projector = projection_mlp(3, width, cfg.mlp_dim, cfg.dim)  # (B, D) -> (B, dim)
+        layers = (3 if vit else 2) if cfg.proj_layers == "auto" else int(cfg.proj_layers)
+        self.projector = projection_mlp(layers, width, cfg.mlp_dim, cfg.dim)  # (B, D) -> (B, dim)
         self.predictor = projection_mlp(2, cfg.dim, cfg.mlp_dim, cfg.dim)  # (B, dim) -> (B, dim)
         # Key encoder: backbone + projector with the query's initial weights, as buffers.
         self.momentum_encoder = buffer_copy(self._online())

@@ -47,10 +47,18 @@ class ModelConfig:
     fused_attn: bool | str = "auto"
 
 
+OPTIMIZERS = ("adamw", "lars")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW + linear warmup + cosine decay, per optimizer step."""
+    """AdamW (or LARS) + linear warmup + cosine decay, per optimizer step."""
 
+    # adamw: torch AdamW (every ViT recipe here). lars: SGD + momentum with a per-tensor trust
+    # ratio (pretrain/lars.py), the ResNet recipes of SimCLR and MoCo v3; it needs
+    # deepspeed.zero_stage=0 and fp32 (ZeRO and DeepSpeed's bf16/fp16 wrappers hand the
+    # optimizer flattened partitions, and the trust ratio is per tensor).
+    name: str = "adamw"
     # lr = base_lr * global_batch / 256 (Goyal et al. linear scaling, as MAE/BEiT do).
     base_lr: float | None = 1.5e-4
     # Absolute lr; when set it wins over base_lr.
@@ -61,6 +69,9 @@ class OptimConfig:
     eps: float = 1e-8
     # Warmup length as a fraction of trainer.max_steps (MAE: 40 of 800 epochs = 0.05).
     warmup_fraction: float = 0.05
+    # LARS only: SGD momentum and the trust coefficient eta (both recipes: 0.9 and 0.001).
+    momentum: float = 0.9
+    trust_coefficient: float = 0.001
 
 
 @dataclass
@@ -523,6 +534,20 @@ def engine_problems(ds: DeepSpeedConfig, o: OptimConfig, use_gpu: bool) -> list[
             ),
             (0.0 <= o.warmup_fraction < 1.0, "optim.warmup_fraction", f"must be in [0, 1), got {o.warmup_fraction}"),
             (o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}"),
+            (
+                o.name in OPTIMIZERS,
+                "optim.name",
+                f"unknown optimizer {o.name!r}; valid choices: {', '.join(OPTIMIZERS)}",
+            ),
+            (
+                o.name != "lars" or (ds.zero_stage == 0 and ds.precision == "fp32"),
+                "optim.name",
+                f"lars needs deepspeed.zero_stage=0 and deepspeed.precision=fp32 (got {ds.zero_stage}, {ds.precision}): "
+                "its trust ratio is per weight tensor, and ZeRO and DeepSpeed's bf16/fp16 optimizers hand the "
+                "optimizer flattened partitions",
+            ),
+            (0.0 <= o.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {o.momentum}"),
+            (o.trust_coefficient > 0, "optim.trust_coefficient", f"must be > 0, got {o.trust_coefficient}"),
         ]
     )
 

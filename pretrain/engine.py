@@ -1,4 +1,4 @@
-"""DeepSpeed engine set-up: config dict, AdamW (parameter groups, fused kernel), warmup + cosine schedule."""
+"""DeepSpeed engine set-up: config dict, AdamW (parameter groups, fused kernel) or LARS, warmup + cosine schedule."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def deepspeed_config(ds: DeepSpeedConfig, trainer: TrainerConfig) -> dict[str, A
         "train_batch_size": global_batch(trainer),
         "gradient_clipping": ds.grad_clip,
         "zero_optimization": {"stage": ds.zero_stage},
-        # Our optimizer is torch's AdamW (param groups are ours); DeepSpeed only shards it.
+        # Our optimizer is torch's AdamW or our LARS (param groups are ours); DeepSpeed only shards AdamW.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # we report metrics ourselves
         "wall_clock_breakdown": False,
@@ -136,12 +136,23 @@ def fused_adamw_available(device_type: str) -> bool:
 
 def build_optimizer(
     module: nn.Module, optim: OptimConfig, trainer: TrainerConfig, *, allow_fused: bool = True
-) -> torch.optim.AdamW:
+) -> torch.optim.Optimizer:
     """torch's AdamW on the two parameter groups, fused where the device has the kernel (and allow_fused).
 
     The fused kernel is faster than torch's per-tensor loop on CPU too (docs/benchmarks.md)
-    and computes the same update (tests/pretrain/test_engine.py).
+    and computes the same update (tests/pretrain/test_engine.py). optim.name=lars: LARS on the
+    same groups, the second (biases, norms) without trust ratio or decay (SimCLR, MoCo v3).
     """
+    if optim.name == "lars":
+        from pretrain.lars import LARS
+
+        decay, no_decay = param_groups(module, optim.weight_decay)
+        return LARS(
+            [decay, {**no_decay, "adapt": False}],
+            lr=peak_lr(optim, trainer),
+            momentum=optim.momentum,
+            trust_coefficient=optim.trust_coefficient,
+        )
     devices = {p.device.type for p in module.parameters() if p.requires_grad}
     fused = allow_fused and len(devices) == 1 and fused_adamw_available(devices.pop())
     return torch.optim.AdamW(
@@ -154,7 +165,7 @@ def build_optimizer(
 
 
 def build_engine(module: nn.Module, optim: OptimConfig, trainer: TrainerConfig, ds: DeepSpeedConfig) -> Any:
-    """deepspeed.initialize on the trainable module with AdamW and the lr schedule."""
+    """deepspeed.initialize on the trainable module with its optimizer (AdamW or LARS) and the lr schedule."""
     import deepspeed
 
     from pretrain.hardware import use_environment_build_tools

@@ -257,8 +257,12 @@ def test_on_a_cnn_the_key_encoder_copies_the_whole_backbone_and_the_loss_falls()
     ]
     assert forced.backbone_problems("vit") == []
     assert [k for k, _ in MoCoV3Config(fixed_pos_embed="yes").problems()] == ["objective.fixed_pos_embed"]
+    assert [k for k, _ in MoCoV3Config(proj_layers=0).problems()] == ["objective.proj_layers"]
     torch.manual_seed(0)
     model = MoCoV3(cfg, build_backbone(ModelConfig(arch="resnet18"))).train()
+    # MoCo_ResNet's 2-layer projector ("auto"; a ViT gets MoCo_ViT's 3): 512 -> 64 -> 16.
+    linears = [m for m in model.projector.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(512, 64), (64, 16)]
     key = model.momentum_encoder["backbone"]
     # The key encoder's backbone holds the query backbone's weights as buffers (running stats too).
     query_state = model.backbone.state_dict()
