@@ -126,12 +126,93 @@ def group_patch_mask(grid: tuple[int, int], generator: torch.Generator, *, ratio
     return per_patch.flatten()
 
 
-# kind -> generator(grid, generator, *, ratio[, group]) -> (N,) bool. Module-level functions, so
-# that the partials built from them pickle into DataLoader worker processes.
+# I-JEPA's multi-block masks (facebookresearch/ijepa src/masks/multiblock.py, configs/in1k_*.yaml):
+# 4 target blocks of 15-20% of the patches, aspect 0.75-1.5; one context block of 85-100%,
+# aspect 1, with every target patch removed; at least 10 context patches at a 14 x 14 grid.
+MULTIBLOCK_TARGETS = 4
+MULTIBLOCK_TARGET_SCALE = (0.15, 0.2)
+MULTIBLOCK_TARGET_ASPECT = (0.75, 1.5)
+MULTIBLOCK_CONTEXT_SCALE = (0.85, 1.0)
+MULTIBLOCK_MIN_KEEP_AT_196 = 10
+# Context draws before falling back to every patch outside the targets.
+_CONTEXT_TRIES = 20
+
+
+def _block_size(
+    grid: tuple[int, int], generator: torch.Generator, scale: tuple[float, float], aspect: tuple[float, float]
+) -> tuple[int, int]:
+    """(h, w) of a block of about scale x N patches and aspect h / w, smaller than the grid on both sides
+    (the official `_sample_block_size`: round(sqrt(area x aspect)), round(sqrt(area / aspect)))."""
+    height, width = grid
+    area = int(height * width * _uniform(generator, *scale))
+    ratio = _uniform(generator, *aspect)
+    h, w = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+    return max(1, min(h, height - 1)), max(1, min(w, width - 1))
+
+
+def _place(grid: tuple[int, int], generator: torch.Generator, h: int, w: int) -> torch.Tensor:
+    """(H, W) bool with one h x w block at a uniform top-left corner."""
+    height, width = grid
+    top, left = _randint(generator, height - h), _randint(generator, width - w)
+    block = torch.zeros(height, width, dtype=torch.bool)
+    block[top : top + h, left : left + w] = True
+    return block
+
+
+def multiblock_mask(
+    grid: tuple[int, int],
+    generator: torch.Generator,
+    *,
+    targets: int = MULTIBLOCK_TARGETS,
+    target_scale: tuple[float, float] = MULTIBLOCK_TARGET_SCALE,
+    target_aspect: tuple[float, float] = MULTIBLOCK_TARGET_ASPECT,
+    context_scale: tuple[float, float] = MULTIBLOCK_CONTEXT_SCALE,
+    min_keep: int | None = None,
+) -> torch.Tensor:
+    """I-JEPA's masks as (1 + targets, N) bool, True = masked: row 0 hides from the context encoder
+    every patch outside the context block and every target patch; row t >= 1 marks target block t
+    (the patches whose features the predictor regresses).
+
+    Block sizes: area uniform in `scale` x N, aspect h / w uniform in the range, each side at most
+    the grid side - 1. Targets may overlap one another, never the context. The context block
+    (aspect 1) is redrawn until at least `min_keep` of its patches lie outside the targets
+    (`_CONTEXT_TRIES` draws; then every non-target patch is the context). min_keep defaults to
+    10 at a 14 x 14 grid, scaled with the grid area (at least 1).
+    """
+    height, width = grid
+    n = height * width
+    if targets < 1:
+        raise ValueError(f"multi-block masks need at least one target block, got {targets}")
+    for name, (low, high) in (("target_scale", target_scale), ("context_scale", context_scale)):
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"{name} must be 0 < low <= high <= 1, got {(low, high)}")
+    if min_keep is None:
+        min_keep = max(1, round(MULTIBLOCK_MIN_KEEP_AT_196 * n / 196))
+    blocks = [
+        _place(grid, generator, *_block_size(grid, generator, target_scale, target_aspect)) for _ in range(targets)
+    ]
+    covered = torch.stack(blocks).any(dim=0)  # (H, W): any target
+    if int((~covered).sum()) < 1:
+        raise ValueError(f"the {targets} target blocks cover the whole {height}x{width} grid; no context is left")
+    context = None
+    for _ in range(_CONTEXT_TRIES):
+        candidate = _place(grid, generator, *_block_size(grid, generator, context_scale, (1.0, 1.0))) & ~covered
+        if int(candidate.sum()) >= min_keep:
+            context = candidate
+            break
+    if context is None:
+        context = ~covered
+    return torch.stack([~context, *blocks]).flatten(1)
+
+
+# kind -> generator(grid, generator, *, ratio[, group]) -> (N,) bool, or (K, N) bool for a kind
+# with several masks per sample ("multiblock"). Module-level functions, so that the partials
+# built from them pickle into DataLoader worker processes.
 MASK_GENERATORS: dict[str, Callable[..., torch.Tensor]] = {
     "random": random_patch_mask,
     "block": block_patch_mask,
     "group": group_patch_mask,
+    "multiblock": multiblock_mask,
 }
 
 
@@ -143,13 +224,15 @@ def mask_generator(spec: MaskSpec, patch_size: int = 1) -> Callable[[tuple[int, 
         if spec.group_px < patch_size or spec.group_px % patch_size:
             raise ValueError(f"mask groups of {spec.group_px} px are not a multiple of the {patch_size}-px patches")
         return partial(group_patch_mask, ratio=spec.ratio, group=spec.group_px // patch_size)
+    if spec.kind == "multiblock":  # ratio is not used: the block scales say how much is hidden
+        return partial(multiblock_mask, targets=spec.targets)
     return partial(MASK_GENERATORS[spec.kind], ratio=spec.ratio)
 
 
 def draw_masks(
     spec: MaskSpec, batch: int, grid: tuple[int, int], device: torch.device | str = "cpu", *, patch_size: int = 1
 ) -> torch.Tensor:
-    """(B, N) bool masks of `spec` seeded from torch's global RNG.
+    """(B, N) bool masks of `spec` seeded from torch's global RNG ((B, K, N) for a kind with K masks per sample).
 
     For direct calls of an objective without `batch["mask"]`; in training the data
     pipeline draws them, seeded per sample.

@@ -11,13 +11,16 @@ class MaskSpec:
 
     kind: a generator registered in `data.masks.MASK_GENERATORS` ("random": a uniform
     random subset, as MAE; "block": BEiT's block-wise mask; "group": a uniform random subset
-    of square groups of patches, as SimMIM). ratio: fraction of patches (or groups) masked.
-    group_px: side in pixels of a "group" kind's groups, a multiple of the model's patch size.
+    of square groups of patches, as SimMIM; "multiblock": I-JEPA's context block and
+    `targets` target blocks, (1 + targets, N) per sample). ratio: fraction of patches (or
+    groups) masked (unused by "multiblock"). group_px: side in pixels of a "group" kind's
+    groups, a multiple of the model's patch size.
     """
 
     kind: str
     ratio: float
     group_px: int = 0
+    targets: int = 0
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,8 @@ class DataNeeds:
     views: number of independently augmented crops of each image; a batch carries
     them as `batch["views"]`, a list of `views` tensors of shape (B, 3, H, W).
     mask: if set, a batch also carries `batch["mask"]`, a bool tensor (B, N) over
-    the patch grid of the model (True = masked), drawn from the sample's seed.
+    the patch grid of the model (True = masked), drawn from the sample's seed ((B, K, N)
+    for a kind with K masks per sample).
     """
 
     views: int = 1

@@ -118,15 +118,19 @@ def save_encoder(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     img_size: int = 0,
+    features: str = "",
 ) -> Path:
     """A timm model as an encoder artifact (also loadable with timm's `local-dir:`); returns the directory.
 
     mean/std: the input normalisation the model was trained with (None: the data's, unknown here).
     img_size: the image size it was trained on (0: unknown; a ViT's arch_kwargs carry it anyway).
+    features: how a ViT's representation is read, "cls" or "mean" of the patch tokens ("": unsaid).
     """
     meta = {"arch": arch, "arch_kwargs": dict(arch_kwargs or {}), "mean": _stats(mean), "std": _stats(std)}
     if img_size:
         meta["img_size"] = int(img_size)
+    if features:
+        meta["features"] = features
     out = save_artifact(path, "encoder", model.state_dict(), meta)
     if getattr(model, "pretrained_cfg", None) is not None:  # a model timm created
         from timm.models._hub import save_config_for_hf

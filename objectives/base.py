@@ -185,5 +185,6 @@ class Objective(nn.Module):
             mean=ctx.input_mean,
             std=ctx.input_std,
             img_size=ctx.img_size,
+            features=getattr(type(self.cfg), "features", "cls"),
         )
         return [ExportedModel("encoder", path, "encoder", params={"arch": ctx.arch})]

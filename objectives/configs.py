@@ -46,6 +46,9 @@ class ObjectiveConfig:
     # for masking and per-patch targets by default; ("any",) when it uses only the pooled
     # feature of an image, which every timm model gives (pretrain.config.backbone_problems).
     families: ClassVar[tuple[str, ...]] = ("vit",)
+    # How a ViT encoder trained by it is read for evaluation (recorded by the export; eval.features
+    # auto follows it): "cls" token, or "mean" of the patch tokens for objectives that train no CLS.
+    features: ClassVar[str] = "cls"
 
     def problems(self) -> list[tuple[str, str]]:
         """Checks that need no torch: (key, problem) pairs; empty when valid."""
@@ -400,6 +403,95 @@ class ViewAugmentConfig:
         return found
 
 
+# I-JEPA: Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding Predictive
+# Architecture" (CVPR 2023); facebookresearch/ijepa (configs/in1k_vith14_ep300.yaml, src/train.py,
+# src/models/vision_transformer.py, src/masks/multiblock.py).
+@dataclass
+class IJEPAConfig(ObjectiveConfig):
+    """I-JEPA: a context encoder on one large block, a narrow ViT predictor regressing the EMA target
+    encoder's (layer-normed) features of several target blocks; no pixels, no augmentation but crops."""
+
+    # The encoder trains no CLS token: its representation is the mean of the patch tokens
+    # (the paper's linear probes pool the last layer's patch features).
+    features: ClassVar[str] = "mean"
+
+    name: str = "ijepa"
+    # Multi-block masks (mask: num_pred_masks 4, pred_mask_scale [0.15, 0.2], aspect_ratio [0.75, 1.5],
+    # num_enc_masks 1, enc_mask_scale [0.85, 1.0], allow_overlap false, min_keep 10 at 14 x 14),
+    # drawn per sample in the loader workers (data.masks.multiblock_mask).
+    num_targets: int = 4
+    # Predictor: a narrow ViT (meta: pred_depth 12, pred_emb_dim 384), as many heads as the encoder
+    # (0 = the encoder's; VisionTransformerPredictor num_heads=encoder.num_heads), fixed 2-D sin-cos positions.
+    predictor_embed_dim: int = 384
+    predictor_depth: int = 12
+    predictor_num_heads: int = 0
+    # Target encoder: EMA of the context encoder, momentum linear from 0.996 to 1.0 over the run
+    # (optimization: ema [0.996, 1.0]; train.py momentum_scheduler). total_steps 0 = trainer.max_steps.
+    ema_momentum: float = 0.996
+    ema_momentum_end: float = 1.0
+    total_steps: int = 0
+    # Loss between predictions and the target encoder's final tokens after a LayerNorm without
+    # affine: smooth L1 (train.py loss_fn: F.smooth_l1_loss; the paper's text says L2) or "mse".
+    loss: str = "smooth_l1"
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
+        for key in ("num_targets", "predictor_embed_dim", "predictor_depth"):
+            if getattr(self, key) < 1:
+                found.append((f"objective.{key}", f"must be >= 1, got {getattr(self, key)}"))
+        if self.predictor_num_heads < 0:
+            found.append(
+                ("objective.predictor_num_heads", f"must be >= 0 (0 = the encoder's), got {self.predictor_num_heads}")
+            )
+        elif self.predictor_num_heads and self.predictor_embed_dim % self.predictor_num_heads:
+            found.append(
+                (
+                    "objective.predictor_num_heads",
+                    f"{self.predictor_num_heads} does not divide predictor_embed_dim={self.predictor_embed_dim}",
+                )
+            )
+        if not 0.0 <= self.ema_momentum <= self.ema_momentum_end <= 1.0:
+            found.append(
+                (
+                    "objective.ema_momentum",
+                    f"need 0 <= ema_momentum <= ema_momentum_end <= 1, got {self.ema_momentum}, {self.ema_momentum_end}",
+                )
+            )
+        if self.total_steps < 0:
+            found.append(("objective.total_steps", f"must be >= 0, got {self.total_steps}"))
+        if self.loss not in ("smooth_l1", "mse"):
+            found.append(("objective.loss", f"must be smooth_l1 or mse, got {self.loss!r}"))
+        return found
+
+
+# RotNet: Gidaris, Singh, Komodakis, "Unsupervised Representation Learning by Predicting Image
+# Rotations" (ICLR 2018); gidariss/FeatureLearningRotNet (dataloader.py, architectures/, config/).
+@dataclass
+class RotNetConfig(ObjectiveConfig):
+    """RotNet: each image at 0, 90, 180 and 270 degrees; a head on the pooled feature predicts which."""
+
+    # The pooled feature only: any timm model (the paper: NIN, AlexNet, ResNet).
+    families: ClassVar[tuple[str, ...]] = ("any",)
+
+    name: str = "rotnet"
+    # Rotation classifier on the pooled feature: `head_layers` Linear layers, BN + ReLU between, the
+    # hidden ones `head_hidden_dim` wide (null = the encoder width). The paper's heads are the top of
+    # the network (NIN's last conv blocks, AlexNet's fully connected layers), so the evaluated
+    # features are not the 4-way classifier's input; 1 = a linear classifier.
+    head_layers: int = 2
+    head_hidden_dim: int | None = None
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
+        if self.head_layers < 1:
+            found.append(("objective.head_layers", f"must be >= 1, got {self.head_layers}"))
+        if self.head_hidden_dim is not None and self.head_hidden_dim < 1:
+            found.append(
+                ("objective.head_hidden_dim", f"must be >= 1 or null (= encoder width), got {self.head_hidden_dim}")
+            )
+        return found
+
+
 # SimCLR: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
 # Representations" (ICML 2020); google-research/simclr (README.md, tf2/run.py flags, objective.py,
 # model.py, data_util.py). The paper trains ResNets; ViT choices are noted per field.
@@ -709,3 +801,12 @@ class SemAIMConfig(ObjectiveConfig):
         if not 0.0 <= self.ema_ramp_fraction <= 1.0:
             found.append(("objective.ema_ramp_fraction", f"must be in [0, 1], got {self.ema_ramp_fraction}"))
         return found
+
+
+def objective_config_classes() -> list[type[ObjectiveConfig]]:
+    """The config dataclass of every objective defined here (torch-free: the schemas and config checks)."""
+    return [
+        cls
+        for cls in globals().values()
+        if isinstance(cls, type) and issubclass(cls, ObjectiveConfig) and cls is not ObjectiveConfig
+    ]

@@ -48,6 +48,7 @@ def evaluate_weights(
         mean=list(cfg.data.mean),
         std=list(cfg.data.std),
         source=f"step {step}",
+        features=getattr(type(cfg.objective), "features", "cls"),
     )
     fit, test = eval_sources(cfg.eval, cfg.data)
     device = pick_device("cuda" if cfg.eval.num_gpus > 0 else "cpu")

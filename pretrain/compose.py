@@ -45,10 +45,8 @@ def _register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
-    for cls in vars(objective_configs).values():
-        if isinstance(cls, type) and issubclass(cls, objective_configs.ObjectiveConfig):
-            if cls is not objective_configs.ObjectiveConfig:
-                cs.store(group="schema/objective", name=cls().name, node=cls)
+    for cls in objective_configs.objective_config_classes():
+        cs.store(group="schema/objective", name=cls().name, node=cls)
 
 
 def group_options(group: str) -> list[str]:

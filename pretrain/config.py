@@ -12,7 +12,7 @@ from typing import Any
 
 from data.config import DATA_SCHEMES, STORAGE_SCHEMES, DataConfig, data_problems, unsupported_scheme
 from data.config import url_scheme as url_scheme  # re-exported: launch.py uses it
-from objectives.configs import ObjectiveConfig
+from objectives.configs import ObjectiveConfig, objective_config_classes
 from pretrain.hardware import cpu_bf16_problem
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -47,17 +47,18 @@ class ModelConfig:
     fused_attn: bool | str = "auto"
 
 
-OPTIMIZERS = ("adamw", "lars")
+OPTIMIZERS = ("adamw", "lars", "sgd")
 
 
 @dataclass
 class OptimConfig:
-    """AdamW (or LARS) + linear warmup + cosine decay, per optimizer step."""
+    """AdamW (or LARS, SGD) + linear warmup + cosine decay, per optimizer step."""
 
     # adamw: torch AdamW (every ViT recipe here). lars: SGD + momentum with a per-tensor trust
     # ratio (pretrain/lars.py), the ResNet recipes of SimCLR and MoCo v3; it needs
     # deepspeed.zero_stage=0 and fp32 (ZeRO and DeepSpeed's bf16/fp16 wrappers hand the
-    # optimizer flattened partitions, and the trust ratio is per tensor).
+    # optimizer flattened partitions, and the trust ratio is per tensor). sgd: torch SGD with
+    # `momentum` (and `nesterov`), elementwise, so any ZeRO stage (RotNet's recipe).
     name: str = "adamw"
     # lr = base_lr * global_batch / 256 (Goyal et al. linear scaling, as MAE/BEiT do).
     base_lr: float | None = 1.5e-4
@@ -69,9 +70,11 @@ class OptimConfig:
     eps: float = 1e-8
     # Warmup length as a fraction of trainer.max_steps (MAE: 40 of 800 epochs = 0.05).
     warmup_fraction: float = 0.05
-    # LARS only: SGD momentum and the trust coefficient eta (both recipes: 0.9 and 0.001).
+    # LARS and SGD: momentum; LARS: the trust coefficient eta (both recipes: 0.9 and 0.001);
+    # SGD: Nesterov momentum.
     momentum: float = 0.9
     trust_coefficient: float = 0.001
+    nesterov: bool = False
 
 
 @dataclass
@@ -144,7 +147,7 @@ class TrackingConfig:
 TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
 
 EVAL_PROTOCOLS = ("knn", "linear")
-EVAL_FEATURES = ("cls", "mean")
+EVAL_FEATURES = ("auto", "cls", "mean")
 
 
 @dataclass
@@ -176,8 +179,10 @@ class EvalConfig:
     # Linear probe: standardised features (MAE's BatchNorm without affine) + logistic
     # regression, weight decay picked on a split of the fit set (CLIP-style sweep).
     probe_weight_decays: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2])
-    # "cls" token or "mean" of the patch tokens, after the final norm.
-    features: str = "cls"
+    # "cls" token or "mean" of the patch tokens, after the final norm (a ViT; other models give
+    # timm's pooled features). "auto": what the encoder's export records (its objective's
+    # representation: mean for I-JEPA, which trains no CLS token), else cls.
+    features: str = "auto"
     # Eval transform: resize the short side to img_size / crop_pct, centre crop (timm's 0.875).
     crop_pct: float = 0.875
     batch_size: int = 256
@@ -444,11 +449,12 @@ def backbone_problems(cfg: Any) -> list[tuple[str, str]]:
     if "any" in accepted or family in accepted:
         return found
     models = "; ".join(f"{f}: model={FAMILY_MODELS[f]}" for f in accepted if f in FAMILY_MODELS)
+    anywhere = ", ".join(sorted(c().name for c in objective_config_classes() if "any" in c.families))
     return found + [
         (
             "model.arch",
             f"objective {cfg.objective.name} runs on {' or '.join(accepted)} backbones ({models}), and "
-            f"{cfg.model.arch} is a {family}; objectives on any timm model: simclr, mocov3, moby",
+            f"{cfg.model.arch} is a {family}; objectives on any timm model: {anywhere}",
         )
     ]
 
@@ -548,6 +554,7 @@ def engine_problems(ds: DeepSpeedConfig, o: OptimConfig, use_gpu: bool) -> list[
             ),
             (0.0 <= o.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {o.momentum}"),
             (o.trust_coefficient > 0, "optim.trust_coefficient", f"must be > 0, got {o.trust_coefficient}"),
+            (not o.nesterov or o.momentum > 0, "optim.nesterov", "needs optim.momentum > 0"),
         ]
     )
 

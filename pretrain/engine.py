@@ -1,4 +1,4 @@
-"""DeepSpeed engine set-up: config dict, AdamW (parameter groups, fused kernel) or LARS, warmup + cosine schedule."""
+"""DeepSpeed engine set-up: config dict, AdamW (parameter groups, fused kernel), LARS or SGD, warmup + cosine schedule."""
 
 from __future__ import annotations
 
@@ -141,8 +141,16 @@ def build_optimizer(
 
     The fused kernel is faster than torch's per-tensor loop on CPU too (docs/benchmarks.md)
     and computes the same update (tests/pretrain/test_engine.py). optim.name=lars: LARS on the
-    same groups, the second (biases, norms) without trust ratio or decay (SimCLR, MoCo v3).
+    same groups, the second (biases, norms) without trust ratio or decay (SimCLR, MoCo v3);
+    optim.name=sgd: torch's SGD with momentum on the same groups (RotNet).
     """
+    if optim.name == "sgd":
+        return torch.optim.SGD(
+            param_groups(module, optim.weight_decay),
+            lr=peak_lr(optim, trainer),
+            momentum=optim.momentum,
+            nesterov=optim.nesterov,
+        )
     if optim.name == "lars":
         from pretrain.lars import LARS
 

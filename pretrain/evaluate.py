@@ -130,11 +130,12 @@ def _evaluate(
         "num_workers": e.num_workers,
     }
     what = f"eval features, %s set ({' + '.join(models)})"
+    features = encoder.features_for(e.features)
     fit_feats, fit_labels, fit_bad = extract(
-        models, labelled_batches(fit, **read), device=device, features=e.features, what=what % "fit"
+        models, labelled_batches(fit, **read), device=device, features=features, what=what % "fit"
     )
     test_feats, test_labels, test_bad = extract(
-        models, labelled_batches(test, **read), device=device, features=e.features, what=what % "test"
+        models, labelled_batches(test, **read), device=device, features=features, what=what % "test"
     )
     for source, labels, bad in ((fit, fit_labels, fit_bad), (test, test_labels, test_bad)):
         if not labels.numel():
@@ -143,7 +144,7 @@ def _evaluate(
     result = EvalResult(
         model_uri=encoder.source,
         arch=encoder.arch,
-        features=e.features,
+        features=features,
         fit_samples=int(fit_labels.numel()),
         test_samples=int(test_labels.numel()),
         num_classes=num_classes,

@@ -31,6 +31,11 @@ class Encoder:
     source: str
 
     input_size: int = 0  # the training image size, recorded by the export ("img_size"); 0 = unknown
+    features: str = ""  # how its objective reads it ("cls" | "mean"), recorded by the export; "" = unsaid
+
+    def features_for(self, configured: str) -> str:
+        """eval.features resolved for this encoder: "auto" -> the export's record, else "cls"."""
+        return (self.features or "cls") if configured == "auto" else configured
 
     @property
     def img_size(self) -> int:
@@ -58,6 +63,7 @@ def load_encoder(uri: str, *, tracking_uri: str | None, storage_options: dict[st
         std=list(meta.get("std") or IMAGENET_STD),
         source=uri,
         input_size=int(meta.get("img_size") or 0),
+        features=str(meta.get("features") or ""),
     )
 
 

@@ -107,6 +107,13 @@ def lineage(cfg: PretrainConfig, *, run_id: str, run_name: str, steps: int, trac
     return tags
 
 
+def pooled_name(encoder: Encoder) -> str:
+    """What the encoder's pooled output is, for the model card."""
+    if getattr(encoder.vit, "num_prefix_tokens", None) is None:
+        return "pooled"
+    return "mean patch-token" if encoder.features_for("auto") == "mean" else "CLS"
+
+
 def model_card(
     cfg: PretrainConfig,
     encoder: Encoder,
@@ -174,7 +181,7 @@ def model_card(
         "```",
         "",
         f"or `mlflow.pytorch.load_model('models:/{name}/{version or 'latest'}')` (a torch.export program: "
-        "images (B, 3, H, W) -> CLS features (B, D)), or as a teacher of a later stage: "
+        f"images (B, 3, H, W) -> {pooled_name(encoder)} features (B, D)), or as a teacher of a later stage: "
         f"`objective.teacher.source=models:/{name}/{version or 'latest'}`.",
         "",
         "## Config",
@@ -211,6 +218,8 @@ def log_encoder(
     from objectives.artifacts import model_type, using_tracking_uri
 
     vit = encoder.vit.float().cpu().eval()
+    if encoder.features_for("auto") == "mean" and getattr(vit, "num_prefix_tokens", None) is not None:
+        vit.reset_classifier(0, global_pool="avg")  # the logged program returns what the evaluation reads
     example = np.zeros((2, 3, encoder.img_size, encoder.img_size), dtype=np.float32)
     with torch.inference_mode():
         output = vit(torch.from_numpy(example)).numpy()

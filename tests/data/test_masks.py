@@ -83,3 +83,73 @@ def test_bad_mask_settings_are_refused() -> None:
         block_patch_mask_with_blocks((4, 4), g, ratio=0.01)
     with pytest.raises(ValueError, match="unknown mask kind 'nope'"):
         mask_generator(MaskSpec("nope", 0.5))
+
+
+# --- I-JEPA's multi-block masks -------------------------------------------------------------
+
+
+def _rectangle(block: torch.Tensor) -> tuple[int, int]:
+    """(h, w) of a (H, W) bool mask that must be exactly one filled rectangle."""
+    rows, cols = block.any(dim=1).nonzero().squeeze(1), block.any(dim=0).nonzero().squeeze(1)
+    h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+    assert int(block.sum()) == h * w and bool(block[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all())
+    return h, w
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (8, 8)], ids=["14x14", "8x8"])
+def test_multiblock_targets_are_rectangles_and_the_context_avoids_them(grid: tuple[int, int]) -> None:
+    from data.masks import multiblock_mask
+
+    gen = torch.Generator().manual_seed(0)
+    n = grid[0] * grid[1]
+    min_keep = max(1, round(10 * n / 196))
+    target_areas, context_counts = [], []
+    for _ in range(300):
+        masks = multiblock_mask(grid, gen)
+        assert masks.shape == (5, n) and masks.dtype == torch.bool
+        context = ~masks[0]
+        targets = masks[1:]
+        assert not (context & targets.any(dim=0)).any()  # never a target patch in the context
+        assert int(context.sum()) >= min_keep
+        for t in targets:
+            h, w = _rectangle(t.view(grid))
+            assert h < grid[0] and w < grid[1]  # each side at most the grid side - 1
+            target_areas.append(h * w / n)
+        context_counts.append(int(context.sum()) / n)
+    # Areas drawn in 15-20% of the grid, then rounded to whole sides (coarser at 8 x 8).
+    mean_area = sum(target_areas) / len(target_areas)
+    assert 0.12 < mean_area < 0.24, mean_area
+    assert 0.0 < sum(context_counts) / len(context_counts) < 0.85
+
+
+def test_multiblock_context_block_by_hand_and_the_generator_spec() -> None:
+    from data.masks import draw_masks, multiblock_mask
+
+    # Targets of exactly 1 x 1 (area 1 of 16) and a full-size context block: the context is every
+    # patch of the (3 x 3: sides at most 4 - 1) context block except the targets.
+    gen = torch.Generator().manual_seed(3)
+    masks = multiblock_mask(
+        (4, 4), gen, targets=2, target_scale=(1 / 16, 1 / 16), target_aspect=(1.0, 1.0), context_scale=(1.0, 1.0)
+    )
+    targets = masks[1:].view(2, 4, 4)
+    assert [int(t.sum()) for t in targets] == [1, 1]
+    context = (~masks[0]).view(4, 4)
+    covered = targets.any(dim=0)
+    placements = []
+    for top in range(2):
+        for left in range(2):
+            block = torch.zeros(4, 4, dtype=torch.bool)
+            block[top : top + 3, left : left + 3] = True
+            placements.append(torch.equal(context, block & ~covered))
+    assert any(placements)  # the 3 x 3 context block somewhere, minus the target patches
+    assert torch.equal(
+        multiblock_mask((4, 4), torch.Generator().manual_seed(3)),
+        multiblock_mask((4, 4), torch.Generator().manual_seed(3)),
+    )
+    drawn = draw_masks(MaskSpec("multiblock", 0.0, targets=3), 6, (8, 8))
+    assert drawn.shape == (6, 4, 64)
+    pickle.dumps(mask_generator(MaskSpec("multiblock", 0.0, targets=3)))  # goes into loader worker processes
+    with pytest.raises(ValueError, match="at least one target"):
+        multiblock_mask((4, 4), gen, targets=0)
+    with pytest.raises(ValueError, match="target_scale"):
+        multiblock_mask((4, 4), gen, target_scale=(0.3, 0.2))

@@ -1,11 +1,12 @@
-"""The contrastive, centroid and autoregressive objectives end to end: real Ray Train +
-DeepSpeed + MLflow, 2 CPU workers, a few steps each, spread over ZeRO stages, precisions and
-backbone families (the contrastive ones on a ResNet and a ConvNeXt at ZeRO-3; the exported CNN
-loads strictly into timm and is evaluated on its pooled features). ZeRO-1 runs in
-tests/e2e/test_pipeline.py."""
+"""The contrastive, centroid, autoregressive and rotation objectives end to end: real Ray Train +
+DeepSpeed + MLflow, 2 CPU workers, a few steps each, spread over ZeRO stages, precisions,
+optimizers and backbone families (the contrastive ones on a ResNet and a ConvNeXt at ZeRO-3,
+RotNet on a Swin with SGD; the exported encoder loads strictly into timm and is evaluated on its
+pooled features). ZeRO-1 runs in tests/e2e/test_pipeline.py."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -27,11 +28,20 @@ CASES = {
     # Order from the EMA encoder, kept in fp32 buffers and updated from ZeRO-3-partitioned
     # parameters; with gradient accumulation (bf16 + accumulation + ZeRO-3 in one engine).
     "semaim": ("vit_nano", 3, "bf16", ["objective.order_source=ema", "trainer.grad_accum=2"]),
+    # On a Swin (its own CPU size): the rotation head's BatchNorm over both workers' copies; SGD
+    # with Nesterov momentum (the paper's optimizer) under ZeRO-2 partitions.
+    "rotnet": ("swin_nano", 2, "fp32", ["optim.name=sgd", "optim.nesterov=true", "optim.base_lr=0.05"]),
 }
 
 
 # Pictures each objective logs at the end (drawn on every rank: ZeRO-2/3 included).
-PICTURES = {"mocov3": [], "simclr": [], "ccvit": ["centroid_ids", "centroid_usage"], "semaim": ["semantic_order"]}
+PICTURES = {
+    "mocov3": [],
+    "simclr": [],
+    "ccvit": ["centroid_ids", "centroid_usage"],
+    "semaim": ["semantic_order"],
+    "rotnet": ["rotnet_predictions", "rotnet_confusion"],
+}
 
 
 @pytest.mark.parametrize("objective", sorted(CASES))
@@ -80,3 +90,49 @@ def test_objective_runs_end_to_end(objective: str, ray_local: None, runs, tmp_pa
     if objective == "ccvit":
         assert run.data.tags["pretrain.export.centroids"].startswith("models:/ccvit-centroids-32x4/")
         assert (tmp_path / objective / "export" / "centroids").is_dir()
+
+
+def test_ijepa_at_zero3_restarts_exactly_with_its_ema_target(
+    ray_local: None, runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """I-JEPA (multi-block masks from the loader workers, an EMA target encoder held in float32 buffers
+    outside ZeRO-3's partitions) killed in step 5: Ray Train restarts it from the step-3 checkpoint and
+    the redone step 4 has the loss of the first attempt's (the target encoder came back exactly)."""
+    from pretrain.trainer.faults import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "5:kill:1")
+    rc = main(
+        [
+            *[a for a in runs.tiny if not a.startswith("objective.")],
+            "objective=ijepa",
+            "objective.predictor_embed_dim=16",
+            "objective.predictor_depth=1",
+            "deepspeed.zero_stage=3",
+            "trainer.max_steps=5",
+            "trainer.checkpoint_every=3",
+            "trainer.deterministic=true",
+            "trainer.max_failures=1",
+            f"trainer.storage_path={tmp_path}",
+            "name=ijepa",
+        ]
+    )
+    assert rc == 0
+    record = runs.record(tmp_path, "ijepa")
+    losses = runs.history(record, "loss")
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 4, 5]
+    (first, again) = [v for s, v in losses if s == 4]
+    assert again == pytest.approx(first, rel=1e-6)
+    momenta = dict(runs.history(record, "ijepa/momentum"))
+    # Read in each step's forward, before that step's update: m(step - 2) for step >= 2, linear to 1 over 5 steps.
+    assert [momenta[s] for s in (1, 2, 5)] == pytest.approx([0.996, 0.996, 0.996 + 0.004 * 3 / 5], abs=1e-6)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(record["tracking_uri"])
+    run = client.get_run(record["mlflow_run_id"])
+    assert run.data.tags["pretrain.resumed_at_step"] == "3"
+    # Exported with its representation (the mean of the patch tokens), evaluated on it.
+    meta = json.loads((tmp_path / "ijepa" / "export" / "encoder" / "pretrain.json").read_text())
+    assert meta["features"] == "mean"
+    assert 0.0 <= run.data.metrics["eval/knn_top1"] <= 1.0
+    pictures = {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
+    assert pictures == {"pictures/ijepa_blocks.png"}

@@ -1,4 +1,4 @@
-"""LARS: the update by hand, its parameter groups, a real DeepSpeed ZeRO-0 engine, the config rule."""
+"""LARS and SGD: the LARS update by hand, parameter groups, a real DeepSpeed ZeRO-0 engine, the config rules."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_lars_needs_zero0_and_fp32_and_the_recipes_compose() -> None:
     keys = [
         k
         for k, _ in engine_problems(
-            DeepSpeedConfig(), OptimConfig(name="sgd", momentum=1.0, trust_coefficient=0), False
+            DeepSpeedConfig(), OptimConfig(name="rmsprop", momentum=1.0, trust_coefficient=0), False
         )
     ]
     assert keys == ["optim.name", "optim.momentum", "optim.trust_coefficient"]
@@ -162,3 +162,23 @@ def test_zero0_engine_equals_plain_lars_on_the_mean_gradient(tmp_path: Path, glo
         torch.testing.assert_close(
             result["buffers"], {n: opt.state[p]["momentum_buffer"] for n, p in model.named_parameters()}
         )
+
+
+def test_sgd_is_torchs_with_nesterov_momentum_on_the_two_groups() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    optim = OptimConfig(name="sgd", base_lr=0.0133, weight_decay=5e-4, momentum=0.9, nesterov=True)
+    opt = build_optimizer(model, optim, TrainerConfig(num_workers=2, batch_size=96))
+    assert type(opt) is torch.optim.SGD
+    decay, no_decay = opt.param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"], len(decay["params"]), len(no_decay["params"])) == (
+        5e-4,
+        0.0,
+        1,
+        3,
+    )
+    assert (decay["momentum"], decay["nesterov"], decay["lr"]) == (0.9, True, pytest.approx(0.0133 * 192 / 256))
+    ((key, message),) = engine_problems(
+        DeepSpeedConfig(zero_stage=3), OptimConfig(name="sgd", nesterov=True, momentum=0.0), False
+    )
+    assert (key, message) == ("optim.nesterov", "needs optim.momentum > 0")
+    assert engine_problems(DeepSpeedConfig(zero_stage=3), optim, False) == []  # elementwise: any ZeRO stage
