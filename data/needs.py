@@ -28,7 +28,8 @@ class DataNeeds:
     """What an objective asks the data pipeline for.
 
     views: number of independently augmented crops of each image; a batch carries
-    them as `batch["views"]`, a list of `views` tensors of shape (B, 3, H, W).
+    them as `batch["views"]`, a list of `views` tensors of shape (B, 3, H, W), followed by
+    `local_views` smaller crops when asked for.
     mask: if set, a batch also carries `batch["mask"]`, a bool tensor (B, N) over
     the patch grid of the model (True = masked), drawn from the sample's seed ((B, K, N)
     for a kind with K masks per sample).
@@ -36,3 +37,8 @@ class DataNeeds:
 
     views: int = 1
     mask: MaskSpec | None = None
+    # Multi-crop (DINO, iBOT): `local_views` more crops of `local_size` px with crop area in
+    # `local_scale`, after the `views` global ones in `batch["views"]` (B, 3, local_size, local_size).
+    local_views: int = 0
+    local_size: int = 0
+    local_scale: tuple[float, float] = (0.05, 0.4)

@@ -130,6 +130,7 @@ class ReaderStream(IterableDataset):
         views: int,
         min_decode_size: int | None,
         mask: tuple[Any, tuple[int, int]] | None,
+        local: tuple[tuple[v2.Compose, int], ...] = (),
     ) -> None:
         super().__init__()
         self.urls, self.storage_options = urls, storage_options
@@ -137,7 +138,7 @@ class ReaderStream(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_readers, self.first_reader, self.starts, self.excluded = num_readers, first_reader, starts, excluded
         self.buffer_size, self.transform, self.views = buffer_size, transform, views
-        self.min_decode_size, self.mask = min_decode_size, mask
+        self.min_decode_size, self.mask, self.local = min_decode_size, mask, local
         self._retries_reported = 0
 
     def _raw(self, shards: list[int], excluded: dict[int, int | None]) -> Iterator[tuple[int, int, dict[str, Any]]]:
@@ -193,7 +194,11 @@ class ReaderStream(IterableDataset):
                 continue
             item = {
                 "views": make_views(
-                    image, self.transform, self.views, derive_seed(self.seed, epoch, shard, index, _AUGMENT)
+                    image,
+                    self.transform,
+                    self.views,
+                    derive_seed(self.seed, epoch, shard, index, _AUGMENT),
+                    extra=self.local,
                 ),
                 KEY_FIELD: sample[KEY_FIELD],
                 READER_FIELD: reader,

@@ -206,7 +206,8 @@ def merge_positions(states: Sequence[dict[str, Any]]) -> tuple[int, Excluded]:
 class ResumableLoader:
     """Endless iterator of batches with an exact, checkpointable position.
 
-    Yields `{"views": [Tensor (B, 3, S, S)] * views, "__key__": [str] * B,
+    Yields `{"views": [Tensor (B, 3, S, S)] * views (+ [Tensor (B, 3, s, s)] * local_views),
+    "__key__": [str] * B,
     "__epoch__": [int] * B}` plus `"mask": BoolTensor (B, N)` (True = masked) when
     the objective asked for one. `state_dict()` after taking a batch covers that
     batch; `load_state_dict` on a fresh loader makes the next batch the one that
@@ -226,6 +227,9 @@ class ResumableLoader:
         seed: int,
         mask: tuple[Any, tuple[int, int]] | None = None,
         abort_min_samples: int = ABORT_MIN_SAMPLES,
+        local_views: int = 0,
+        local_size: int = 0,
+        local_scale: tuple[float, float] = (0.05, 0.4),
     ) -> None:
         if not urls:
             raise ValueError("no shard URLs to read; check data.urls")
@@ -253,6 +257,16 @@ class ResumableLoader:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.mask, self.abort_min_samples = mask, abort_min_samples
         self._transform = build_view_transform(cfg, img_size)
+        if local_views and local_size < 1:
+            raise ValueError(f"{local_views} local views need a local_size >= 1, got {local_size}")
+        self._local = (
+            ((build_view_transform(cfg, local_size, scale=local_scale), local_views),) if local_views > 0 else ()
+        )
+        # Decoded large enough that neither a global nor a local crop is upscaled (see draft_min_size).
+        self._min_decode = max(
+            draft_min_size(img_size, cfg.crop_scale_min),
+            draft_min_size(local_size, local_scale[0]) if local_views > 0 else 0,
+        )
         self._normalize = ToNormalizedFloat(list(cfg.mean), list(cfg.std))
         self._readers = [_ReaderPosition() for _ in range(self.num_readers)]
         self._excluded: Excluded = {}
@@ -317,8 +331,9 @@ class ResumableLoader:
             buffer_size=self.cfg.shuffle_buffer,
             transform=self._transform,
             views=self.views,
-            min_decode_size=draft_min_size(self.img_size, self.cfg.crop_scale_min) if self.cfg.fast_decode else None,
+            min_decode_size=self._min_decode if self.cfg.fast_decode else None,
             mask=self.mask,
+            local=self._local,
         )
         return DataLoader(
             dataset,
@@ -491,4 +506,7 @@ def build_train_loader(
         world_size=world_size,
         seed=seed,
         mask=mask,
+        local_views=needs.local_views,
+        local_size=needs.local_size,
+        local_scale=needs.local_scale,
     )

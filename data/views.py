@@ -66,13 +66,17 @@ class ToNormalizedFloat(v2.Transform):
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.Image) else out
 
 
-def build_view_transform(cfg: DataConfig, img_size: int) -> v2.Compose:
+def build_view_transform(cfg: DataConfig, img_size: int, *, scale: tuple[float, float] | None = None) -> v2.Compose:
     """One view of a uint8 (3, H, W) image: RandomResizedCrop (bicubic) -> optional h-flip, still uint8.
 
+    scale: the crop's area range, (data.crop_scale_min, 1) unless given (a multi-crop's local views).
     Validates mean/std too: `ToNormalizedFloat(cfg.mean, cfg.std)` completes the view, per batch.
     """
     if not 0.0 < cfg.crop_scale_min <= 1.0:
         raise ValueError(f"data.crop_scale_min must be in (0, 1], got {cfg.crop_scale_min}")
+    scale = (cfg.crop_scale_min, 1.0) if scale is None else (float(scale[0]), float(scale[1]))
+    if not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ValueError(f"crop scale must be 0 < low <= high <= 1, got {scale}")
     if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
         raise ValueError(f"data.mean and data.std need 3 values (RGB), std > 0; got mean={cfg.mean}, std={cfg.std}")
     if img_size < 1:
@@ -80,7 +84,7 @@ def build_view_transform(cfg: DataConfig, img_size: int) -> v2.Compose:
     steps: list[v2.Transform] = [
         ChannelsLastResizedCrop(
             img_size,
-            scale=(cfg.crop_scale_min, 1.0),
+            scale=scale,
             ratio=CROP_RATIO,
             interpolation=v2.InterpolationMode.BICUBIC,
             antialias=True,
@@ -128,11 +132,17 @@ def draft_min_size(img_size: int, crop_scale_min: float, ratio: tuple[float, flo
 
 
 def make_views(
-    image: Image.Image | torch.Tensor, transform: v2.Compose, num_views: int, seed: int
+    image: Image.Image | torch.Tensor,
+    transform: v2.Compose,
+    num_views: int,
+    seed: int,
+    *,
+    extra: tuple[tuple[v2.Compose, int], ...] = (),
 ) -> list[torch.Tensor]:
-    """`num_views` independent augmentations of `image` (PIL, or a (3, H, W) uint8 tensor), each (3, S, S) uint8.
+    """`num_views` independent augmentations of `image` (PIL, or a (3, H, W) uint8 tensor), each (3, S, S) uint8,
+    then `count` of each (transform, count) in `extra` (a multi-crop's local views).
 
-    A pure function of `seed`.
+    A pure function of `seed`; the first `num_views` do not depend on `extra`.
 
     torchvision draws from the global torch RNG, so it is seeded here inside
     `fork_rng`: the caller's RNG state (the training loop's, when the loader runs
@@ -144,4 +154,7 @@ def make_views(
     with torch.random.fork_rng(devices=[]):
         # CPU generator only: torch.manual_seed would also seed (and lazily init) accelerators.
         torch.default_generator.manual_seed(seed)
-        return [transform(pixels).as_subclass(torch.Tensor) for _ in range(num_views)]
+        views = [transform(pixels).as_subclass(torch.Tensor) for _ in range(num_views)]
+        for other, count in extra:
+            views += [other(pixels).as_subclass(torch.Tensor) for _ in range(count)]
+        return views

@@ -403,6 +403,76 @@ class ViewAugmentConfig:
         return found
 
 
+# DINO: Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (ICCV 2021);
+# facebookresearch/dino (main_dino.py argparse defaults, DINOHead in vision_transformer.py,
+# DataAugmentationDINO, DINOLoss). KoLeo: Oquab et al., DINOv2 (2023), dinov2/loss/koleo_loss.py.
+@dataclass
+class DINOConfig(ObjectiveConfig):
+    """DINO: a student on 2 global + several local crops matches an EMA teacher's centred, sharpened
+    distribution over `out_dim` prototypes of the global crops (cross-entropy, no labels)."""
+
+    name: str = "dino"
+    # Projection head (DINOHead): 3-layer MLP (GELU, hidden 2048) to a 256-d bottleneck, l2-normalised,
+    # then a weight-normalised linear layer of norm 1 (norm_last_layer=True) to out_dim prototypes.
+    out_dim: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_layers: int = 3
+    # Multi-crop: 2 global crops (area data.crop_scale_min..1: --global_crops_scale 0.4 1) and
+    # --local_crops_number 8 local crops of 96 px from --local_crops_scale 0.05 0.4 of the area.
+    local_views: int = 8
+    local_size: int = 96
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    # Temperatures: student 0.1; teacher linear from warmup_teacher_temp to teacher_temp over
+    # warmup_teacher_temp_fraction of the run (--warmup_teacher_temp 0.04 --teacher_temp 0.04
+    # --warmup_teacher_temp_epochs 0 by default; the README's longer runs warm 0.04 -> 0.07).
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_fraction: float = 0.0
+    # Centre of the teacher's outputs: EMA of the batch mean over all ranks (--center_momentum 0.9).
+    center_momentum: float = 0.9
+    # Teacher = EMA of student backbone + head, momentum from 0.996 to 1 with a half cosine (--momentum_teacher).
+    momentum_teacher: float = 0.996
+    total_steps: int = 0
+    # The last layer gets no gradient for this fraction of the run (--freeze_last_layer 1 of 100 epochs).
+    freeze_last_layer_fraction: float = 0.01
+    # DINOv2's KoLeo regulariser on the student's global-crop CLS features (0 = off; DINOv2: 0.1).
+    koleo_weight: float = 0.0
+    # Photometric views (DataAugmentationDINO): colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8 and grayscale 0.2
+    # everywhere; global 1: blur p=1.0; global 2: blur p=0.1 + solarise p=0.2; local crops: blur p=0.5.
+    global1: ViewAugmentConfig = field(default_factory=ViewAugmentConfig)
+    global2: ViewAugmentConfig = field(default_factory=lambda: ViewAugmentConfig(blur_prob=0.1, solarize_prob=0.2))
+    local: ViewAugmentConfig = field(default_factory=lambda: ViewAugmentConfig(blur_prob=0.5))
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
+        for key in ("out_dim", "head_hidden_dim", "head_bottleneck_dim", "head_layers", "local_size"):
+            if getattr(self, key) < 1:
+                found.append((f"objective.{key}", f"must be >= 1, got {getattr(self, key)}"))
+        if self.local_views < 0:
+            found.append(("objective.local_views", f"must be >= 0, got {self.local_views}"))
+        scale = list(self.local_scale)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            found.append(("objective.local_scale", f"need [low, high] with 0 < low <= high <= 1, got {scale}"))
+        for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            if not getattr(self, key) > 0:
+                found.append((f"objective.{key}", f"must be > 0, got {getattr(self, key)}"))
+        for key in ("warmup_teacher_temp_fraction", "freeze_last_layer_fraction"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                found.append((f"objective.{key}", f"must be in [0, 1), got {getattr(self, key)}"))
+        for key in ("center_momentum", "momentum_teacher"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                found.append((f"objective.{key}", f"must be in [0, 1], got {getattr(self, key)}"))
+        if self.koleo_weight < 0:
+            found.append(("objective.koleo_weight", f"must be >= 0, got {self.koleo_weight}"))
+        if self.total_steps < 0:
+            found.append(("objective.total_steps", f"must be >= 0, got {self.total_steps}"))
+        for key in ("global1", "global2", "local"):
+            found += getattr(self, key).problems(f"objective.{key}")
+        return found
+
+
 # I-JEPA: Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding Predictive
 # Architecture" (CVPR 2023); facebookresearch/ijepa (configs/in1k_vith14_ep300.yaml, src/train.py,
 # src/models/vision_transformer.py, src/masks/multiblock.py).

@@ -103,13 +103,34 @@ class VitBackbone(nn.Module):
         of each masked patch is replaced by the mask token before the position embedding
         is added (BEiT-style corruption: the encoder sees every position).
         """
-        x = self.vit.patch_embed(images)
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        if grid == self.grid_size:
+            x = self.vit.patch_embed(images)
+        else:
+            return self._embed_other_size(images, grid, mask)
         if mask is not None:
             if mask_token is None:
                 raise ValueError("embed_patches: a mask needs a mask_token")
             w = mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
             x = x * (1 - w) + mask_token.to(x.dtype) * w
         return x + self._patch_pos_embed()
+
+    def _embed_other_size(self, images: torch.Tensor, grid: tuple[int, int], mask: torch.Tensor | None) -> torch.Tensor:
+        """Patch tokens of images of another size than the model's (a multi-crop's local views): the
+        same patch projection, the position embedding resampled to their grid (bicubic, as DINO's
+        `interpolate_pos_encoding` and timm's `resample_abs_pos_embed`)."""
+        from timm.layers import resample_abs_pos_embed
+
+        if mask is not None:
+            raise ValueError("embed_patches: masks are only for images of the model's own size")
+        if images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size:
+            raise ValueError(
+                f"images of {tuple(images.shape[-2:])} px are not a multiple of the {self.patch_size}-px patches"
+            )
+        pe = self.vit.patch_embed
+        x = pe.norm(pe.proj(images).flatten(2).transpose(1, 2))  # (B, h w, D), as PatchEmbed without its size check
+        pos = resample_abs_pos_embed(self._patch_pos_embed(), list(grid), list(self.grid_size), num_prefix_tokens=0)
+        return x + pos.to(x.dtype)
 
     def encode(
         self,

@@ -366,3 +366,26 @@ def test_too_many_bad_samples_abort_with_a_clear_message(bad_shards: tuple[Path,
     tolerant = loader_with(0.2)
     take(tolerant, 20)
     assert tolerant.skipped == 2 * tolerant.epoch or tolerant.skipped == 2 * (tolerant.epoch + 1)
+
+
+def test_multi_crop_adds_smaller_local_views_after_the_global_ones(synthetic_shards: ShardSet) -> None:
+    """DINO's multi-crop: 2 global views of IMG px, then 3 local views of 8 px from 5-40% of the area;
+    the global views are those of a loader without local views (the same seeded draws come first)."""
+    urls = resolve_urls(synthetic_shards.manifest_url)
+    cfg = DataConfig(num_workers=1, shuffle_buffer=16)
+
+    def loader(needs: DataNeeds) -> ResumableLoader:
+        return build_train_loader(
+            cfg, needs, urls=urls, img_size=IMG, batch_size=4, rank=0, world_size=1, seed=3, patch_size=4
+        )
+
+    multi = take(loader(DataNeeds(views=2, local_views=3, local_size=8, local_scale=(0.05, 0.4))), 2)
+    plain = take(loader(DataNeeds(views=2)), 2)
+    for with_local, without in zip(multi, plain, strict=True):
+        assert [tuple(v.shape) for v in with_local["views"]] == [(4, 3, IMG, IMG)] * 2 + [(4, 3, 8, 8)] * 3
+        assert with_local["__key__"] == without["__key__"]
+        for a, b in zip(with_local["views"][:2], without["views"], strict=True):
+            assert torch.equal(a, b)
+        assert not torch.equal(with_local["views"][2], with_local["views"][3])  # independent local crops
+    with pytest.raises(ValueError, match="local_size >= 1"):
+        loader(DataNeeds(views=2, local_views=2))
