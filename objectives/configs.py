@@ -403,6 +403,54 @@ class ViewAugmentConfig:
         return found
 
 
+# CrossMAE: Fu, Lian, Wang, et al., "Rethinking Patch Dependence for Masked Autoencoders" (2024);
+# TonyLianLong/CrossMAE (models_cross.py, transformer_utils.py, main_pretrain.py).
+@dataclass
+class CrossMAEConfig(ObjectiveConfig):
+    """CrossMAE: MAE's encoder; a decoder of cross-attention only, from mask queries to the visible
+    tokens, reconstructing a subset of the masked patches, each block reading its own learned mix of
+    the encoder's block outputs."""
+
+    name: str = "crossmae"
+    # Patches removed per sample (--mask_ratio 0.75) and patches reconstructed (--kept_mask_ratio
+    # 0.25 of all patches: a third of the masked ones), both fractions of N.
+    mask_ratio: float = 0.75
+    prediction_ratio: float = 0.25
+    # Decoder: 8 cross-attention blocks of width 512, 16 heads (as MAE's decoder; models_cross.py).
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    decoder_mlp_ratio: float = 4.0
+    # Feature weighting (--weight_fm): decoder block j reads LN_j(sum_i w_ji h_i) over the encoder's
+    # block outputs h_i; false: every block reads the encoder's final normed tokens.
+    weight_fm: bool = True
+    norm_pix_loss: bool = True
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
+        for key in ("mask_ratio", "prediction_ratio"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                found.append((f"objective.{key}", f"must be in (0, 1), got {getattr(self, key)}"))
+        if 0.0 < self.prediction_ratio < 1.0 and self.prediction_ratio > self.mask_ratio:
+            found.append(
+                (
+                    "objective.prediction_ratio",
+                    f"{self.prediction_ratio} exceeds mask_ratio={self.mask_ratio}: only masked patches are reconstructed",
+                )
+            )
+        for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+            if getattr(self, key) < 1:
+                found.append((f"objective.{key}", f"must be >= 1, got {getattr(self, key)}"))
+        if self.decoder_num_heads >= 1 and self.decoder_embed_dim % self.decoder_num_heads:
+            found.append(
+                (
+                    "objective.decoder_num_heads",
+                    f"{self.decoder_num_heads} does not divide decoder_embed_dim={self.decoder_embed_dim}",
+                )
+            )
+        return found
+
+
 # DINO: Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (ICCV 2021);
 # facebookresearch/dino (main_dino.py argparse defaults, DINOHead in vision_transformer.py,
 # DataAugmentationDINO, DINOLoss). KoLeo: Oquab et al., DINOv2 (2023), dinov2/loss/koleo_loss.py.
