@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -216,8 +217,20 @@ MASK_GENERATORS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+def repeated_mask(
+    grid: tuple[int, int], generator: torch.Generator, *, make: Callable[..., torch.Tensor], count: int
+) -> torch.Tensor:
+    """`count` independent draws of `make`, stacked: (count, N) bool."""
+    return torch.stack([make(grid, generator) for _ in range(count)])
+
+
 def mask_generator(spec: MaskSpec, patch_size: int = 1) -> Callable[[tuple[int, int], torch.Generator], torch.Tensor]:
-    """`make(grid, generator) -> (N,) bool` for a MaskSpec on a model of `patch_size` px patches (picklable)."""
+    """`make(grid, generator) -> (N,) bool` for a MaskSpec on a model of `patch_size` px patches (picklable);
+    (count, N) when the spec asks for several masks per sample."""
+    if spec.count < 1:
+        raise ValueError(f"a mask spec needs count >= 1, got {spec.count}")
+    if spec.count > 1:
+        return partial(repeated_mask, make=mask_generator(replace(spec, count=1), patch_size), count=spec.count)
     if spec.kind not in MASK_GENERATORS:
         raise ValueError(f"unknown mask kind {spec.kind!r}; known: {', '.join(sorted(MASK_GENERATORS))}")
     if spec.kind == "group":

@@ -21,6 +21,8 @@ class MaskSpec:
     ratio: float
     group_px: int = 0
     targets: int = 0
+    # Independent masks per sample (one per global crop: iBOT); above 1 the batch's mask is (B, count, N).
+    count: int = 1
 
 
 @dataclass(frozen=True)

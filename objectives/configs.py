@@ -521,6 +521,54 @@ class DINOConfig(ObjectiveConfig):
         return found
 
 
+# iBOT: Zhou et al., "iBOT: Image BERT Pre-Training with Online Tokenizer" (ICLR 2022);
+# bytedance/ibot (main_ibot.py argparse defaults, models/head.py iBOTHead, loader.py ImageFolderMask).
+@dataclass
+class IBOTConfig(DINOConfig):
+    """iBOT: DINO's [CLS] self-distillation plus masked-patch self-distillation: the student sees its
+    global crops block-masked and matches the teacher's patch distributions at the masked positions."""
+
+    name: str = "ibot"
+    # --out_dim 8192 --patch_out_dim 8192: the [CLS] and the patch prototypes.
+    out_dim: int = 8192
+    patch_out_dim: int = 8192
+    # One head MLP; shared_head true: one last layer for [CLS] and patches (--shared_head; the
+    # official default keeps a second last layer for patches in the student, false here too).
+    shared_head: bool = False
+    # Block-wise masks of the global crops (--pred_shape block --pred_ratio 0.3), one per crop.
+    pred_ratio: float = 0.3
+    # Patch temperatures: teacher linear from 0.04 to 0.07 over the teacher-temperature warmup
+    # (--warmup_teacher_patch_temp 0.04 --teacher_patch_temp 0.07), student as for [CLS].
+    teacher_patch_temp: float = 0.07
+    warmup_teacher_patch_temp: float = 0.04
+    # Loss weights (--lambda1 1.0 [CLS], --lambda2 1.0 patches).
+    lambda1: float = 1.0
+    lambda2: float = 1.0
+    local_views: int = 0  # --local_crops_number 0 by default (the ViT-S recipe: 10)
+    warmup_teacher_temp_fraction: float = 0.3  # --warmup_teacher_temp_epochs 30 of --epochs 100
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = super().problems()
+        if self.patch_out_dim < 1:
+            found.append(("objective.patch_out_dim", f"must be >= 1, got {self.patch_out_dim}"))
+        if self.shared_head and self.patch_out_dim != self.out_dim:
+            found.append(
+                (
+                    "objective.shared_head",
+                    f"needs patch_out_dim == out_dim, got {self.patch_out_dim} and {self.out_dim}",
+                )
+            )
+        if not 0.0 < self.pred_ratio < 1.0:
+            found.append(("objective.pred_ratio", f"must be in (0, 1), got {self.pred_ratio}"))
+        for key in ("teacher_patch_temp", "warmup_teacher_patch_temp"):
+            if not getattr(self, key) > 0:
+                found.append((f"objective.{key}", f"must be > 0, got {getattr(self, key)}"))
+        for key in ("lambda1", "lambda2"):
+            if getattr(self, key) < 0:
+                found.append((f"objective.{key}", f"must be >= 0, got {getattr(self, key)}"))
+        return found
+
+
 # I-JEPA: Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding Predictive
 # Architecture" (CVPR 2023); facebookresearch/ijepa (configs/in1k_vith14_ep300.yaml, src/train.py,
 # src/models/vision_transformer.py, src/masks/multiblock.py).

@@ -18,6 +18,7 @@ collapse) and `dino/kl` (teacher to student). Recipe from facebookresearch/dino;
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.needs import DataNeeds
+from data.needs import DataNeeds, MaskSpec
 from objectives.base import LossOutput, Objective, RunContext
 from objectives.components.augment import ViewAugment
 from objectives.components.backbone import VitBackbone
@@ -33,7 +34,7 @@ from objectives.components.contrastive import world_size
 from objectives.components.ema import buffer_copy, momentum_at, momentum_update
 from objectives.components.pictures import MAX_IMAGES, display_scale, grid, heat_map, to_uint8_images
 from objectives.components.zero import gathered_outside_forward
-from objectives.configs import DINOConfig
+from objectives.configs import DINOConfig, IBOTConfig
 from objectives.registry import register
 
 GLOBAL_VIEWS = 2
@@ -254,3 +255,137 @@ def cls_attention(backbone: VitBackbone, images: torch.Tensor) -> torch.Tensor:
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # (B, heads, n, d_h)
     weights = torch.softmax((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1), dim=-1)  # (B, heads, 1, n)
     return weights[:, :, 0, backbone.num_prefix_tokens :]
+
+
+def masked_patch_distillation(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+) -> torch.Tensor:
+    """iBOT's patch loss for one global crop: student patch outputs (B, N, K) of the masked crop, teacher's
+    (B, N, K) of the intact one, mask (B, N) -> mean over images of (sum over masked patches of
+    -sum_k t[k] log s[k]) / (masked patches of the image, at least 1)."""
+    t = F.softmax((teacher.float() - center) / teacher_temp, dim=-1).detach()
+    per_patch = torch.sum(-t * F.log_softmax(student.float() / student_temp, dim=-1), dim=-1)  # (B, N)
+    m = mask.float()
+    return (torch.sum(per_patch * m, dim=-1) / m.sum(dim=-1).clamp(min=1.0)).mean()
+
+
+@register("ibot", IBOTConfig)
+class IBOT(DINO):
+    """DINO's [CLS] loss on all crop pairs + masked-patch self-distillation on the same global crop."""
+
+    def __init__(self, cfg: IBOTConfig, backbone: VitBackbone, context: RunContext | None = None) -> None:
+        super().__init__(cfg, backbone, context)
+        width = backbone.embed_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        if not cfg.shared_head:
+            # A second last layer for the patch tokens after the shared MLP (iBOTHead last_layer2).
+            self.patch_last_layer = nn.Parameter(torch.empty(cfg.patch_out_dim, cfg.head_bottleneck_dim))
+            nn.init.trunc_normal_(self.patch_last_layer, std=0.02)
+        self.teacher = buffer_copy(self._student())
+        self.register_buffer("center_patch", torch.zeros(1, 1, cfg.patch_out_dim))
+
+    @classmethod
+    def data_needs(cls, cfg: IBOTConfig) -> DataNeeds:
+        needs = super().data_needs(cfg)
+        # One block-wise mask per global crop (ImageFolderMask, pred_shape block).
+        return dataclasses.replace(needs, mask=MaskSpec("block", cfg.pred_ratio, count=GLOBAL_VIEWS))
+
+    def _student(self) -> nn.ModuleDict:
+        parts = {"backbone": self.backbone, "head": self.head}
+        if hasattr(self, "patch_last_layer"):
+            parts["patch"] = _Holder(self.patch_last_layer)
+        return nn.ModuleDict(parts)
+
+    def patch_temp(self, step: int) -> float:
+        cfg = self.cfg
+        warmup = cfg.warmup_teacher_temp_fraction * self.total_steps
+        if step >= warmup:
+            return cfg.teacher_patch_temp
+        return cfg.warmup_teacher_patch_temp + (cfg.teacher_patch_temp - cfg.warmup_teacher_patch_temp) * step / warmup
+
+    @staticmethod
+    def _heads(
+        parts: nn.ModuleDict, tokens: torch.Tensor, *, freeze_last: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1 + N, D) final tokens -> ([CLS] scores (B, K), patch scores (B, N, K2)) through one MLP."""
+        head = parts["head"]
+        z = F.normalize(head.mlp(tokens), dim=-1, eps=1e-6)  # (B, 1 + N, bottleneck)
+        last = F.normalize(head.last_layer, dim=-1, eps=1e-6)
+        last = last.detach() if freeze_last else last
+        patch_last = F.normalize(parts["patch"].weight, dim=-1, eps=1e-6) if "patch" in parts else last
+        if freeze_last and "patch" in parts:
+            patch_last = patch_last.detach()
+        return F.linear(z[:, 0], last), F.linear(z[:, 1:], patch_last)
+
+    def forward(self, batch: dict[str, Any]) -> LossOutput:
+        cfg, step = self.cfg, int(self.steps_done)
+        crops = self.crops(batch)
+        masks = self.batch_mask(batch)  # (B, 2, N): True = masked, one per global crop
+        b = crops[0].shape[0]
+        with torch.no_grad():
+            teacher_tokens = self.teacher["backbone"](torch.cat(crops[:GLOBAL_VIEWS]).float())
+            t_cls, t_patch = self._heads(self.teacher, teacher_tokens)
+        freeze = step < cfg.freeze_last_layer_fraction * self.total_steps
+        student_cls, student_patch = [], []
+        for i in range(GLOBAL_VIEWS):  # masked global crops: the mask token replaces the masked patch embeddings
+            tokens = self.backbone.encode(
+                self.backbone.embed_patches(crops[i], mask=masks[:, i], mask_token=self.mask_token)
+            ).tokens
+            s_cls, s_patch = self._heads(self._student(), tokens, freeze_last=freeze)
+            student_cls.append(s_cls)
+            student_patch.append(s_patch)
+        if len(crops) > GLOBAL_VIEWS:
+            local = self.backbone.pooled(torch.cat(crops[GLOBAL_VIEWS:]))
+            student_cls += list(self.head(local, freeze_last=freeze).split(b))
+        temp, patch_temp = self.teacher_temp(step), self.patch_temp(step)
+        loss_cls, t, log_s = dino_cross_entropy(student_cls, list(t_cls.split(b)), self.center, cfg.student_temp, temp)
+        t_patch_crops = t_patch.split(b)
+        loss_patch = (
+            sum(
+                masked_patch_distillation(
+                    student_patch[i], t_patch_crops[i], masks[:, i], self.center_patch, cfg.student_temp, patch_temp
+                )
+                for i in range(GLOBAL_VIEWS)
+            )
+            / GLOBAL_VIEWS
+        )
+        loss = cfg.lambda1 * loss_cls + cfg.lambda2 * loss_patch
+        with torch.no_grad():
+            entropy = -(t * torch.log(t.clamp_min(1e-12))).sum(dim=-1).mean()
+            metrics = {
+                "ibot/cls": loss_cls.detach(),
+                "ibot/patch": loss_patch.detach(),
+                "ibot/teacher_entropy": entropy,
+                "ibot/mask_ratio": masks.float().mean(),
+                "ibot/momentum": self.current_momentum.detach().clone(),
+            }
+        if self.training:
+            self.update_center(list(t_cls.split(b)))
+            self._update_patch_center(t_patch)
+        return LossOutput(loss=loss, metrics=metrics)
+
+    @torch.no_grad()
+    def _update_patch_center(self, t_patch: torch.Tensor) -> None:
+        total = t_patch.float().sum(dim=(0, 1), keepdim=True)
+        count = torch.tensor(float(t_patch.shape[0] * t_patch.shape[1]), device=t_patch.device)
+        if world_size() > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+        m = self.cfg.center_momentum
+        self.center_patch.mul_(m).add_(total / count, alpha=1 - m)
+
+
+class _Holder(nn.Module):
+    """A module around one parameter (so a bare last layer joins the EMA teacher's ModuleDict)."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight

@@ -11,7 +11,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from data.needs import DataNeeds
+from data.needs import DataNeeds, MaskSpec
 from objectives.base import RunContext
 from objectives.configs import DINOConfig, ViewAugmentConfig
 from objectives.dino import DINO, DINOHead, cls_attention, dino_cross_entropy, koleo
@@ -189,3 +189,132 @@ def test_centring_over_two_ranks_equals_one_process_on_both_batches(tmp_path: Pa
     expected = 0.1 * everything.mean(dim=0, keepdim=True)
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"center{rank}.pt", weights_only=True), expected)
+
+
+# --- iBOT ---------------------------------------------------------------------------------------
+
+
+def make_ibot(**overrides: object):
+    from objectives.configs import IBOTConfig
+    from objectives.dino import IBOT
+
+    torch.manual_seed(0)
+    overrides = {"patch_out_dim": 32, **overrides}
+    cfg = IBOTConfig(
+        out_dim=64,
+        head_hidden_dim=32,
+        head_bottleneck_dim=16,
+        local_views=2,
+        local_size=16,
+        global1=OFF,
+        global2=OFF,
+        local=OFF,
+        **overrides,
+    )
+    return IBOT(cfg, build_backbone(TINY), RunContext(total_steps=20))
+
+
+def ibot_masks(b: int) -> torch.Tensor:
+    masks = torch.zeros(b, 2, 64, dtype=torch.bool)
+    masks[:, 0, :20] = True
+    masks[:, 1, 30:40] = True
+    masks[0, 1] = False  # an image without masked patches counts 0, not NaN
+    return masks
+
+
+def test_masked_patch_distillation_by_loop_and_only_masked_positions_count() -> None:
+    from objectives.dino import masked_patch_distillation
+
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 3, 4, generator=gen)
+    center = torch.randn(1, 1, 4, generator=gen)
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    loss = masked_patch_distillation(s, t, mask, center, 0.1, 0.07)
+    total = 0.0
+    for n in (0, 2):
+        tt = torch.softmax((t[0, n] - center[0, 0]) / 0.07, dim=-1).tolist()
+        ls = torch.log_softmax(s[0, n] / 0.1, dim=-1).tolist()
+        total += -sum(a * b for a, b in zip(tt, ls, strict=True))
+    assert float(loss) == pytest.approx((total / 2 + 0.0) / 2, rel=1e-5)  # image 2 masks nothing: 0
+    s2 = s.clone()
+    s2[0, 1] += 100.0  # an unmasked position
+    assert torch.equal(masked_patch_distillation(s2, t, mask, center, 0.1, 0.07), loss)
+
+
+def test_ibot_forward_by_hand() -> None:
+    from objectives.dino import masked_patch_distillation
+
+    model = make_ibot(freeze_last_layer_fraction=0.0).train()
+    assert [model.patch_temp(s) for s in (0, 3, 6, 10)] == pytest.approx([0.04, 0.055, 0.07, 0.07])  # 30% of 20
+    data = {**batch(3, 1), "mask": ibot_masks(3)}
+    out = model(data)
+    with torch.no_grad():
+        crops = model.crops(data)
+        g = torch.cat(crops[:2])
+        z = F.normalize(model.head.mlp(model.backbone(g)), dim=-1)
+        t_cls = z[:, 0] @ F.normalize(model.head.last_layer, dim=-1).T
+        t_patch = z[:, 1:] @ F.normalize(model.patch_last_layer, dim=-1).T
+        s_cls, s_patch = [], []
+        for i in range(2):
+            tokens = model.backbone.encode(
+                model.backbone.embed_patches(crops[i], mask=data["mask"][:, i], mask_token=model.mask_token)
+            ).tokens
+            zs = F.normalize(model.head.mlp(tokens), dim=-1)
+            s_cls.append(zs[:, 0] @ F.normalize(model.head.last_layer, dim=-1).T)
+            s_patch.append(zs[:, 1:] @ F.normalize(model.patch_last_layer, dim=-1).T)
+        local = model.head(model.backbone(torch.cat(crops[2:]))[:, 0])
+        cls_loss, _, _ = dino_cross_entropy(
+            s_cls + list(local.split(3)), list(t_cls.split(3)), torch.zeros(1, 64), 0.1, 0.04
+        )
+        patch_loss = (
+            sum(
+                masked_patch_distillation(
+                    s_patch[i], t_patch.split(3)[i], data["mask"][:, i], torch.zeros(1, 1, 32), 0.1, 0.04
+                )
+                for i in range(2)
+            )
+            / 2
+        )
+    assert float(out.metrics["ibot/cls"]) == pytest.approx(float(cls_loss), rel=1e-4)
+    assert float(out.metrics["ibot/patch"]) == pytest.approx(float(patch_loss), rel=1e-4)
+    assert float(out.loss.detach()) == pytest.approx(float(cls_loss + patch_loss), rel=1e-4)
+    torch.testing.assert_close(model.center_patch, 0.1 * t_patch.mean(dim=(0, 1), keepdim=True), rtol=1e-4, atol=1e-6)
+    out.loss.backward()
+    assert model.mask_token.grad.abs().sum() > 0 and model.patch_last_layer.grad.abs().sum() > 0
+    before = model.teacher.get_buffer("patch.weight").clone()
+    with torch.no_grad():
+        model.patch_last_layer.add_(1.0)
+    model.after_step(0)  # the teacher's patch layer follows the student's by the momentum
+    m = float(model.current_momentum)
+    torch.testing.assert_close(
+        model.teacher.get_buffer("patch.weight"), m * before + (1 - m) * model.patch_last_layer.detach()
+    )
+
+
+def test_ibot_needs_a_block_mask_per_global_crop_and_its_config() -> None:
+    from objectives.configs import IBOTConfig
+    from objectives.dino import IBOT
+
+    assert get_objective_class("ibot") is IBOT
+    needs = IBOT.data_needs(IBOTConfig())
+    assert (needs.views, needs.local_views, needs.mask) == (2, 0, MaskSpec("block", 0.3, count=2))
+    bad = IBOTConfig(shared_head=True, patch_out_dim=100, pred_ratio=0.0, lambda2=-1.0)
+    assert [k for k, _ in bad.problems()] == ["objective.shared_head", "objective.pred_ratio", "objective.lambda2"]
+    shared = make_ibot(patch_out_dim=64, shared_head=True)
+    assert not hasattr(shared, "patch_last_layer")
+    assert torch.isfinite(shared({**batch(2, 5), "mask": ibot_masks(2)}).loss)
+
+
+def test_ibot_student_learns_a_fixed_teacher() -> None:
+    model = make_ibot(freeze_last_layer_fraction=0.0, momentum_teacher=1.0, center_momentum=1.0).train()
+    data = {**batch(8, 3), "mask": ibot_masks(8)}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for step in range(20):
+        out = model(data)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        model.after_step(step)
+        losses.append(float(out.loss.detach()))
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
