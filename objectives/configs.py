@@ -630,6 +630,26 @@ class IJEPAConfig(ObjectiveConfig):
         return found
 
 
+# FlexPredict: Bar et al., "Stochastic positional embeddings improve masked image modeling"
+# (ICML 2024; first titled "Predicting masked tokens in stochastic locations improves masked image
+# modeling"). I-JEPA with noised target positions in the predictor.
+@dataclass
+class FlexPredictConfig(IJEPAConfig):
+    """FlexPredict: I-JEPA whose predictor gets each target's position embedding plus A n, n ~ N(0, sigma^2 I),
+    with A the predictor's own input projection (so the noise cannot be scaled away without also
+    shrinking the context)."""
+
+    name: str = "flexpredict"
+    # sigma of the position noise (the paper's default 0.25).
+    position_noise: float = 0.25
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = super().problems()
+        if self.position_noise < 0:
+            found.append(("objective.position_noise", f"must be >= 0, got {self.position_noise}"))
+        return found
+
+
 # RotNet: Gidaris, Singh, Komodakis, "Unsupervised Representation Learning by Predicting Image
 # Rotations" (ICLR 2018); gidariss/FeatureLearningRotNet (dataloader.py, architectures/, config/).
 @dataclass

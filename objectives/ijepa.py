@@ -29,7 +29,7 @@ from objectives.components.ema import EmaEncoder
 from objectives.components.pictures import MASK_GREY, MAX_IMAGES, display_scale, grid, id_colours, to_uint8_images
 from objectives.components.pos_embed import sincos_2d
 from objectives.components.predictor import JepaPredictor, gather_tokens, keep_indices
-from objectives.configs import IJEPAConfig
+from objectives.configs import FlexPredictConfig, IJEPAConfig
 from objectives.registry import register
 
 
@@ -69,7 +69,7 @@ class IJEPA(Objective):
         masks = self.batch_mask(batch)  # (B, 1 + T, N), True = masked
         t = self.cfg.num_targets
         if masks.dim() != 3 or masks.shape[1] != 1 + t:
-            raise ValueError(f"ijepa expects (B, 1 + {t}, N) multi-block masks, got {tuple(masks.shape)}")
+            raise ValueError(f"{self.name} expects (B, 1 + {t}, N) multi-block masks, got {tuple(masks.shape)}")
         context_idx = keep_indices(~masks[:, 0])
         target_idx = keep_indices(masks[:, 1:].transpose(0, 1).flatten(0, 1))  # row t B + b: target t of b
         return context_idx, target_idx
@@ -87,7 +87,11 @@ class IJEPA(Objective):
         prefix = self.backbone.num_prefix_tokens
         tokens = self.backbone.embed_patches(images)  # (B, N, D)
         z = self.backbone.encode(tokens, keep_idx=context_idx).tokens[:, prefix:]  # (B, Kc, D)
-        return z, self.predictor(z, context_idx, target_idx)
+        return z, self.predictor(z, context_idx, target_idx, target_pos=self.target_positions(target_idx))
+
+    def target_positions(self, target_idx: torch.Tensor) -> torch.Tensor | None:
+        """The targets' position embeddings for the predictor; None: its own exact ones (I-JEPA)."""
+        return None
 
     def forward(self, batch: dict[str, Any]) -> LossOutput:
         images = batch["views"][0]  # (B, 3, H, W), normalised
@@ -103,10 +107,10 @@ class IJEPA(Objective):
             # Collapse watch: the context encoder's per-dimension std over all its tokens (0 = collapsed).
             feature_std = z.float().flatten(0, 1).std(dim=0).mean()
         metrics = {
-            "ijepa/feature_std": feature_std,
-            "ijepa/context_ratio": torch.tensor(context_idx.shape[1] / n),
-            "ijepa/target_ratio": torch.tensor(target_idx.shape[1] / n),
-            "ijepa/momentum": self.current_momentum.detach().clone(),
+            f"{self.name}/feature_std": feature_std,
+            f"{self.name}/context_ratio": torch.tensor(context_idx.shape[1] / n),
+            f"{self.name}/target_ratio": torch.tensor(target_idx.shape[1] / n),
+            f"{self.name}/momentum": self.current_momentum.detach().clone(),
         }
         return LossOutput(loss=loss, metrics=metrics)
 
@@ -119,7 +123,7 @@ class IJEPA(Objective):
 
     @torch.no_grad()
     def pictures(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
-        """`ijepa_blocks`: per image, the image | the context the encoder sees (the rest grey) | each
+        """`<name>_blocks` (`ijepa_blocks`): per image, the image | the context the encoder sees (the rest grey) | each
         target block tinted in its own colour over the grey image."""
         images = batch["views"][0][:MAX_IMAGES]
         masks = self.batch_mask(batch)[: images.shape[0]].cpu().numpy()  # (B, 1 + T, N); no module runs
@@ -140,4 +144,20 @@ class IJEPA(Objective):
                 blend = (original[i].astype(np.uint16) + colours[t].astype(np.uint16)) // 2
                 tinted = np.where(inside, blend.astype(np.uint8), tinted)
             rows.append([original[i], context, tinted])
-        return {"ijepa_blocks": grid(rows, scale=display_scale(images.shape[-1]))}
+        return {f"{self.name}_blocks": grid(rows, scale=display_scale(images.shape[-1]))}
+
+
+@register("flexpredict", FlexPredictConfig)
+class FlexPredict(IJEPA):
+    """I-JEPA with stochastic target positions: pos + A n, n ~ N(0, sigma^2 I) in the encoder's width, A the
+    predictor's input projection (shared, as the paper's remedy for the noise being learnt away)."""
+
+    def target_positions(self, target_idx: torch.Tensor) -> torch.Tensor | None:
+        """(T B, Kt, width) noised position embeddings of the targets while training; None (exact) otherwise."""
+        sigma = self.cfg.position_noise
+        if not self.training or sigma == 0:
+            return None
+        predictor = self.predictor
+        weight = predictor.embed.weight  # A: (width, D)
+        noise = torch.randn(*target_idx.shape, weight.shape[1], device=weight.device, dtype=weight.dtype) * sigma
+        return predictor.pos_embed[target_idx].to(weight.dtype) + F.linear(noise, weight)

@@ -170,3 +170,34 @@ def test_registry_masks_config_pictures_and_the_mean_pooled_export(tmp_path: Pat
 
     encoder = load_encoder(str(tmp_path / "encoder"), tracking_uri=None)
     assert (encoder.features_for("auto"), encoder.features_for("cls")) == ("mean", "cls")
+
+
+# --- FlexPredict --------------------------------------------------------------------------------
+
+
+def test_flexpredict_noises_the_target_positions_through_the_predictors_own_projection() -> None:
+    from objectives.configs import FlexPredictConfig
+    from objectives.ijepa import FlexPredict
+
+    torch.manual_seed(0)
+    cfg = FlexPredictConfig(num_targets=T, predictor_embed_dim=16, predictor_depth=2, position_noise=0.25)
+    model = FlexPredict(cfg, build_backbone(TINY), RunContext(total_steps=10)).train()
+    assert get_objective_class("flexpredict") is FlexPredict and FlexPredict.data_needs(cfg) == IJEPA.data_needs(cfg)
+    idx = torch.tensor([[1, 2], [3, 4]])
+    torch.manual_seed(3)
+    noised = model.target_positions(idx)
+    torch.manual_seed(3)
+    noise = torch.randn(2, 2, 32) * 0.25  # in the encoder's width, D = 32
+    a = model.predictor.embed.weight  # (16, 32): the same A that projects the context tokens
+    torch.testing.assert_close(noised, model.predictor.pos_embed[idx] + noise @ a.T)
+    assert model.eval().target_positions(idx) is None  # exact positions outside training
+    model.train()
+    out = model({"views": [torch.randn(2, 3, 32, 32)], "mask": fixed_masks(2)})
+    assert set(out.metrics) == {
+        f"flexpredict/{k}" for k in ("feature_std", "context_ratio", "target_ratio", "momentum")
+    }
+    out.loss.backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    assert [k for k, _ in FlexPredictConfig(position_noise=-1.0).problems()] == ["objective.position_noise"]
+    picture = model.eval().pictures({"views": [torch.randn(2, 3, 32, 32)], "mask": fixed_masks(2)})
+    assert set(picture) == {"flexpredict_blocks"}
