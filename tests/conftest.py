@@ -226,7 +226,7 @@ GlooRanks = Callable[..., None]
 
 
 def _gloo_rank(target: Callable[..., None], port: int, rank: int, world: int, args: tuple[Any, ...]) -> None:
-    """Body of one forked rank: the env DeepSpeed reads, a gloo group on `port`, `target(rank, *args)`."""
+    """Body of one rank: the env DeepSpeed reads, a gloo group on `port`, `target(rank, *args)`."""
     import torch
     import torch.distributed as dist
 
@@ -247,11 +247,35 @@ def _gloo_rank(target: Callable[..., None], port: int, rank: int, world: int, ar
         dist.destroy_process_group()
 
 
-def run_gloo_ranks(target: Callable[..., None], world: int, *args: Any, timeout: float = 300.0) -> None:
-    """Run `target(rank, *args)` on `world` forked processes in one gloo group; assert all exit 0.
+def _backward_in_a_child() -> None:
+    import torch
 
-    A rank that fails ends the run at once (the others would wait in a collective until the
-    timeout): the survivors are killed and the assertion names every rank's exit code.
+    torch.ones(1, requires_grad=True).sum().backward()
+
+
+def _fork_keeps_autograd() -> bool:
+    """Whether a forked child of this process can still run autograd.
+
+    Once this process has started autograd's worker threads (torch.export does, e.g. when a test
+    logs an MLflow pt2 model), torch refuses autograd in forked children ("Unable to handle
+    autograd's threading in combination with fork-based multiprocessing"). One tiny forked
+    backward (a few ms) tells.
+    """
+    import multiprocessing as mp
+
+    probe = mp.get_context("fork").Process(target=_backward_in_a_child)
+    probe.start()
+    probe.join()
+    return probe.exitcode == 0
+
+
+def run_gloo_ranks(target: Callable[..., None], world: int, *args: Any, timeout: float = 300.0) -> None:
+    """Run `target(rank, *args)` on `world` processes in one gloo group; assert all exit 0.
+
+    Forked (fast), unless an earlier test in this process left autograd unusable in forked
+    children (see `_fork_keeps_autograd`): then spawned, `target` importable by name. A rank that
+    fails ends the run at once (the others would wait in a collective until the timeout): the
+    survivors are killed and the assertion names every rank's exit code.
     """
     import multiprocessing as mp
     from multiprocessing.connection import wait
@@ -259,7 +283,7 @@ def run_gloo_ranks(target: Callable[..., None], world: int, *args: Any, timeout:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("fork" if _fork_keeps_autograd() else "spawn")
     procs = [ctx.Process(target=_gloo_rank, args=(target, port, rank, world, args)) for rank in range(world)]
     for proc in procs:
         proc.start()
@@ -268,6 +292,8 @@ def run_gloo_ranks(target: Callable[..., None], world: int, *args: Any, timeout:
         running = {proc.sentinel: proc for proc in procs}
         while running and (left := deadline - time.monotonic()) > 0:
             ended = [running.pop(sentinel) for sentinel in wait(list(running), timeout=left)]
+            for proc in ended:
+                proc.join()  # its sentinel is ready: reap it, so exitcode is set (not None)
             if any(proc.exitcode != 0 for proc in ended):
                 break  # the survivors are killed below
     finally:

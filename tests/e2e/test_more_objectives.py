@@ -136,3 +136,51 @@ def test_ijepa_at_zero3_restarts_exactly_with_its_ema_target(
     assert 0.0 <= run.data.metrics["eval/knn_top1"] <= 1.0
     pictures = {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
     assert pictures == {"pictures/ijepa_blocks.png"}
+
+
+def test_ibot_at_zero3_with_local_crops_restarts_exactly(
+    ray_local: None, runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """iBOT (2 global crops with a block mask each and 2 smaller local crops from the loader workers; an EMA
+    teacher and two centres in buffers outside ZeRO-3's partitions) killed in step 5 and restarted from the
+    step-3 checkpoint: the redone step 4 repeats the first attempt's loss, so teacher, centres and the
+    photometric draws came back exactly."""
+    from pretrain.trainer.faults import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "5:kill:1")
+    rc = main(
+        [
+            *[a for a in runs.tiny if not a.startswith("objective.")],
+            "objective=ibot",
+            "objective.out_dim=64",
+            "objective.patch_out_dim=64",
+            "objective.head_hidden_dim=32",
+            "objective.head_bottleneck_dim=16",
+            "objective.local_views=2",
+            "objective.local_size=16",
+            "deepspeed.zero_stage=3",
+            "trainer.max_steps=5",
+            "trainer.checkpoint_every=3",
+            "trainer.deterministic=true",
+            "trainer.max_failures=1",
+            "eval.enabled=false",
+            f"trainer.storage_path={tmp_path}",
+            "name=ibot",
+        ]
+    )
+    assert rc == 0
+    record = runs.record(tmp_path, "ibot")
+    losses = runs.history(record, "loss")
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 4, 5]
+    (first, again) = [v for s, v in losses if s == 4]
+    assert again == pytest.approx(first, rel=1e-6)
+    ratios = [v for _, v in runs.history(record, "ibot/mask_ratio")]
+    assert all(0.2 < r < 0.4 for r in ratios)  # block masks of 30% on the global crops
+    assert all(math.isfinite(v) for _, v in runs.history(record, "ibot/patch"))
+    from mlflow import MlflowClient
+
+    client = MlflowClient(record["tracking_uri"])
+    run = client.get_run(record["mlflow_run_id"])
+    assert run.data.tags["pretrain.resumed_at_step"] == "3"
+    pictures = {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
+    assert pictures == {"pictures/dino_attention.png"}
