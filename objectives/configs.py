@@ -77,6 +77,23 @@ class ObjectiveConfig:
         return {i.role: i.value for i in self.inputs()}
 
 
+def decoder_problems(cfg: Any) -> list[tuple[str, str]]:
+    """A transformer decoder's sizes (MAE, CrossMAE): decoder_embed_dim/depth/num_heads >= 1, the heads divide the width."""
+    found = [
+        (f"objective.{key}", f"must be >= 1, got {getattr(cfg, key)}")
+        for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+        if getattr(cfg, key) < 1
+    ]
+    if cfg.decoder_num_heads >= 1 and cfg.decoder_embed_dim % cfg.decoder_num_heads:
+        found.append(
+            (
+                "objective.decoder_num_heads",
+                f"{cfg.decoder_num_heads} does not divide decoder_embed_dim={cfg.decoder_embed_dim}",
+            )
+        )
+    return found
+
+
 @dataclass
 class MAEConfig(ObjectiveConfig):
     """MAE (He et al., 2022). Defaults: facebookresearch/mae models_mae.py, PRETRAIN.md."""
@@ -96,17 +113,7 @@ class MAEConfig(ObjectiveConfig):
         found = []
         if not 0.0 < self.mask_ratio < 1.0:
             found.append(("objective.mask_ratio", f"must be in (0, 1), got {self.mask_ratio}"))
-        for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
-            if getattr(self, key) < 1:
-                found.append((f"objective.{key}", f"must be >= 1, got {getattr(self, key)}"))
-        if self.decoder_num_heads >= 1 and self.decoder_embed_dim % self.decoder_num_heads:
-            found.append(
-                (
-                    "objective.decoder_num_heads",
-                    f"{self.decoder_num_heads} does not divide decoder_embed_dim={self.decoder_embed_dim}",
-                )
-            )
-        return found
+        return found + decoder_problems(self)
 
 
 # Where a teacher's weights come from (see objectives/components/teacher.py).
@@ -438,17 +445,7 @@ class CrossMAEConfig(ObjectiveConfig):
                     f"{self.prediction_ratio} exceeds mask_ratio={self.mask_ratio}: only masked patches are reconstructed",
                 )
             )
-        for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
-            if getattr(self, key) < 1:
-                found.append((f"objective.{key}", f"must be >= 1, got {getattr(self, key)}"))
-        if self.decoder_num_heads >= 1 and self.decoder_embed_dim % self.decoder_num_heads:
-            found.append(
-                (
-                    "objective.decoder_num_heads",
-                    f"{self.decoder_num_heads} does not divide decoder_embed_dim={self.decoder_embed_dim}",
-                )
-            )
-        return found
+        return found + decoder_problems(self)
 
 
 # DINO: Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (ICCV 2021);
