@@ -647,6 +647,50 @@ class FlexPredictConfig(IJEPAConfig):
         return found
 
 
+# DMT-JEPA: Mo, Yun, "DMT-JEPA: Discriminative Masked Targets for Joint-Embedding Predictive
+# Architecture" (2024); DMTJEPA/DMTJEPA (configs/in1k_vitb16_ep600.yaml, src/train.py,
+# src/models/local_agg_head.py). I-JEPA with each target patch's target aggregated from its
+# semantically nearest window neighbours.
+@dataclass
+class DMTJEPAConfig(IJEPAConfig):
+    """DMT-JEPA: I-JEPA whose targets are, per masked patch, a cross-attention aggregate of its `neighbours`
+    most similar patches in a `window` x `window` neighbourhood (an EMA head on the target encoder), and
+    whose predictor reads the context tokens through the trained copy of that head."""
+
+    name: str = "dmtjepa"
+    # Masked semantic neighbouring (patch: patch_k_num 4, patch_k_size 3): the 4 most cosine-similar of
+    # the 8 patches around each patch (the window wraps around the grid's edges, as get_local_index).
+    neighbours: int = 4
+    window: int = 3
+    # Local aggregation target head (LocalAggHead): 2 class-attention blocks, MLP ratio 4, as many heads
+    # as the encoder (0 = the encoder's; helper.py init_model num_heads=encoder.num_heads). The target
+    # side is its EMA copy with the target encoder's momentum (train.py step 3).
+    aggregation_depth: int = 2
+    aggregation_num_heads: int = 0
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = super().problems()
+        if self.window < 3 or self.window % 2 == 0:
+            found.append(("objective.window", f"must be odd and >= 3, got {self.window}"))
+        elif not 1 <= self.neighbours <= self.window**2 - 1:
+            found.append(
+                (
+                    "objective.neighbours",
+                    f"must be in 1..{self.window**2 - 1} for window {self.window}, got {self.neighbours}",
+                )
+            )
+        if self.aggregation_depth < 1:
+            found.append(("objective.aggregation_depth", f"must be >= 1, got {self.aggregation_depth}"))
+        if self.aggregation_num_heads < 0:
+            found.append(
+                (
+                    "objective.aggregation_num_heads",
+                    f"must be >= 0 (0 = the encoder's), got {self.aggregation_num_heads}",
+                )
+            )
+        return found
+
+
 # RotNet: Gidaris, Singh, Komodakis, "Unsupervised Representation Learning by Predicting Image
 # Rotations" (ICLR 2018); gidariss/FeatureLearningRotNet (dataloader.py, architectures/, config/).
 @dataclass

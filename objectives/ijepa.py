@@ -12,6 +12,9 @@ beyond crops:
 
 Recipe from facebookresearch/ijepa (configs/in1k_vith14_ep300.yaml, src/train.py,
 src/models/vision_transformer.py, src/masks/multiblock.py); see `IJEPAConfig`.
+
+The family's variants here: FlexPredict (noised target positions in the predictor) and DMT-JEPA
+(each target patch's target aggregated from its most similar neighbours).
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ import torch.nn.functional as F
 from data.needs import DataNeeds, MaskSpec
 from objectives.base import LossOutput, Objective, RunContext
 from objectives.components.backbone import VitBackbone
-from objectives.components.ema import EmaEncoder
+from objectives.components.ema import EmaEncoder, buffer_copy, momentum_update
 from objectives.components.pictures import MASK_GREY, MAX_IMAGES, display_scale, grid, id_colours, to_uint8_images
 from objectives.components.pos_embed import sincos_2d
-from objectives.components.predictor import JepaPredictor, gather_tokens, keep_indices
-from objectives.configs import FlexPredictConfig, IJEPAConfig
+from objectives.components.predictor import JepaPredictor, LocalAggregation, gather_tokens, keep_indices
+from objectives.configs import DMTJEPAConfig, FlexPredictConfig, IJEPAConfig
 from objectives.registry import register
 
 
@@ -77,17 +80,29 @@ class IJEPA(Objective):
     @torch.no_grad()
     def targets(self, images: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
         """The target encoder's final tokens, LayerNorm-ed without affine, at target_idx: (T B, Kt, D) float32."""
-        h = self.target_encoder(images)[:, self.backbone.num_prefix_tokens :]  # (B, N, D)
-        h = F.layer_norm(h, h.shape[-1:])
+        h = self.target_tokens(images)
         repeats = target_idx.shape[0] // h.shape[0]
         return gather_tokens(h.repeat(repeats, 1, 1), target_idx)
+
+    @torch.no_grad()
+    def target_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The target encoder's patch tokens, LayerNorm-ed without affine: (B, N, D) float32."""
+        h = self.target_encoder(images)[:, self.backbone.num_prefix_tokens :]
+        return F.layer_norm(h, h.shape[-1:])
+
+    def predictor_input(self, z: torch.Tensor) -> torch.Tensor:
+        """What the predictor reads of the context tokens (B, Kc, D): the tokens themselves (I-JEPA)."""
+        return z
 
     def predict(self, images: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor):
         """(context tokens (B, Kc, D), predictions (T B, Kt, D)) of the context encoder and the predictor."""
         prefix = self.backbone.num_prefix_tokens
         tokens = self.backbone.embed_patches(images)  # (B, N, D)
         z = self.backbone.encode(tokens, keep_idx=context_idx).tokens[:, prefix:]  # (B, Kc, D)
-        return z, self.predictor(z, context_idx, target_idx, target_pos=self.target_positions(target_idx))
+        pred = self.predictor(
+            self.predictor_input(z), context_idx, target_idx, target_pos=self.target_positions(target_idx)
+        )
+        return z, pred
 
     def target_positions(self, target_idx: torch.Tensor) -> torch.Tensor | None:
         """The targets' position embeddings for the predictor; None: its own exact ones (I-JEPA)."""
@@ -161,3 +176,45 @@ class FlexPredict(IJEPA):
         weight = predictor.embed.weight  # A: (width, D)
         noise = torch.randn(*target_idx.shape, weight.shape[1], device=weight.device, dtype=weight.dtype) * sigma
         return predictor.pos_embed[target_idx].to(weight.dtype) + F.linear(noise, weight)
+
+
+@register("dmtjepa", DMTJEPAConfig)
+class DMTJEPA(IJEPA):
+    """I-JEPA with discriminative masked targets: each patch's target aggregates its most similar window
+    neighbours (an EMA aggregation head on the target tokens); the trained head conditions the
+    predictor's input on the context."""
+
+    def __init__(self, cfg: DMTJEPAConfig, backbone: VitBackbone, context: RunContext | None = None) -> None:
+        super().__init__(cfg, backbone, context)
+        self.aggregation = LocalAggregation(
+            backbone.embed_dim,
+            backbone.grid_size,
+            num_heads=cfg.aggregation_num_heads or int(backbone.vit.blocks[0].attn.num_heads),
+            neighbours=cfg.neighbours,
+            window=cfg.window,
+            depth=cfg.aggregation_depth,
+        )
+        self.target_aggregation = buffer_copy(self.aggregation)  # EMA, float32 buffers like the target encoder
+        self.register_buffer("neighbour_similarity", torch.zeros(()), persistent=False)
+
+    @torch.no_grad()
+    def target_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """LN(target encoder tokens) -> the EMA head's per-patch aggregates of their chosen neighbours."""
+        h, similarity = self.target_aggregation.targets(super().target_tokens(images))
+        self.neighbour_similarity.copy_(similarity.mean())
+        return h
+
+    def predictor_input(self, z: torch.Tensor) -> torch.Tensor:
+        return self.aggregation.context(z)
+
+    def forward(self, batch: dict[str, Any]) -> LossOutput:
+        out = super().forward(batch)
+        # Mean cosine of the chosen neighbours to their patch (1 everywhere = collapsed target features).
+        out.metrics[f"{self.name}/neighbour_similarity"] = self.neighbour_similarity.detach().clone()
+        return out
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """The target encoder and the target head follow the context encoder and the head with one momentum."""
+        super().after_step(step)
+        momentum_update(self.aggregation, self.target_aggregation, float(self.current_momentum))

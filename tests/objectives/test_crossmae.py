@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from data.needs import DataNeeds, MaskSpec
+from objectives.components.attention import CrossAttention
 from objectives.components.masking import masking_from_mask
 from objectives.components.patches import patchify
 from objectives.configs import CrossMAEConfig
-from objectives.crossmae import CrossAttention, CrossMAE, prediction_subset
+from objectives.crossmae import CrossMAE, prediction_subset
 from objectives.registry import get_objective_class
 from pretrain.backbone import build_backbone
 from pretrain.config import ModelConfig

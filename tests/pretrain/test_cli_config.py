@@ -34,7 +34,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     [
         (
             ["objective=nope"],
-            "objective: unknown objective 'nope'; valid choices: beitv2, ccvit, crossmae, dino, fcmae, flexpredict, ibot, ijepa, mae, maskdistill, moby, mocov3, "
+            "objective: unknown objective 'nope'; valid choices: beitv2, ccvit, crossmae, dino, dmtjepa, fcmae, flexpredict, ibot, ijepa, mae, maskdistill, moby, mocov3, "
             "rotnet, semaim, simclr, simmim, vqkd",
         ),
         (
