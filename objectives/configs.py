@@ -691,6 +691,52 @@ class DMTJEPAConfig(IJEPAConfig):
         return found
 
 
+# MSBReg: Moon, Buracas, Park, Kim, Canny, "An Embedding-Dynamic Approach to Self-supervised
+# Learning" (WACV 2023, arXiv 2207.03552). Its Method section and official code could not be read
+# here: the values marked "unverified" are this project's choices, documented in docs/objectives.md.
+@dataclass
+class MSBRegConfig(ObjectiveConfig):
+    """MSBReg: multiview centroid loss + singular value loss + Brownian diffusive loss, BYOL-style EMA target."""
+
+    # The pooled feature only: any timm model (the paper trains ResNet-50).
+    families: ClassVar[tuple[str, ...]] = ("any",)
+
+    name: str = "msbreg"
+    # Views per image whose centroids are matched (the paper's "multiple views"; the count is unverified).
+    views: int = 2
+    # Weights of the singular value and Brownian terms (0.1 for the Brownian term as the public
+    # centroid/Brownian implementation; 1.0 for the singular value term: both unverified).
+    sv_weight: float = 1.0
+    brownian_weight: float = 0.1
+    # BYOL's projector and predictor (Linear 4096 -> BN -> ReLU -> Linear 256) and its EMA target:
+    # momentum 0.996 -> 1 with a half cosine over training (the paper's "a la BYOL"; unverified).
+    dim: int = 256
+    mlp_dim: int = 4096
+    momentum: float = 0.996
+    total_steps: int = 0
+    # BYOL's asymmetric views: view 1 blur p=1.0; view 2 blur p=0.1 + solarise p=0.2 (views alternate).
+    view1: ViewAugmentConfig = field(default_factory=ViewAugmentConfig)
+    view2: ViewAugmentConfig = field(default_factory=lambda: ViewAugmentConfig(blur_prob=0.1, solarize_prob=0.2))
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = self.view1.problems("objective.view1") + self.view2.problems("objective.view2")
+        if self.views < 2:
+            found.append(
+                ("objective.views", f"must be >= 2 (a centroid of one view attracts nothing), got {self.views}")
+            )
+        for key in ("dim", "mlp_dim"):
+            if getattr(self, key) < 1:
+                found.append((f"objective.{key}", f"must be >= 1, got {getattr(self, key)}"))
+        for key in ("sv_weight", "brownian_weight"):
+            if getattr(self, key) < 0:
+                found.append((f"objective.{key}", f"must be >= 0, got {getattr(self, key)}"))
+        if not 0.0 <= self.momentum < 1.0:
+            found.append(("objective.momentum", f"must be in [0, 1), got {self.momentum}"))
+        if self.total_steps < 0:
+            found.append(("objective.total_steps", f"must be >= 0 (0 = trainer.max_steps), got {self.total_steps}"))
+        return found
+
+
 # RotNet: Gidaris, Singh, Komodakis, "Unsupervised Representation Learning by Predicting Image
 # Rotations" (ICLR 2018); gidariss/FeatureLearningRotNet (dataloader.py, architectures/, config/).
 @dataclass

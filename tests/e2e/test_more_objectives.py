@@ -92,19 +92,20 @@ def test_objective_runs_end_to_end(objective: str, ray_local: None, runs, tmp_pa
         assert (tmp_path / objective / "export" / "centroids").is_dir()
 
 
-def test_ijepa_at_zero3_restarts_exactly_with_its_ema_target(
+def test_dmtjepa_at_zero3_restarts_exactly_with_its_ema_target_and_head(
     ray_local: None, runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """I-JEPA (multi-block masks from the loader workers, an EMA target encoder held in float32 buffers
-    outside ZeRO-3's partitions) killed in step 5: Ray Train restarts it from the step-3 checkpoint and
-    the redone step 4 has the loss of the first attempt's (the target encoder came back exactly)."""
+    """DMT-JEPA, the I-JEPA family's fullest member (multi-block masks from the loader workers, an EMA target
+    encoder and an EMA aggregation head held in float32 buffers outside ZeRO-3's partitions) killed in
+    step 5: Ray Train restarts it from the step-3 checkpoint and the redone step 4 has the loss of the
+    first attempt's (target encoder and head came back exactly)."""
     from pretrain.trainer.faults import FAULT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "5:kill:1")
     rc = main(
         [
             *[a for a in runs.tiny if not a.startswith("objective.")],
-            "objective=ijepa",
+            "objective=dmtjepa",
             "objective.predictor_embed_dim=16",
             "objective.predictor_depth=1",
             "deepspeed.zero_stage=3",
@@ -113,16 +114,16 @@ def test_ijepa_at_zero3_restarts_exactly_with_its_ema_target(
             "trainer.deterministic=true",
             "trainer.max_failures=1",
             f"trainer.storage_path={tmp_path}",
-            "name=ijepa",
+            "name=dmtjepa",
         ]
     )
     assert rc == 0
-    record = runs.record(tmp_path, "ijepa")
+    record = runs.record(tmp_path, "dmtjepa")
     losses = runs.history(record, "loss")
     assert [s for s, _ in losses] == [1, 2, 3, 4, 4, 5]
     (first, again) = [v for s, v in losses if s == 4]
     assert again == pytest.approx(first, rel=1e-6)
-    momenta = dict(runs.history(record, "ijepa/momentum"))
+    momenta = dict(runs.history(record, "dmtjepa/momentum"))
     # Read in each step's forward, before that step's update: m(step - 2) for step >= 2, linear to 1 over 5 steps.
     assert [momenta[s] for s in (1, 2, 5)] == pytest.approx([0.996, 0.996, 0.996 + 0.004 * 3 / 5], abs=1e-6)
     from mlflow import MlflowClient
@@ -131,11 +132,13 @@ def test_ijepa_at_zero3_restarts_exactly_with_its_ema_target(
     run = client.get_run(record["mlflow_run_id"])
     assert run.data.tags["pretrain.resumed_at_step"] == "3"
     # Exported with its representation (the mean of the patch tokens), evaluated on it.
-    meta = json.loads((tmp_path / "ijepa" / "export" / "encoder" / "pretrain.json").read_text())
+    meta = json.loads((tmp_path / "dmtjepa" / "export" / "encoder" / "pretrain.json").read_text())
     assert meta["features"] == "mean"
     assert 0.0 <= run.data.metrics["eval/knn_top1"] <= 1.0
     pictures = {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
-    assert pictures == {"pictures/ijepa_blocks.png"}
+    assert pictures == {"pictures/dmtjepa_blocks.png"}
+    similarity = runs.history(record, "dmtjepa/neighbour_similarity")
+    assert similarity and all(0.0 < v <= 1.0 for _, v in similarity)
 
 
 def test_ibot_at_zero3_with_local_crops_restarts_exactly(

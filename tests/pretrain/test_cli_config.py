@@ -35,7 +35,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (
             ["objective=nope"],
             "objective: unknown objective 'nope'; valid choices: beitv2, ccvit, crossmae, dino, dmtjepa, fcmae, flexpredict, ibot, ijepa, mae, maskdistill, moby, mocov3, "
-            "rotnet, semaim, simclr, simmim, vqkd",
+            "msbreg, rotnet, semaim, simclr, simmim, vqkd",
         ),
         (
             ["model=vit_huge_typo"],
@@ -45,7 +45,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (
             ["model=resnet18"],  # the default objective, MAE, reads patch tokens
             "model.arch: objective mae runs on vit backbones (vit: model=vit_nano, vit_base), and resnet18 is a resnet; "
-            "objectives on any timm model: moby, mocov3, rotnet, simclr",
+            "objectives on any timm model: moby, mocov3, msbreg, rotnet, simclr",
         ),
         (
             ["model=convnext_atto", "objective=mocov3", "objective.freeze_patch_embed=true"],
