@@ -670,15 +670,13 @@ class DMTJEPAConfig(IJEPAConfig):
 
     def problems(self) -> list[tuple[str, str]]:
         found = super().problems()
-        if self.window < 3 or self.window % 2 == 0:
+        window_ok = self.window >= 3 and self.window % 2 == 1
+        if not window_ok:
             found.append(("objective.window", f"must be odd and >= 3, got {self.window}"))
-        elif not 1 <= self.neighbours <= self.window**2 - 1:
-            found.append(
-                (
-                    "objective.neighbours",
-                    f"must be in 1..{self.window**2 - 1} for window {self.window}, got {self.neighbours}",
-                )
-            )
+        most = self.window**2 - 1 if window_ok else None
+        if self.neighbours < 1 or (most is not None and self.neighbours > most):
+            bound = f"in 1..{most} for window {self.window}" if most is not None else ">= 1"
+            found.append(("objective.neighbours", f"must be {bound}, got {self.neighbours}"))
         if self.aggregation_depth < 1:
             found.append(("objective.aggregation_depth", f"must be >= 1, got {self.aggregation_depth}"))
         if self.aggregation_num_heads < 0:

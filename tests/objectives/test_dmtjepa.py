@@ -166,5 +166,9 @@ def test_loss_falls_on_a_fixed_batch_and_the_config_is_checked() -> None:
         "objective.aggregation_num_heads",
     ]
     assert [k for k, _ in DMTJEPAConfig(neighbours=9).problems()] == ["objective.neighbours"]
+    assert [k for k, _ in DMTJEPAConfig(window=4, neighbours=0).problems()] == [
+        "objective.window",
+        "objective.neighbours",
+    ]
     picture = model.eval().pictures({"views": [torch.randn(2, 3, 32, 32)], "mask": fixed_masks(2)})
     assert set(picture) == {"dmtjepa_blocks"}
