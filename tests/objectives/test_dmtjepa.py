@@ -142,20 +142,12 @@ def test_the_target_head_follows_the_head_with_the_encoders_momentum() -> None:
     torch.testing.assert_close(target, 0.998 * before + 0.002 * online.detach())
 
 
-def test_loss_falls_on_a_fixed_batch_and_the_config_is_checked() -> None:
+def test_loss_falls_on_a_fixed_batch_and_the_config_is_checked(train_on_batch) -> None:
     model = make(ema_momentum=0.99, ema_momentum_end=0.99).train()
     batch = {"views": [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))], "mask": fixed_masks(8)}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    losses = []
-    for step in range(15):
-        out = model(batch)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        model.after_step(step)
-        losses.append(float(out.loss.detach()))
+    losses, out = train_on_batch(model, batch, 15, lr=2e-3)
     assert all(math.isfinite(v) for v in losses)
-    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    assert train_on_batch.falls(losses), losses
     assert get_objective_class("dmtjepa") is DMTJEPA
     assert DMTJEPA.data_needs(DMTJEPAConfig()) == IJEPA.data_needs(DMTJEPAConfig())
     assert DMTJEPAConfig.features == "mean"

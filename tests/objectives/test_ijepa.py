@@ -128,19 +128,11 @@ def test_the_target_encoder_follows_the_encoder_by_the_linear_momentum() -> None
     assert float(model.current_momentum) == pytest.approx(0.998)
 
 
-def test_loss_falls_on_a_fixed_batch() -> None:
+def test_loss_falls_on_a_fixed_batch(train_on_batch) -> None:
     model = make(ema_momentum=0.99, ema_momentum_end=0.99).train()
     batch = {"views": [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))], "mask": fixed_masks(8)}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    losses = []
-    for step in range(15):
-        out = model(batch)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        model.after_step(step)
-        losses.append(float(out.loss.detach()))
-    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    losses, out = train_on_batch(model, batch, 15, lr=2e-3)
+    assert train_on_batch.falls(losses), losses
     assert all(math.isfinite(v) for v in losses)
 
 

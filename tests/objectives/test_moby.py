@@ -95,7 +95,7 @@ def test_target_is_a_buffer_copy_without_drop_path_and_follows_the_schedule() ->
     torch.testing.assert_close(target["backbone"].state_dict()[name], expected)
 
 
-def test_forward_is_the_symmetric_queue_loss_and_training_lowers_it() -> None:
+def test_forward_is_the_symmetric_queue_loss_and_training_lowers_it(train_on_batch) -> None:
     model = make(view1=OFF, view2=OFF).train()
     batch = {"views": views(6, 1)}
     q1, q2 = model.queue1.clone(), model.queue2.clone()
@@ -109,16 +109,8 @@ def test_forward_is_the_symmetric_queue_loss_and_training_lowers_it() -> None:
     expected = queue_contrast(p1, k2, q2, 0.2).loss + queue_contrast(p2, k1, q1, 0.2).loss
     assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-4)
     assert int(model.queue_ptr) == 6
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for step in range(15):
-        out = model(batch)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        model.after_step(step)
-        losses.append(float(out.loss.detach()))
-    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    losses, out = train_on_batch(model, batch, 15, lr=3e-3)
+    assert train_on_batch.falls(losses), losses
 
 
 def test_registry_data_needs_and_config_problems() -> None:

@@ -128,20 +128,12 @@ def test_total_steps_from_the_run_context_or_the_config() -> None:
         MoCoV3(cfg, backbone)
 
 
-def test_loss_falls_on_a_fixed_batch() -> None:
+def test_loss_falls_on_a_fixed_batch(train_on_batch) -> None:
     # Photometric augmentation off (tested on its own): the two views differ by their noise only.
     off = ViewAugmentConfig(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
     model = make(total_steps=30, view1=off, view2=off).train()
     batch = {"views": views(8, 4)}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for step in range(30):
-        out = model(batch)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        model.after_step(step)
-        losses.append(float(out.loss.detach()))
+    losses, out = train_on_batch(model, batch, 30, lr=3e-3)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     assert float(out.metrics["mocov3/acc"]) > 0.5
 
@@ -245,7 +237,7 @@ def test_momentum_update_under_zero3_and_checkpoint_round_trip(tmp_path: Path, g
     assert (bf16["param"], bf16["key"]) == ("torch.bfloat16", "torch.float32") and math.isfinite(bf16["loss"])
 
 
-def test_on_a_cnn_the_key_encoder_copies_the_whole_backbone_and_the_loss_falls() -> None:
+def test_on_a_cnn_the_key_encoder_copies_the_whole_backbone_and_the_loss_falls(train_on_batch) -> None:
     """ResNet-18 (BatchNorm over the global batch): queries and keys from timm's pooled features."""
     off = ViewAugmentConfig(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
     cfg = MoCoV3Config(mlp_dim=64, dim=16, total_steps=20, view1=off, view2=off)  # "auto": off on a CNN
@@ -274,13 +266,5 @@ def test_on_a_cnn_the_key_encoder_copies_the_whole_backbone_and_the_loss_falls()
             build_backbone(ModelConfig(arch="resnet18")),
         )
     batch = {"views": views(8, 4)}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for step in range(12):
-        out = model(batch)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        model.after_step(step)
-        losses.append(float(out.loss.detach()))
-    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    losses, out = train_on_batch(model, batch, 12, lr=3e-3)
+    assert train_on_batch.falls(losses), losses
