@@ -92,6 +92,41 @@ def test_objective_runs_end_to_end(objective: str, ray_local: None, runs, tmp_pa
         assert (tmp_path / objective / "export" / "centroids").is_dir()
 
 
+def killed_in_step_5_and_restarted(runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, sizes: list[str]):
+    """`objective=<name>` at ZeRO-3, 5 steps, checkpoints every 3, killed in step 5: Ray Train restarts it from
+    the step-3 checkpoint; the redone step 4 must repeat the first attempt's loss (everything the step reads,
+    EMA copies and random draws included, came back exactly). Returns (record, MLflow client, MLflow run)."""
+    from mlflow import MlflowClient
+
+    from pretrain.trainer.faults import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "5:kill:1")
+    rc = main(
+        [
+            *[a for a in runs.tiny if not a.startswith("objective.")],
+            f"objective={name}",
+            *sizes,
+            "deepspeed.zero_stage=3",
+            "trainer.max_steps=5",
+            "trainer.checkpoint_every=3",
+            "trainer.deterministic=true",
+            "trainer.max_failures=1",
+            f"trainer.storage_path={tmp_path}",
+            f"name={name}",
+        ]
+    )
+    assert rc == 0
+    record = runs.record(tmp_path, name)
+    losses = runs.history(record, "loss")
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 4, 5]
+    (first, again) = [v for s, v in losses if s == 4]
+    assert again == pytest.approx(first, rel=1e-6)
+    client = MlflowClient(record["tracking_uri"])
+    run = client.get_run(record["mlflow_run_id"])
+    assert run.data.tags["pretrain.resumed_at_step"] == "3"
+    return record, client, run
+
+
 def test_dmtjepa_at_zero3_restarts_exactly_with_its_ema_target_and_head(
     ray_local: None, runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -99,38 +134,12 @@ def test_dmtjepa_at_zero3_restarts_exactly_with_its_ema_target_and_head(
     encoder and an EMA aggregation head held in float32 buffers outside ZeRO-3's partitions) killed in
     step 5: Ray Train restarts it from the step-3 checkpoint and the redone step 4 has the loss of the
     first attempt's (target encoder and head came back exactly)."""
-    from pretrain.trainer.faults import FAULT_ENV
-
-    monkeypatch.setenv(FAULT_ENV, "5:kill:1")
-    rc = main(
-        [
-            *[a for a in runs.tiny if not a.startswith("objective.")],
-            "objective=dmtjepa",
-            "objective.predictor_embed_dim=16",
-            "objective.predictor_depth=1",
-            "deepspeed.zero_stage=3",
-            "trainer.max_steps=5",
-            "trainer.checkpoint_every=3",
-            "trainer.deterministic=true",
-            "trainer.max_failures=1",
-            f"trainer.storage_path={tmp_path}",
-            "name=dmtjepa",
-        ]
+    record, client, run = killed_in_step_5_and_restarted(
+        runs, tmp_path, monkeypatch, "dmtjepa", ["objective.predictor_embed_dim=16", "objective.predictor_depth=1"]
     )
-    assert rc == 0
-    record = runs.record(tmp_path, "dmtjepa")
-    losses = runs.history(record, "loss")
-    assert [s for s, _ in losses] == [1, 2, 3, 4, 4, 5]
-    (first, again) = [v for s, v in losses if s == 4]
-    assert again == pytest.approx(first, rel=1e-6)
     momenta = dict(runs.history(record, "dmtjepa/momentum"))
     # Read in each step's forward, before that step's update: m(step - 2) for step >= 2, linear to 1 over 5 steps.
     assert [momenta[s] for s in (1, 2, 5)] == pytest.approx([0.996, 0.996, 0.996 + 0.004 * 3 / 5], abs=1e-6)
-    from mlflow import MlflowClient
-
-    client = MlflowClient(record["tracking_uri"])
-    run = client.get_run(record["mlflow_run_id"])
-    assert run.data.tags["pretrain.resumed_at_step"] == "3"
     # Exported with its representation (the mean of the patch tokens), evaluated on it.
     meta = json.loads((tmp_path / "dmtjepa" / "export" / "encoder" / "pretrain.json").read_text())
     assert meta["features"] == "mean"
@@ -148,42 +157,13 @@ def test_ibot_at_zero3_with_local_crops_restarts_exactly(
     teacher and two centres in buffers outside ZeRO-3's partitions) killed in step 5 and restarted from the
     step-3 checkpoint: the redone step 4 repeats the first attempt's loss, so teacher, centres and the
     photometric draws came back exactly."""
-    from pretrain.trainer.faults import FAULT_ENV
-
-    monkeypatch.setenv(FAULT_ENV, "5:kill:1")
-    rc = main(
-        [
-            *[a for a in runs.tiny if not a.startswith("objective.")],
-            "objective=ibot",
-            "objective.out_dim=64",
-            "objective.patch_out_dim=64",
-            "objective.head_hidden_dim=32",
-            "objective.head_bottleneck_dim=16",
-            "objective.local_views=2",
-            "objective.local_size=16",
-            "deepspeed.zero_stage=3",
-            "trainer.max_steps=5",
-            "trainer.checkpoint_every=3",
-            "trainer.deterministic=true",
-            "trainer.max_failures=1",
-            "eval.enabled=false",
-            f"trainer.storage_path={tmp_path}",
-            "name=ibot",
-        ]
+    sizes = ["objective.out_dim=64", "objective.patch_out_dim=64", "objective.head_hidden_dim=32"]
+    sizes += ["objective.head_bottleneck_dim=16", "objective.local_views=2", "objective.local_size=16"]
+    record, client, run = killed_in_step_5_and_restarted(
+        runs, tmp_path, monkeypatch, "ibot", [*sizes, "eval.enabled=false"]
     )
-    assert rc == 0
-    record = runs.record(tmp_path, "ibot")
-    losses = runs.history(record, "loss")
-    assert [s for s, _ in losses] == [1, 2, 3, 4, 4, 5]
-    (first, again) = [v for s, v in losses if s == 4]
-    assert again == pytest.approx(first, rel=1e-6)
     ratios = [v for _, v in runs.history(record, "ibot/mask_ratio")]
     assert all(0.2 < r < 0.4 for r in ratios)  # block masks of 30% on the global crops
     assert all(math.isfinite(v) for _, v in runs.history(record, "ibot/patch"))
-    from mlflow import MlflowClient
-
-    client = MlflowClient(record["tracking_uri"])
-    run = client.get_run(record["mlflow_run_id"])
-    assert run.data.tags["pretrain.resumed_at_step"] == "3"
     pictures = {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
     assert pictures == {"pictures/dino_attention.png"}
