@@ -93,7 +93,7 @@ class MSBReg(Objective):
     def target_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """Target network output (B, dim) in its float32 (inputs may be bf16)."""
         target = self.target
-        images = images.to(next(target.buffers()).dtype)
+        images = images.to(target["projector"][0].weight.dtype)
         return target["projector"](target["backbone"].pooled(images))
 
     def forward(self, batch: dict[str, Any]) -> LossOutput:
