@@ -214,6 +214,38 @@ class DMTJEPA(IJEPA):
         return out
 
     @torch.no_grad()
+    def pictures(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """I-JEPA's blocks, and `<name>_neighbours`: per image, the image | for three probe patches (a quarter,
+        half and three quarters along the diagonal), the probe tinted red and the neighbours the target head
+        chose for it tinted blue, the rest dimmed."""
+        out = super().pictures(batch)
+        images = batch["views"][0][:MAX_IMAGES]
+        chosen, _ = self.target_aggregation.choose(super().target_tokens(images))  # (B, N, k); buffers only
+        chosen = chosen.cpu().numpy()
+        gh, gw = self.backbone.grid_size
+        cell = self.backbone.patch_size
+        probes = [int(f * gh) * gw + int(f * gw) for f in (0.25, 0.5, 0.75)]
+        original = to_uint8_images(images, self.context.input_mean, self.context.input_std)  # (B, H, W, 3)
+        red, blue = np.array([255, 0, 0], np.uint16), np.array([0, 90, 255], np.uint16)
+
+        def cells(indices: list[int]) -> np.ndarray:  # patch indices -> (H, W, 1) bool
+            m = np.zeros(gh * gw, dtype=bool)
+            m[indices] = True
+            return m.reshape(gh, gw).repeat(cell, axis=0).repeat(cell, axis=1)[..., None]
+
+        rows = []
+        for i in range(original.shape[0]):
+            image = original[i].astype(np.uint16)
+            dimmed = ((image + MASK_GREY) // 2).astype(np.uint8)
+            row = [original[i]]
+            for p in probes:
+                panel = np.where(cells(chosen[i, p].tolist()), ((image + blue) // 2).astype(np.uint8), dimmed)
+                row.append(np.where(cells([p]), ((image + red) // 2).astype(np.uint8), panel))
+            rows.append(row)
+        out[f"{self.name}_neighbours"] = grid(rows, scale=display_scale(images.shape[-1]))
+        return out
+
+    @torch.no_grad()
     def after_step(self, step: int) -> None:
         """The target encoder and the target head follow the context encoder and the head with one momentum."""
         super().after_step(step)

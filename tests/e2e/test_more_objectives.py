@@ -145,7 +145,7 @@ def test_dmtjepa_at_zero3_restarts_exactly_with_its_ema_target_and_head(
     assert meta["features"] == "mean"
     assert 0.0 <= run.data.metrics["eval/knn_top1"] <= 1.0
     pictures = {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
-    assert pictures == {"pictures/dmtjepa_blocks.png"}
+    assert pictures == {"pictures/dmtjepa_blocks.png", "pictures/dmtjepa_neighbours.png"}
     similarity = runs.history(record, "dmtjepa/neighbour_similarity")
     assert similarity and all(0.0 < v <= 1.0 for _, v in similarity)
 

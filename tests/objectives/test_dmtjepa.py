@@ -163,4 +163,10 @@ def test_loss_falls_on_a_fixed_batch_and_the_config_is_checked(train_on_batch) -
         "objective.neighbours",
     ]
     picture = model.eval().pictures({"views": [torch.randn(2, 3, 32, 32)], "mask": fixed_masks(2)})
-    assert set(picture) == {"dmtjepa_blocks"}
+    assert set(picture) == {"dmtjepa_blocks", "dmtjepa_neighbours"}
+    # 2 images x (the image + 3 probes), each 32 px shown at 4x; probe (1, 1) of the 4 x 4 grid is red-tinted.
+    neighbours = picture["dmtjepa_neighbours"]
+    assert neighbours.shape == (2 + 2 * (128 + 2), 2 + 4 * (128 + 2), 3)
+    probe_panel = neighbours[2 : 2 + 128, 2 + 130 : 2 + 130 + 128]  # image 0, first probe
+    inside = probe_panel[32:64, 32:64].astype(int)  # patch (1, 1): 8 px cells at 4x
+    assert (inside[..., 0] >= inside[..., 1]).all() and (inside[..., 0] >= 127).all()
