@@ -18,11 +18,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from objectives.components.attention import CrossAttention
+from objectives.components.attention import CrossAttentionBlock
 from objectives.components.pos_embed import sincos_2d
 
 
@@ -121,15 +120,11 @@ def window_neighbours(grid: tuple[int, int], size: int) -> torch.Tensor:
     return torch.stack(columns, dim=1).sort(dim=1).values
 
 
-class _AggregationBlock(nn.Module):
+class _AggregationBlock(CrossAttentionBlock):
     """A class-attention block (CaiT): one query reads LN([query; keys]); query + attention, then + MLP."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = CrossAttention(dim, dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        super().__init__(dim, dim, num_heads, mlp_ratio)
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """query (M, 1, D), keys (M, K, D) -> (M, 1, D): the attention output (no residual)."""
