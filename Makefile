@@ -25,9 +25,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(PY) -m pretrain.run
 
-# Two pytest-xdist workers, a test file each at a time (each worker with its own local Ray instance).
+# Two pytest-xdist workers, a test file each at a time (each worker with its own local Ray
+# instance), in the order tests/conftest.py gives (longest first).
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"

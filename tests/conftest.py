@@ -28,6 +28,50 @@ for _name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "P
     os.environ.pop(_name, None)
 
 
+# `make test` runs the suite on 2 pytest-xdist workers, a test file to a worker at a time
+# (--dist loadfile, --no-loadscope-reorder: files go out in the order below, not by their test
+# count, which put the single-test end-to-end files last and left one worker idle for minutes at
+# the end). The end-to-end files go first, longest first; the many short unit-test files after
+# them fill the gaps, so the two workers end together.
+LONGEST_FIRST = (
+    "test_cluster_job.py",
+    "test_more_objectives.py",
+    "test_train.py",
+    "test_node_loss.py",
+    "test_pipeline.py",
+    "test_storage_outage.py",
+    "test_nonfinite.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return (
+            LONGEST_FIRST.index(name)
+            if item.path.parent.name == "e2e" and name in LONGEST_FIRST
+            else len(LONGEST_FIRST)
+        )
+
+    items.sort(key=rank)  # stable: the order within a file, and of the unit tests, is kept
+
+
+@pytest.fixture(autouse=True)
+def _project_logging_restored() -> Iterator[None]:
+    """Each test starts with the project's loggers as it found them: a run in this process (an
+    end-to-end test calls `pretrain.run.main`) sends their INFO lines to stderr from then on, which
+    would reach the next test's captured output."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("pretrain", "data", "objectives")]
+    saved = [(logger.level, list(logger.handlers), logger.propagate) for logger in loggers]
+    yield
+    for logger, (level, handlers, propagate) in zip(loggers, saved, strict=True):
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+        logger.propagate = propagate
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` still runs (a zombie counts as gone: it runs no code)."""
     try:

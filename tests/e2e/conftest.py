@@ -36,8 +36,11 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A local Ray instance shared by the session's tests (what `pretrain.run` starts on its own)."""
     import ray
 
+    from pretrain.launch import PREEMPTION_WATCHER_ENV, start_local_ray
+
     os.environ["PRETRAIN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+    start_local_ray(2)
     yield
     ray.shutdown()
 

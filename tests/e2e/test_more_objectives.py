@@ -26,8 +26,9 @@ CASES = {
     # k-means centroids built in prepare() from the stream, exported and registered at the end.
     "ccvit": ("vit_nano", 2, "bf16", ["objective.num_centroids=32", "objective.kmeans_samples=2048"]),
     # Order from the EMA encoder, kept in fp32 buffers and updated from ZeRO-3-partitioned
-    # parameters; with gradient accumulation (bf16 + accumulation + ZeRO-3 in one engine).
-    "semaim": ("vit_nano", 3, "bf16", ["objective.order_source=ema", "trainer.grad_accum=2"]),
+    # parameters; with gradient accumulation (bf16 + accumulation + ZeRO-3 in one engine); the
+    # encoder gathered at step 2 for an evaluation task beside training.
+    "semaim": ("vit_nano", 3, "bf16", ["objective.order_source=ema", "trainer.grad_accum=2", "eval.every_steps=2"]),
     # On a Swin (its own CPU size): the rotation head's BatchNorm over both workers' copies; SGD
     # with Nesterov momentum (the paper's optimizer) under ZeRO-2 partitions.
     "rotnet": ("swin_nano", 2, "fp32", ["optim.name=sgd", "optim.nesterov=true", "optim.base_lr=0.05"]),
@@ -81,6 +82,11 @@ def test_objective_runs_end_to_end(objective: str, ray_local: None, runs, tmp_pa
     assert run.data.tags["pretrain.export.encoder"] == f"models:/{objective}-{model}/1"
     for key in ("eval/knn_top1", "eval/linear_top1", "eval/baseline_knn_top1", "eval/baseline_linear_top1"):
         assert 0.0 <= run.data.metrics[key] <= 1.0, key
+        # Evaluated at the end, and beside training where eval.every_steps asks (the same baseline).
+        assert [s for s, _ in runs.history(record, key)] == ([2, 3] if objective == "semaim" else [3]), key
+    # ZeRO 2 and 3 partition the optimizer state: one file per rank in the checkpoint.
+    state = tmp_path / objective / "checkpoint_00000003" / "state"
+    assert len(list(state.glob("*optim_states.pt"))) == 2, sorted(p.name for p in state.iterdir())
     pictures = {a.path for a in MlflowClient(record["tracking_uri"]).list_artifacts(run.info.run_id, "pictures")}
     assert pictures == {f"pictures/{name}.png" for name in PICTURES[objective]}
     # The same kept batch drawn at steps 2 and 3, as MLflow image series (images/<key>+step+<n>+...).
