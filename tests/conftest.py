@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import selectors
 import signal
@@ -56,17 +57,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)  # stable: the order within a file, and of the unit tests, is kept
 
 
+# The project's loggers as the session found them, before any run configured them.
+_PROJECT_LOGGERS = [logging.getLogger(name) for name in ("pretrain", "data", "objectives")]
+_PROJECT_LOGGING = [(logger.level, list(logger.handlers), logger.propagate) for logger in _PROJECT_LOGGERS]
+
+
 @pytest.fixture(autouse=True)
 def _project_logging_restored() -> Iterator[None]:
-    """Each test starts with the project's loggers as it found them: a run in this process (an
-    end-to-end test calls `pretrain.run.main`) sends their INFO lines to stderr from then on, which
-    would reach the next test's captured output."""
-    import logging
-
-    loggers = [logging.getLogger(name) for name in ("pretrain", "data", "objectives")]
-    saved = [(logger.level, list(logger.handlers), logger.propagate) for logger in loggers]
+    """After each test the project's loggers are as the session found them: a run in this process
+    (`pretrain.run.main`, also from a module-scoped fixture) sends their INFO lines to stderr from
+    then on, which would reach a later test's captured output."""
     yield
-    for logger, (level, handlers, propagate) in zip(loggers, saved, strict=True):
+    for logger, (level, handlers, propagate) in zip(_PROJECT_LOGGERS, _PROJECT_LOGGING, strict=True):
         logger.setLevel(level)
         logger.handlers[:] = handlers
         logger.propagate = propagate
