@@ -232,8 +232,9 @@ def up(args: argparse.Namespace) -> Stack:
         "PATH": f"{python_shims(directory)}{os.pathsep}{base.get('PATH', '')}",
         "MLFLOW_S3_ENDPOINT_URL": s3_url,
         "PYTHONUNBUFFERED": "1",
-        # MLflow 3's server also starts a job runner (huey consumers, for its GenAI jobs) that
-        # nothing here uses: it took ~14% of a core while idle (docs/cluster.md). An exported value wins.
+        # MLflow 3's server also starts a job runner (eight processes of huey consumers, for its
+        # GenAI jobs) that nothing here uses: 19 cpu-s more to start (docs/cluster.md). An
+        # exported value wins.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": base.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
     }
     # The three start side by side (none needs another to start; the bucket waits for S3), then
