@@ -172,9 +172,26 @@ def build_optimizer(
     )
 
 
+def import_deepspeed() -> Any:
+    """`import deepspeed` without the MLflow import its autotuner tries (when MLflow is installed)
+    at import time: 1.3 cpu-s of DeepSpeed's 1.5 here, in every worker, for autotuning, which runs
+    never use. Ranks that log import MLflow themselves when they need it; it stays importable."""
+    import sys
+
+    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # an ImportError, which DeepSpeed catches
+        try:
+            import deepspeed
+        finally:
+            del sys.modules["mlflow"]
+    import deepspeed
+
+    return deepspeed
+
+
 def build_engine(module: nn.Module, optim: OptimConfig, trainer: TrainerConfig, ds: DeepSpeedConfig) -> Any:
     """deepspeed.initialize on the trainable module with its optimizer (AdamW or LARS) and the lr schedule."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     from pretrain.hardware import use_environment_build_tools
     from pretrain.trainer.checkpoint import install_safe_checkpoint_engine

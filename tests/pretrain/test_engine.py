@@ -245,3 +245,20 @@ def test_zero0_step_equals_plain_torch(tmp_path: Path, world: int, gloo_ranks) -
         optimizer.zero_grad(set_to_none=True)
     for result in results:
         torch.testing.assert_close(result["params"], dict(model.named_parameters()))
+
+
+def test_deepspeed_is_imported_without_mlflow_which_stays_importable() -> None:
+    # In a fresh interpreter (this one has MLflow loaded): DeepSpeed's autotuner tries MLflow at
+    # import time; the engine's import skips that, and MLflow imports normally afterwards.
+    probe = (
+        "import sys\n"
+        "from pretrain.engine import import_deepspeed\n"
+        "import_deepspeed()\n"
+        "from deepspeed.autotuning import autotuner\n"
+        "print('mlflow' in sys.modules, autotuner.has_mlflow, 'mlflow' in sys.modules)\n"
+        "import mlflow\n"
+        "print(mlflow.MlflowClient.__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-2:] == ["False False False", "MlflowClient"]  # after DeepSpeed's own lines
