@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -47,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from s3_endpoint import CREDENTIALS, HOST, free_port  # noqa: E402 - beside this script, not a package
+from s3_endpoint import CREDENTIALS, HOST  # noqa: E402 - beside this script, not a package
 
 STATE_FILE = "stack.json"
 LEADER_GRACE_S = 8.0
@@ -146,6 +148,28 @@ def wait_until(ready, what: str, process: subprocess.Popen[bytes], log: Path, ti
         time.sleep(0.25)
 
 
+def unclaimed_port(taken: set[int]) -> int:
+    """A free TCP port on 127.0.0.1 that no other process is handed in the meantime.
+
+    A port the OS picks (bind to 0) comes from its ephemeral range, where every Ray process of
+    another instance on this machine also gets its gRPC ports: one took the dashboard's port
+    between this pick and the head's start (seen with two test workers). Below that range and
+    above Ray's worker ports (10002-19999), only a process that asks for the number binds it.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, max(low, 20001))
+        if port not in taken and port_free(port):
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # all tried were taken: the OS's pick
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
 def answers(url: str) -> bool:
     """Any HTTP response (401 included: Ray's token auth) means the server is up."""
     try:
@@ -153,8 +177,8 @@ def answers(url: str) -> bool:
             return True
     except urllib.error.HTTPError:
         return True
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError):
+        return False  # not up yet, or not an HTTP server on that port
 
 
 def port_free(port: int) -> bool:
@@ -197,7 +221,7 @@ def up(args: argparse.Namespace) -> Stack:
     }
     for key, port in ports.items():
         if port == 0:
-            ports[key] = free_port()
+            ports[key] = unclaimed_port(set(ports.values()))
         elif not port_free(port):
             flag = {"client": "ray-client", "agent": "dashboard-agent"}.get(key, key)
             raise StackError(f"port {port} on {HOST} is taken; pick another with --{flag}-port (0 = a free one)")
