@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -181,9 +182,34 @@ def worker_range(t: TrainerConfig) -> int | tuple[int, int]:
     return (t.min_workers, t.num_workers) if 0 < t.min_workers < t.num_workers else t.num_workers
 
 
+@functools.cache
+def torch_trainer_class() -> type:
+    """Ray Train's TorchTrainer, less the Ray Data actor it starts for every worker group.
+
+    Ray Train starts a `DatasetManager` actor (a fresh interpreter importing Ray Data: about 2
+    cpu-s on the 2-core VM, beside the workers' start) for the Ray Datasets passed to the trainer,
+    also when none are. Runs here pass none (the workers stream WebDataset shards themselves), so
+    that callback is left out; a trainer given datasets keeps it.
+    """
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    except ImportError:  # another Ray: its own callbacks, as they are
+        return TorchTrainer
+
+    class TorchTrainerWithoutRayData(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+
+    return TorchTrainerWithoutRayData
+
+
 def build_trainer(cfg: PretrainConfig, place: RunPlace, info: Any) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
 
     from pretrain.trainer.worker import train_loop
@@ -194,7 +220,7 @@ def build_trainer(cfg: PretrainConfig, place: RunPlace, info: Any) -> Any:
     resources: dict[str, float] = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
-    return TorchTrainer(
+    return torch_trainer_class()(
         train_loop,
         train_loop_config={"cfg": cfg, "info": info},
         scaling_config=ScalingConfig(num_workers=worker_range(t), use_gpu=t.use_gpu, resources_per_worker=resources),

@@ -202,9 +202,8 @@ def plain_in_ray_train(args: argparse.Namespace, tmp: Path, threads: int) -> flo
     """
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from pretrain.launch import start_local_ray
+    from pretrain.launch import start_local_ray, torch_trainer_class
 
     use_gpu = torch.cuda.is_available()
 
@@ -219,7 +218,7 @@ def plain_in_ray_train(args: argparse.Namespace, tmp: Path, threads: int) -> flo
     env = {"PYTHONPATH": os.pathsep.join(paths), "PRETRAIN_CACHE": os.environ["PRETRAIN_CACHE"]}
     start_local_ray(runtime_env={"env_vars": env})
     try:
-        TorchTrainer(
+        torch_trainer_class()(
             loop,
             scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker={"CPU": threads}),
             run_config=RunConfig(storage_path=str(tmp / "ray"), name="plain-in-ray-train"),

@@ -3,10 +3,10 @@
     python scripts/ray_overhead.py [--seconds 30] [--settle 25] [--top 25]
 
 Starts a local Ray as `pretrain.run` does (dashboard on 127.0.0.1, which Ray Train v2's
-placement-group cleaner needs), runs a TorchTrainer with one worker that only sleeps, waits
-`--settle` seconds for the worker group to come up, then reads every process's and every
-thread's CPU ticks of the driver and its descendants (all of the local Ray's
-processes) from /proc twice, `--seconds` apart. Prints the share of one core taken
+placement-group cleaner needs), runs the runs' TorchTrainer (`pretrain.launch.torch_trainer_class`)
+with one worker that only sleeps, waits `--settle` seconds for the worker group to come up, then
+reads every process's and every thread's CPU ticks of the driver and its descendants (all of the
+local Ray's processes) from /proc twice, `--seconds` apart. Prints the share of one core taken
 by each process and, summed over processes, by each thread name. On a 2-core node with both
 cores training, whose two intra-op threads wait for each other (a core taken stalls both),
 the full stack runs at about 1 - total / 100 of a plain loop (docs/benchmarks.md). Linux only.
@@ -92,9 +92,8 @@ def main() -> int:
 
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from pretrain.launch import start_local_ray
+    from pretrain.launch import start_local_ray, torch_trainer_class
 
     sleep_s = args.settle + args.seconds + 5
     result: dict = {}
@@ -111,7 +110,7 @@ def main() -> int:
     sampler.start()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            TorchTrainer(
+            torch_trainer_class()(
                 sleeper,
                 train_loop_config={"seconds": sleep_s},
                 scaling_config=ScalingConfig(num_workers=1),

@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,13 +71,17 @@ def submit(
     return job_id, done
 
 
-def job_status(env: dict[str, str], job_id: str) -> str:
-    """The job's status from Ray's job SDK, authenticated with the cluster's token."""
+def jobs(env: dict[str, str]) -> Any:
+    """Ray's job SDK client, authenticated with the cluster's token (in this process: polling with
+    `ray job logs` cost a fresh interpreter, about 2 cpu-s, per poll)."""
     from ray.job_submission import JobSubmissionClient
 
     token = (Path.home() / ".ray" / "auth_token").read_text().strip()
-    client = JobSubmissionClient(env["RAY_API_SERVER_ADDRESS"], headers={"Authorization": f"Bearer {token}"})
-    return str(client.get_job_status(job_id).value)
+    return JobSubmissionClient(env["RAY_API_SERVER_ADDRESS"], headers={"Authorization": f"Bearer {token}"})
+
+
+def job_status(env: dict[str, str], job_id: str) -> str:
+    return str(jobs(env).get_job_status(job_id).value)
 
 
 def client_runs(mlflow_url: str) -> list:
@@ -261,7 +266,7 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
         )
         assert held.returncode == 0, held.stderr
         deadline = time.monotonic() + 240
-        while "holding after step 4" not in run([ray_cli, "job", "logs", held_id], env, 60).stdout:
+        while "holding after step 4" not in jobs(env).get_job_logs(held_id):
             assert time.monotonic() < deadline and job_status(env, held_id) == "RUNNING", job_status(env, held_id)
             time.sleep(2)
         stopped = run([ray_cli, "job", "stop", held_id], env, 120)

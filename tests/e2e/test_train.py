@@ -71,6 +71,13 @@ def test_two_workers_at_zero0_evaluated_and_checkpointed(zero0: Finished, runs) 
     ckpt = zero0.run_dir / "checkpoint_00000006"
     assert (ckpt / "rank_0.pt").exists() and (ckpt / "rank_1.pt").exists()
 
+    # Ray Train's actors of the runs so far on this Ray instance: no Ray Data actor (the runs pass
+    # no Ray Datasets; pretrain.launch.torch_trainer_class leaves it out).
+    from ray.util.state import list_actors
+
+    started = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
+    assert {"TrainController", "RayTrainWorker"} <= started and "DatasetManager" not in started, started
+
 
 @pytest.fixture(scope="module")
 def resume_args(runs) -> list[str]:
