@@ -267,7 +267,8 @@ def test_stack_up_jobs_registry_checkpoints_and_down(tmp_path: Path) -> None:
         assert held.returncode == 0, held.stderr
         deadline = time.monotonic() + 240
         while "holding after step 4" not in jobs(env).get_job_logs(held_id):
-            assert time.monotonic() < deadline and job_status(env, held_id) == "RUNNING", job_status(env, held_id)
+            status = job_status(env, held_id)  # PENDING until its driver starts
+            assert time.monotonic() < deadline and status in ("PENDING", "RUNNING"), status
             time.sleep(2)
         stopped = run([ray_cli, "job", "stop", held_id], env, 120)
         assert stopped.returncode == 0 and job_status(env, held_id) == "STOPPED", stopped.stderr
