@@ -133,9 +133,26 @@ def cluster_storage_problems(cfg: PretrainConfig) -> list[tuple[str, str]]:
     return []
 
 
+# The GCS address of the Ray instance this process started (start_local_ray), if it did: its
+# processes end with this one (Ray ties a local instance's fate to its driver).
+_started_gcs_address: str | None = None
+
+
+def on_ray_started_here() -> bool:
+    """Whether this process is connected to a Ray instance it started itself."""
+    import ray
+
+    return (
+        _started_gcs_address is not None
+        and ray.is_initialized()
+        and ray.get_runtime_context().gcs_address == _started_gcs_address
+    )
+
+
 def start_local_ray(num_cpus: int = 0, runtime_env: dict[str, Any] | None = None) -> None:
     """A new Ray instance on this machine, as `pretrain.run` starts one: at least `num_cpus` CPUs
     (all of the machine's where it has more), the dashboard on 127.0.0.1, warnings and up."""
+    global _started_gcs_address
     import ray
 
     os.environ["PATH"] = interpreter_first_on_path(os.environ.get("PATH", ""), sys.executable)
@@ -156,6 +173,7 @@ def start_local_ray(num_cpus: int = 0, runtime_env: dict[str, Any] | None = None
         # CPU from the start-up (docs/benchmarks.md).
         _system_config={"enable_worker_prestart": False},
     )
+    _started_gcs_address = ray.get_runtime_context().gcs_address
 
 
 def worker_env(cfg: PretrainConfig) -> dict[str, str]:
@@ -184,28 +202,34 @@ def worker_range(t: TrainerConfig) -> int | tuple[int, int]:
 
 @functools.cache
 def torch_trainer_class() -> type:
-    """Ray Train's TorchTrainer, less the Ray Data actor it starts for every worker group.
+    """Ray Train's TorchTrainer, less two helper actors that have nothing to do here.
 
-    Ray Train starts a `DatasetManager` actor (a fresh interpreter importing Ray Data: about 2
-    cpu-s on the 2-core VM, beside the workers' start) for the Ray Datasets passed to the trainer,
-    also when none are. Runs here pass none (the workers stream WebDataset shards themselves), so
-    that callback is left out; a trainer given datasets keeps it.
+    - Ray Train starts a `DatasetManager` actor (a fresh interpreter importing Ray Data: about 2
+      cpu-s on the 2-core VM, beside the workers' start) for the Ray Datasets passed to the
+      trainer, also when none are. Runs here pass none (the workers stream WebDataset shards
+      themselves), so that callback is left out; a trainer given datasets keeps it.
+    - Its `PlacementGroupCleaner` (a detached actor: a fresh interpreter, about 2 cpu-s, then a
+      state-API query a second through the dashboard) removes the run's placement groups if the
+      controller dies without doing so. On a Ray instance this process started, they go with the
+      instance, which ends with this process: left out there, kept on a cluster.
     """
     from ray.train.torch import TorchTrainer
 
     try:
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:  # another Ray: its own callbacks, as they are
         return TorchTrainer
 
-    class TorchTrainerWithoutRayData(TorchTrainer):
+    class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self) -> list:
             callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+            unused: tuple[type, ...] = () if self.datasets else (DatasetsCallback,)
+            if on_ray_started_here():
+                unused += (PlacementGroupCleanerCallback,)
+            return [cb for cb in callbacks if not isinstance(cb, unused)]
 
-    return TorchTrainerWithoutRayData
+    return LeanTorchTrainer
 
 
 def build_trainer(cfg: PretrainConfig, place: RunPlace, info: Any) -> Any:

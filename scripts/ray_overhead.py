@@ -1,9 +1,10 @@
 """CPU that Ray's own processes take while one Ray Train worker sleeps, by process and by thread.
 
-    python scripts/ray_overhead.py [--seconds 30] [--settle 25] [--top 25]
+    python scripts/ray_overhead.py [--seconds 30] [--settle 25] [--top 25] [--with-cleaner]
 
-Starts a local Ray as `pretrain.run` does (dashboard on 127.0.0.1, which Ray Train v2's
-placement-group cleaner needs), runs the runs' TorchTrainer (`pretrain.launch.torch_trainer_class`)
+Starts a local Ray as `pretrain.run` does (dashboard on 127.0.0.1), runs the runs' TorchTrainer
+(`pretrain.launch.torch_trainer_class`: on a local instance without Ray Train's Ray Data actor
+and placement-group cleaner; `--with-cleaner` keeps the cleaner, as on a cluster)
 with one worker that only sleeps, waits `--settle` seconds for the worker group to come up, then
 reads every process's and every thread's CPU ticks of the driver and its descendants (all of the
 local Ray's processes) from /proc twice, `--seconds` apart. Prints the share of one core taken
@@ -88,11 +89,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="sampling window")
     parser.add_argument("--settle", type=float, default=25.0, help="wait before sampling")
     parser.add_argument("--top", type=int, default=25, help="rows per table")
+    parser.add_argument(
+        "--with-cleaner", action="store_true", help="keep Ray Train's placement-group cleaner (as on a cluster)"
+    )
     args = parser.parse_args()
 
     import ray
     from ray.train import RunConfig, ScalingConfig
 
+    import pretrain.launch as launch
     from pretrain.launch import start_local_ray, torch_trainer_class
 
     sleep_s = args.settle + args.seconds + 5
@@ -106,6 +111,8 @@ def main() -> int:
         result["rows"] = sample(args.seconds)
 
     start_local_ray()
+    if args.with_cleaner:
+        launch._started_gcs_address = None  # as if attached to a cluster: the trainer keeps it
     sampler = threading.Thread(target=measure)
     sampler.start()
     try:

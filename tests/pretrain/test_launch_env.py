@@ -121,3 +121,22 @@ def test_project_log_lines_follow_the_current_stderr() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("INFO data.write: two") and "Logging error" not in done.stdout + done.stderr
+
+
+def test_the_trainer_keeps_the_placement_group_cleaner_on_a_ray_it_did_not_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Attached to a cluster (here: no instance started by this process), Ray Train's cleaner of
+    a dead controller's placement groups stays; the Ray Data actor goes without datasets. (On an
+    instance this process started, the cleaner goes too: tests/e2e/test_train.py lists the actors.)"""
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    import pretrain.launch as launch
+
+    monkeypatch.setattr(launch, "_started_gcs_address", None)
+    assert not launch.on_ray_started_here()
+    trainer = launch.torch_trainer_class()(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
+    kinds = {type(cb) for cb in trainer._create_default_callbacks()}
+    assert PlacementGroupCleanerCallback in kinds and DatasetsCallback not in kinds
