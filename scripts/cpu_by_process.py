@@ -38,18 +38,17 @@ def process_kind(argv: list[str]) -> str:
         return first.split()[0].split(".")[0]
     if first.startswith("ray-dashboard-"):  # ray-dashboard-NodeHead-0 (a dashboard module)
         return "ray dashboard module"
-    args = [a for a in argv[1:] if not a.startswith("-") or a == "-m" or a == "-c"]
-    if "-m" in argv[1:]:
-        module = argv[argv.index("-m") + 1] if argv.index("-m") + 1 < len(argv) else "?"
-        return f"python -m {module}"
-    if "-c" in argv[1:]:
-        code = argv[argv.index("-c") + 1] if argv.index("-c") + 1 < len(argv) else ""
+    flags = {a: argv[i + 2] if i + 2 < len(argv) else "" for i, a in enumerate(argv[1:]) if a in ("-m", "-c")}
+    if "-m" in flags:
+        return f"python -m {flags['-m'] or '?'}"
+    if "-c" in flags:
+        code = flags["-c"]
         if "forkserver" in code:
             return "python forkserver"
         if "sys.stdin" in code:  # execnet's bootstrap: a pytest-xdist worker
             return "pytest-xdist worker"
         return "python -c"
-    script = next((a for a in args if a.endswith(".py") or "/bin/" in a), "")
+    script = next((a for a in argv[1:] if not a.startswith("-") and (a.endswith(".py") or "/bin/" in a)), "")
     if script and Path(first).name.startswith("python"):
         return Path(script).name
     return Path(first).name
@@ -109,8 +108,9 @@ class Sampler:
             if pid in self.before:
                 earlier += (ticks - self.before[pid]) / TICK
                 continue
-            kinds[self.kind.get(pid, "?")][0] += ticks / TICK
-            kinds[self.kind.get(pid, "?")][1] += 1
+            row = kinds[self.kind.get(pid, "?")]
+            row[0] += ticks / TICK
+            row[1] += 1
         return dict(kinds), earlier
 
 

@@ -49,17 +49,10 @@ def thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
 
 
 def process_name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return "?"
-    first = argv[0].decode(errors="replace")
-    if first.startswith("ray::") or first.startswith("ray-dashboard-"):
-        return first.split()[0]
-    # Python scripts: name them by the script; binaries by themselves.
-    script = next((a.decode(errors="replace") for a in argv[1:3] if a.endswith(b".py")), "")
-    return os.path.basename(script or first)
+    """What the process is, named as scripts/cpu_by_process.py names it."""
+    from cpu_by_process import process_kind, read_argv
+
+    return process_kind(read_argv(str(pid)))
 
 
 def sample(seconds: float) -> tuple[list[tuple[float, int, str]], dict[str, float]]:
