@@ -168,10 +168,11 @@ def start_local_ray(num_cpus: int = 0, runtime_env: dict[str, Any] | None = None
         configure_logging=True,
         logging_level=logging.WARNING,
         runtime_env=runtime_env,
-        # Ray prestarts one idle interpreter per CPU, for tasks without a runtime environment;
-        # every actor here has one (Ray Train's and ours), so they were never used and only took
-        # CPU from the start-up (docs/benchmarks.md).
-        _system_config={"enable_worker_prestart": False},
+        # Ray prestarts idle interpreters, one per CPU at start and more when the first driver
+        # connects, for tasks without a runtime environment; every actor here has one (Ray
+        # Train's and ours), so they were never used and only took CPU from the start-up
+        # (docs/benchmarks.md).
+        _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
     )
     _started_gcs_address = ray.get_runtime_context().gcs_address
 
@@ -202,7 +203,7 @@ def worker_range(t: TrainerConfig) -> int | tuple[int, int]:
 
 @functools.cache
 def torch_trainer_class() -> type:
-    """Ray Train's TorchTrainer, less two helper actors that have nothing to do here.
+    """Ray Train's TorchTrainer, less the helper actors that have nothing to do here.
 
     - Ray Train starts a `DatasetManager` actor (a fresh interpreter importing Ray Data: about 2
       cpu-s on the 2-core VM, beside the workers' start) for the Ray Datasets passed to the
@@ -212,14 +213,29 @@ def torch_trainer_class() -> type:
       state-API query a second through the dashboard) removes the run's placement groups if the
       controller dies without doing so. On a Ray instance this process started, they go with the
       instance, which ends with this process: left out there, kept on a cluster.
+    - A fixed-size run's controller asks Ray's autoscaler for its workers' resources through an
+      `AutoscalingCoordinator` (a detached actor importing Ray Data: about 2.5 cpu-s, and the
+      controller waits for it before starting the workers). A Ray instance this process started
+      has no nodes to add, so there the request is left out; kept on clusters and for elastic
+      runs (whose policy reads the coordinator's reserved resources).
     """
     from ray.train.torch import TorchTrainer
 
     try:
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+        from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
     except ImportError:  # another Ray: its own callbacks, as they are
         return TorchTrainer
+
+    class FixedScalingWithoutAutoscaler(FixedScalingPolicy):
+        """Ray Train's fixed scaling, without resource requests to an autoscaler."""
+
+        def after_controller_start(self, train_run_context: Any) -> None:
+            self._requester_id = f"train-{train_run_context.run_id}"
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
 
     class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self) -> list:
@@ -228,6 +244,16 @@ def torch_trainer_class() -> type:
             if on_ray_started_here():
                 unused += (PlacementGroupCleanerCallback,)
             return [cb for cb in callbacks if not isinstance(cb, unused)]
+
+        @staticmethod
+        def lean_scaling_policy(policy: Any) -> Any:
+            if type(policy) is FixedScalingPolicy and on_ray_started_here():
+                return FixedScalingWithoutAutoscaler(policy.scaling_config)
+            return policy
+
+        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+            kwargs["scaling_policy"] = self.lean_scaling_policy(kwargs["scaling_policy"])
+            return super()._initialize_and_run_controller(**kwargs)
 
     return LeanTorchTrainer
 

@@ -1,10 +1,11 @@
 """CPU that Ray's own processes take while one Ray Train worker sleeps, by process and by thread.
 
-    python scripts/ray_overhead.py [--seconds 30] [--settle 25] [--top 25] [--with-cleaner]
+    python scripts/ray_overhead.py [--seconds 30] [--settle 25] [--top 25] [--cluster-helpers]
 
 Starts a local Ray as `pretrain.run` does (dashboard on 127.0.0.1), runs the runs' TorchTrainer
-(`pretrain.launch.torch_trainer_class`: on a local instance without Ray Train's Ray Data actor
-and placement-group cleaner; `--with-cleaner` keeps the cleaner, as on a cluster)
+(`pretrain.launch.torch_trainer_class`: on a local instance without Ray Train's Ray Data actor,
+placement-group cleaner, autoscaling coordinator and preemption watcher; `--cluster-helpers`
+keeps the last three, as on a cluster)
 with one worker that only sleeps, waits `--settle` seconds for the worker group to come up, then
 reads every process's and every thread's CPU ticks of the driver and its descendants (all of the
 local Ray's processes) from /proc twice, `--seconds` apart. Prints the share of one core taken
@@ -83,7 +84,9 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=25.0, help="wait before sampling")
     parser.add_argument("--top", type=int, default=25, help="rows per table")
     parser.add_argument(
-        "--with-cleaner", action="store_true", help="keep Ray Train's placement-group cleaner (as on a cluster)"
+        "--cluster-helpers",
+        action="store_true",
+        help="keep Ray Train's placement-group cleaner, autoscaling coordinator and preemption watcher (as on a cluster)",
     )
     args = parser.parse_args()
 
@@ -104,8 +107,10 @@ def main() -> int:
         result["rows"] = sample(args.seconds)
 
     start_local_ray()
-    if args.with_cleaner:
-        launch._started_gcs_address = None  # as if attached to a cluster: the trainer keeps it
+    if args.cluster_helpers:
+        launch._started_gcs_address = None  # as if attached to a cluster: the trainer keeps its helpers
+    else:  # as pretrain.launch.connect_ray on a local instance (an exported value wins)
+        os.environ.setdefault(launch.PREEMPTION_WATCHER_ENV, "0")
     sampler = threading.Thread(target=measure)
     sampler.start()
     try:

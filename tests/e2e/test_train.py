@@ -72,15 +72,16 @@ def test_two_workers_at_zero0_evaluated_and_checkpointed(zero0: Finished, runs) 
     assert (ckpt / "rank_0.pt").exists() and (ckpt / "rank_1.pt").exists()
 
     # Ray Train's actors of the runs so far on this Ray instance: no Ray Data actor (the runs pass
-    # no Ray Datasets) and no placement-group cleaner (this process started the instance, whose
-    # placement groups end with it): pretrain.launch.torch_trainer_class leaves both out.
+    # no Ray Datasets), no placement-group cleaner (this process started the instance, whose
+    # placement groups end with it) and no autoscaling coordinator (a fixed-size run on an instance
+    # with no nodes to add): pretrain.launch.torch_trainer_class leaves them out.
     import ray
     from ray.util.state import list_actors
 
     gcs = ray.get_runtime_context().gcs_address  # this worker's instance: the other xdist worker has one too
     started = {a.class_name for a in list_actors(address=gcs, limit=10_000, raise_on_missing_output=False)}
     assert {"TrainController", "RayTrainWorker"} <= started, started
-    assert not {"DatasetManager", "PlacementGroupCleaner"} & started, started
+    assert not {"DatasetManager", "PlacementGroupCleaner", "_AutoscalingCoordinatorActor"} & started, started
 
 
 @pytest.fixture(scope="module")

@@ -140,3 +140,28 @@ def test_the_trainer_keeps_the_placement_group_cleaner_on_a_ray_it_did_not_start
     trainer = launch.torch_trainer_class()(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
     kinds = {type(cb) for cb in trainer._create_default_callbacks()}
     assert PlacementGroupCleanerCallback in kinds and DatasetsCallback not in kinds
+
+
+def test_the_trainer_asks_the_autoscaler_on_a_ray_it_did_not_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train's scaling policies reach the controller as Ray Train made them where the driver
+    did not start the Ray instance (a cluster may add nodes for a request) and for elastic runs
+    (their policy reads the autoscaling coordinator); only a fixed-size run on an instance this
+    process started drops the request (tests/e2e/test_train.py: no coordinator actor there)."""
+    from ray.train.v2._internal.execution.scaling_policy import create_scaling_policy
+    from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+    from ray.train.v2.api.config import ScalingConfig
+
+    import pretrain.launch as launch
+
+    lean = launch.torch_trainer_class().lean_scaling_policy
+    fixed = create_scaling_policy(ScalingConfig(num_workers=2))
+    elastic = create_scaling_policy(ScalingConfig(num_workers=(1, 2)))
+    assert type(fixed) is FixedScalingPolicy and type(elastic) is ElasticScalingPolicy
+    monkeypatch.setattr(launch, "_started_gcs_address", None)
+    assert lean(fixed) is fixed and lean(elastic) is elastic
+    # As if this process had started the instance it is connected to: only the fixed one changes.
+    monkeypatch.setattr(launch, "on_ray_started_here", lambda: True)
+    replaced = lean(fixed)
+    assert type(replaced) is not FixedScalingPolicy and isinstance(replaced, FixedScalingPolicy)
+    assert replaced.scaling_config is fixed.scaling_config and lean(elastic) is elastic
