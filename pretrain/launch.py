@@ -218,14 +218,22 @@ def torch_trainer_class() -> type:
       controller waits for it before starting the workers). A Ray instance this process started
       has no nodes to add, so there the request is left out; kept on clusters and for elastic
       runs (whose policy reads the coordinator's reserved resources).
+    - Ray's `TorchConfig` lives in a module that imports torch: the driver would import torch to
+      build the trainer, and the controller again when it receives the config, both before the
+      workers start. `pretrain.process_group.ProcessGroupConfig` sets up the same process group
+      (gloo on CPUs, NCCL on GPUs) with Ray's own functions on the workers, and neither imports
+      torch.
     """
-    from ray.train.torch import TorchTrainer
-
     try:
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
         from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
-    except ImportError:  # another Ray: its own callbacks, as they are
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+        from pretrain.process_group import ProcessGroupConfig
+    except ImportError:  # another Ray: its own trainer, as it is
+        from ray.train.torch import TorchTrainer
+
         return TorchTrainer
 
     class FixedScalingWithoutAutoscaler(FixedScalingPolicy):
@@ -237,7 +245,12 @@ def torch_trainer_class() -> type:
         def _maybe_send_resource_request(self) -> None:
             pass
 
-    class LeanTorchTrainer(TorchTrainer):
+    class LeanTorchTrainer(DataParallelTrainer):
+        def __init__(self, train_loop_per_worker: Any, *, scaling_config: Any = None, **kwargs: Any) -> None:
+            use_gpu = bool(scaling_config and scaling_config.use_gpu)
+            kwargs.setdefault("backend_config", ProcessGroupConfig.for_devices(use_gpu))
+            super().__init__(train_loop_per_worker, scaling_config=scaling_config, **kwargs)
+
         def _create_default_callbacks(self) -> list:
             callbacks = super()._create_default_callbacks()
             unused: tuple[type, ...] = () if self.datasets else (DatasetsCallback,)

@@ -165,3 +165,59 @@ def test_the_trainer_asks_the_autoscaler_on_a_ray_it_did_not_start(monkeypatch: 
     replaced = lean(fixed)
     assert type(replaced) is not FixedScalingPolicy and isinstance(replaced, FixedScalingPolicy)
     assert replaced.scaling_config is fixed.scaling_config and lean(elastic) is elastic
+
+
+# Builds the runs' trainer in a fresh interpreter and writes what the driver sends Ray Train's
+# controller (its run context, with the backend config, and its callbacks) as Ray pickles it.
+_SEND = """
+import sys
+import ray.cloudpickle as pickle
+from ray.train import ScalingConfig
+from pretrain.launch import torch_trainer_class
+from pretrain.trainer.worker import train_loop
+trainer = torch_trainer_class()(train_loop, scaling_config=ScalingConfig(num_workers=2))
+sent = pickle.dumps((trainer.train_run_context, trainer._create_default_callbacks()))
+assert "torch" not in sys.modules, "the driver imported torch to build the trainer"
+sys.stdout.buffer.write(sent)
+"""
+# Receives it as the controller does: a fresh interpreter.
+_RECEIVE = """
+import sys
+import ray.cloudpickle as pickle
+context, callbacks = pickle.loads(sys.stdin.buffer.read())
+assert "torch" not in sys.modules, "receiving the trainer's config imported torch"
+backends = {type(cb._backend).__name__ for cb in callbacks if hasattr(cb, "_backend")}
+print(type(context.backend_config).__name__, context.backend_config.backend, *sorted(backends))
+"""
+
+
+def test_neither_the_driver_nor_the_controller_imports_torch_to_start_a_run() -> None:
+    """Ray's TorchConfig lives in a module that imports torch: the driver building a TorchTrainer
+    and the controller receiving its config each imported it before the workers started (2.5
+    cpu-s each on a slow host). The runs' trainer carries pretrain.process_group's config instead;
+    the workers' process group is the e2e tests' (tests/e2e: every run has two workers over gloo)."""
+    env = {**os.environ, "RAY_TRAIN_V2_ENABLED": "1"}
+    sent = subprocess.run([sys.executable, "-c", _SEND], capture_output=True, env=env, timeout=120)
+    assert sent.returncode == 0, sent.stderr.decode()[-2000:]
+    received = subprocess.run(
+        [sys.executable, "-c", _RECEIVE], input=sent.stdout, capture_output=True, env=env, timeout=120
+    )
+    assert received.returncode == 0, received.stderr.decode()[-2000:]
+    # The backend setup and the accelerator setup callbacks both hold the backend.
+    assert received.stdout.decode().split() == ["ProcessGroupConfig", "gloo", "ProcessGroupBackend"], received.stdout
+
+
+def test_the_process_group_backend_follows_the_devices() -> None:
+    """NCCL between GPU workers, gloo between CPU workers (as Ray's TorchTrainer picks); another
+    backend is refused by name."""
+    from ray.train import ScalingConfig
+
+    from pretrain.launch import torch_trainer_class
+    from pretrain.process_group import ProcessGroupConfig
+
+    cpu = torch_trainer_class()(lambda: None, scaling_config=ScalingConfig(num_workers=2))
+    gpu = torch_trainer_class()(lambda: None, scaling_config=ScalingConfig(num_workers=2, use_gpu=True))
+    assert (cpu.backend_config.backend, gpu.backend_config.backend) == ("gloo", "nccl")
+    assert gpu.backend_config.to_dict() == {"backend": "nccl", "init_method": "env", "timeout_s": 1800}
+    with pytest.raises(ValueError, match="process group backend 'mpi': expected one of gloo, nccl"):
+        ProcessGroupConfig(backend="mpi")
