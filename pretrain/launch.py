@@ -203,7 +203,8 @@ def worker_range(t: TrainerConfig) -> int | tuple[int, int]:
 
 @functools.cache
 def torch_trainer_class() -> type:
-    """Ray Train's TorchTrainer, less the helper actors that have nothing to do here.
+    """Ray Train's trainer for torch workers (what its `TorchTrainer` is), less what has nothing
+    to do here.
 
     - Ray Train starts a `DatasetManager` actor (a fresh interpreter importing Ray Data: about 2
       cpu-s on the 2-core VM, beside the workers' start) for the Ray Datasets passed to the
