@@ -12,7 +12,8 @@ install: $(STAMP)
 # Order matters on a fresh machine: torch/torchvision first (they lie on the machine's
 # disk; newer releases are multi-GB downloads), then DeepSpeed without build isolation
 # (its sdist imports torch at build time), then this project with its test extra; last,
-# DeepSpeed's CPU communication op is compiled here rather than in the first run.
+# DeepSpeed's CPU communication op is compiled and the demo dataset generated here rather
+# than in the first run.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.14.1 torchvision==0.29.1

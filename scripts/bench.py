@@ -293,9 +293,9 @@ def log_times(text: str) -> dict[str, float]:
 def start_up(tmp: Path, warm_runs: int) -> list[dict[str, Any]]:
     """`python -m pretrain.run` (the default run, one step) from launch to the end of step 1.
 
-    "fresh": a just-installed machine, as `make install` leaves it (DeepSpeed's op built by
-    `pretrain.prebuild` into an empty extension cache) with an empty dataset cache (the
-    demo data is generated in the run). "warm": the same command again.
+    "fresh": a just-installed machine, as `make install` leaves it: `pretrain.prebuild` builds
+    DeepSpeed's op into an empty extension cache and generates the demo dataset into an empty
+    dataset cache. "warm": the same command again.
     """
     env = {
         **os.environ,
@@ -305,7 +305,7 @@ def start_up(tmp: Path, warm_runs: int) -> list[dict[str, Any]]:
     tic = time.perf_counter()
     built = subprocess.run([sys.executable, "-m", "pretrain.prebuild"], env=env, capture_output=True, text=True)
     prebuild_s = time.perf_counter() - tic
-    print(f"install step: {built.stdout.strip()} ({prebuild_s:.0f} s)", file=sys.stderr)
+    print(f"install step: {'; '.join(built.stdout.split(chr(10))).strip('; ')} ({prebuild_s:.0f} s)", file=sys.stderr)
     rows = []
     for i in range(1 + warm_runs):
         name = "fresh" if i == 0 else f"warm {i}"

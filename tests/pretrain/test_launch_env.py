@@ -70,37 +70,47 @@ def test_each_environment_has_its_own_extension_cache(tmp_path: Path, monkeypatc
     assert use_environment_build_tools() == str(tmp_path / "mine")
 
 
-def test_prebuild_leaves_the_op_a_run_loads_and_a_second_call_only_loads_it() -> None:
+def test_prebuild_leaves_the_op_and_the_demo_data_a_run_loads_and_a_second_call_only_loads_them(
+    tmp_path: Path,
+) -> None:
     """`python -m pretrain.prebuild` (run by `make install`): the CPU communication op is built
-    with this interpreter's ninja, so that a run's first process group only loads it."""
+    with this interpreter's ninja, so that a run's first process group only loads it, and the
+    demo dataset of a run with the same overrides is generated where that run looks for it."""
+    from data.config import DataConfig
+    from data.default import ensure_default_dataset
+
     not_activated = os.pathsep.join(
         p for p in os.environ["PATH"].split(os.pathsep) if p != str(Path(sys.executable).parent)
     )
+    sizes = {"default_train_samples": 48, "default_eval_samples": 16, "default_shard_size": 16}
+    argv = [sys.executable, "-m", "pretrain.prebuild", *(f"data.{k}={v}" for k, v in sizes.items())]
+    env = {**os.environ, "PRETRAIN_CACHE": str(tmp_path)}
 
-    def prebuild() -> str:
-        out = subprocess.run(
-            [sys.executable, "-m", "pretrain.prebuild"],
-            env={**os.environ, "PATH": not_activated},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+    def prebuild(path: str) -> dict[str, str]:
+        out = subprocess.run(argv, env={**env, "PATH": path}, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout + out.stderr
-        return out.stdout.strip().splitlines()[-1]
+        lines = [line for line in out.stdout.splitlines() if line.startswith("prebuild: ")]
+        return {"op": lines[0], "data": lines[1]}
 
-    first = prebuild()
-    if first.endswith(("nothing to build", "no op to build")):
-        return  # another accelerator: nothing to prebuild
-    assert first.startswith("prebuild: deepspeed.ops.comm.deepspeed_shm_comm_op ready in ")
-    library = Path(first.rsplit("(", 1)[1].rstrip(")"))
+    first = prebuild(not_activated)
+    dataset = Path(first["data"].rsplit("(", 1)[1].rstrip(")"))
+    assert first["data"].startswith("prebuild: demo dataset ready in ") and dataset.parent == tmp_path
+    # What a run with these sizes uses (loader, evaluation): the same folder, complete.
+    assert ensure_default_dataset(DataConfig(cache_dir=str(tmp_path), **sizes)).root == str(dataset)
+    generated = {p: p.stat().st_mtime_ns for p in dataset.iterdir()}
+    op_built = first["op"].rsplit("(", 1)[-1].rstrip(")")
+    built = Path(op_built).stat().st_mtime_ns if op_built.endswith(".so") else 0
+    # Called again, from an activated venv's PATH this time: loaded, not built again.
+    second = prebuild(os.environ["PATH"])
+    assert second["data"].endswith(f"({dataset})")
+    assert {p: p.stat().st_mtime_ns for p in dataset.iterdir()} == generated
+    if first["op"].endswith(("nothing to build", "no op to build")):
+        return  # another accelerator: no op to prebuild
+    assert first["op"].startswith("prebuild: deepspeed.ops.comm.deepspeed_shm_comm_op ready in ")
+    library = Path(first["op"].rsplit("(", 1)[1].rstrip(")"))
     assert library.is_file() and library.suffix == ".so"
     assert library.is_relative_to(os.environ.get(EXTENSIONS_ENV) or extension_cache_dir())
-    built = library.stat().st_mtime_ns
-    # Called again, from an activated venv's PATH this time: loaded, not compiled again.
-    second = subprocess.run(
-        [sys.executable, "-m", "pretrain.prebuild"], capture_output=True, text=True, timeout=600
-    ).stdout.strip()
-    assert second.endswith(f"({library})") and library.stat().st_mtime_ns == built
+    assert second["op"].endswith(f"({library})") and library.stat().st_mtime_ns == built
 
 
 def test_project_log_lines_follow_the_current_stderr() -> None:
