@@ -3,8 +3,8 @@ Ray Train's controller.
 
 Ray's own `TorchConfig` lives in a module that imports torch at the top: the driver imports it to
 build a `TorchTrainer`, and the controller (a fresh interpreter) imports it again when it receives
-the config, before it starts the workers (2.5 cpu-s each on a slow 2-core host, both before step
-1; docs/benchmarks.md). The config and backend here keep the controller's side (choose the
+the config, before it starts the workers (about 3 cpu-s each on a slow 2-core host, both before
+step 1; docs/benchmarks.md). The config and backend here keep the controller's side (choose the
 rendezvous on rank 0, hand every worker its rank) free of torch; each call on a worker hands over
 to Ray's own functions (`ray.train.torch.config`), so the process group itself, NCCL's error
 handling included, is set up as `TorchTrainer` sets it up. TPUs (`tpu_dist`) are not handled here.
@@ -26,7 +26,8 @@ BACKENDS = ("gloo", "nccl")
 
 @dataclass
 class ProcessGroupConfig(BackendConfig):
-    """Ray Train's backend config for a torch process group (the fields of Ray's `TorchConfig`)."""
+    """Ray Train's backend config for a torch process group: `backend` and `timeout_s` as in Ray's
+    `TorchConfig`, its default `env://` rendezvous (MASTER_ADDR/MASTER_PORT)."""
 
     backend: str = "gloo"
     timeout_s: int = 1800
