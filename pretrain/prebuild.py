@@ -27,8 +27,12 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from pretrain.hardware import use_environment_build_tools
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 # DeepSpeed's name of the op builder its CPU accelerator uses for collectives.
 SHM_BUILDER = "ShareMemCommBuilder"
@@ -43,18 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc.lines(), file=sys.stderr)
         return 2
-    return build_op() or demo_dataset(cfg)
+    built, generated = build_op(), demo_dataset(cfg)  # each is worth having without the other
+    return built or generated
 
 
-def demo_dataset(cfg: object) -> int:
-    """The default dataset of a run with this config (a DictConfig), generated unless it exists."""
+def demo_dataset(cfg: DictConfig) -> int:
+    """The default dataset of a run with this config, generated unless it exists."""
     from omegaconf import OmegaConf
 
-    from data.config import DataConfig
     from data.default import ensure_default_dataset
 
-    data = OmegaConf.to_object(cfg.data)  # type: ignore[attr-defined]
-    assert isinstance(data, DataConfig)
+    data = OmegaConf.to_object(cfg.data)
     if data.urls:
         print("prebuild: data.urls is set; no demo dataset to generate")
         return 0

@@ -113,6 +113,20 @@ def test_prebuild_leaves_the_op_and_the_demo_data_a_run_loads_and_a_second_call_
     assert second["op"].endswith(f"({library})") and library.stat().st_mtime_ns == built
 
 
+def test_prebuild_refuses_a_bad_override_before_building_anything(tmp_path: Path) -> None:
+    """The overrides are `pretrain.run`'s: a bad one is its one-line error, exit 2, and nothing is made."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pretrain.prebuild", "data.default_train_samples=many"],
+        env={**os.environ, "PRETRAIN_CACHE": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and out.stdout == "", out.stdout + out.stderr
+    assert out.stderr.strip().splitlines() == ["error: data.default_train_samples: 'many' is not a valid Integer"]
+    assert not any(tmp_path.iterdir())
+
+
 def test_project_log_lines_follow_the_current_stderr() -> None:
     """configure_logging's handler writes to sys.stderr as it is at each record: a driver whose stderr
     is replaced later (pytest's capture, a notebook) gets no "--- Logging error ---" (seen: data.write's
