@@ -12,6 +12,7 @@ handling included, is set up as `TorchTrainer` sets it up. TPUs (`tpu_dist`) are
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ from typing import Any
 import ray
 from ray.train.backend import Backend, BackendConfig
 from ray.train.v2._internal.util import TrainingFramework
+
+log = logging.getLogger("pretrain")
 
 # torch.distributed backends this config sets up: gloo for CPU workers, NCCL for GPU workers.
 BACKENDS = ("gloo", "nccl")
@@ -96,9 +99,7 @@ class ProcessGroupBackend(Backend):
         try:
             ray.get(futures, timeout=timeout_s)
         except GetTimeoutError:
-            import logging
-
-            logging.getLogger("pretrain").warning("the torch process group's shutdown timed out after %d s", timeout_s)
+            log.warning("the torch process group's shutdown timed out after %d s", timeout_s)
 
 
 # On the workers (they import torch anyway): Ray's own functions.

@@ -305,7 +305,7 @@ def start_up(tmp: Path, warm_runs: int) -> list[dict[str, Any]]:
     tic = time.perf_counter()
     built = subprocess.run([sys.executable, "-m", "pretrain.prebuild"], env=env, capture_output=True, text=True)
     prebuild_s = time.perf_counter() - tic
-    print(f"install step: {'; '.join(built.stdout.split(chr(10))).strip('; ')} ({prebuild_s:.0f} s)", file=sys.stderr)
+    print(f"install step: {'; '.join(built.stdout.strip().splitlines())} ({prebuild_s:.0f} s)", file=sys.stderr)
     rows = []
     for i in range(1 + warm_runs):
         name = "fresh" if i == 0 else f"warm {i}"

@@ -217,7 +217,7 @@ print(type(context.backend_config).__name__, context.backend_config.backend, *so
 
 def test_neither_the_driver_nor_the_controller_imports_torch_to_start_a_run() -> None:
     """Ray's TorchConfig lives in a module that imports torch: the driver building a TorchTrainer
-    and the controller receiving its config each imported it before the workers started (2.5
+    and the controller receiving its config each imported it before the workers started (about 3
     cpu-s each on a slow host). The runs' trainer carries pretrain.process_group's config instead;
     the workers' process group is the e2e tests' (tests/e2e: every run has two workers over gloo)."""
     env = {**os.environ, "RAY_TRAIN_V2_ENABLED": "1"}
