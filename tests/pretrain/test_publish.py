@@ -67,6 +67,7 @@ def _publish(store: str, tmp_path: Path, seed: int, name: str = "mae-vit_test") 
 
 
 def test_logged_encoder_loads_with_mlflow_pytorch_and_as_a_teacher(store: str, tmp_path: Path) -> None:
+    import mlflow.pyfunc
     import mlflow.pytorch
     import timm
     from safetensors.torch import load_file
@@ -82,6 +83,10 @@ def test_logged_encoder_loads_with_mlflow_pytorch_and_as_a_teacher(store: str, t
         program = mlflow.pytorch.load_model("models:/mae-vit_test/1")
     with torch.no_grad():
         torch.testing.assert_close(program(images), expected, rtol=0, atol=1e-6)
+    # What serving runs (log_encoder skips MLflow's own check of it): pyfunc on a numpy batch.
+    with using_tracking_uri(store):
+        served = mlflow.pyfunc.load_model("models:/mae-vit_test/1").predict(images.numpy())
+    torch.testing.assert_close(torch.from_numpy(served), expected, rtol=0, atol=1e-6)
     # The same files behind runs:/ and models:/: timm strict load, and the teacher loader.
     for uri in (f"runs:/{run_id}/encoder", "models:/mae-vit_test/latest"):
         again = load_encoder(uri, tracking_uri=store)
