@@ -243,8 +243,8 @@ def log_encoder(
             input_example=example,
             signature=signature,
             pip_requirements=_pip_requirements(),
-            # MLflow would load the program back and run the example through pyfunc (3 s on a
-            # 2-core host, at the end of every run); tests/pretrain/test_publish.py does that check.
+            # MLflow would load the program back and run the example through pyfunc (1.5-3 s at the
+            # end of every run on a 2-core VM); tests/pretrain/test_publish.py does that check.
             validate_serving_input=False,
         )
     client.log_model_artifacts(logged.model_id, str(files))
