@@ -107,6 +107,8 @@ def main() -> int:
         result["rows"] = sample(args.seconds)
 
     start_local_ray()
+    # Ray Train's controller polls its workers as often as in a run (an exported value wins).
+    os.environ.setdefault(launch.HEALTH_CHECK_ENV, launch.HEALTH_CHECK_INTERVAL_S)
     if args.cluster_helpers:
         launch._started_gcs_address = None  # as if attached to a cluster: the trainer keeps its helpers
     else:  # as pretrain.launch.connect_ray on a local instance (an exported value wins)
