@@ -175,7 +175,8 @@ def build_optimizer(
 def import_deepspeed() -> Any:
     """`import deepspeed` without the MLflow import its autotuner tries (when MLflow is installed)
     at import time: 1.3 cpu-s of DeepSpeed's 1.5 here, in every worker, for autotuning, which runs
-    never use. Ranks that log import MLflow themselves when they need it; it stays importable."""
+    never use. Ranks that log import MLflow themselves when they need it; it stays importable.
+    Its Muon module is imported without the TorchInductor set-up it asks for (below)."""
     import sys
 
     if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
@@ -186,7 +187,38 @@ def import_deepspeed() -> Any:
             del sys.modules["mlflow"]
     import deepspeed
 
+    _import_muon_without_compiling()
     return deepspeed
+
+
+# DeepSpeed's Muon optimizer. ZeRO stages 1-3 import it whatever the optimizer (to tell whether it
+# is Muon), and the module wraps its Newton-Schulz kernel in `torch.compile` at import, which sets
+# up TorchInductor: 1.9 cpu-s in every worker at every engine build (2-core VM, EPYC family 23),
+# for an optimizer runs never use (optim.name: adamw, lars or sgd).
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def _import_muon_without_compiling() -> None:
+    """Import DeepSpeed's Muon module with TorchDynamo off for that import alone: its kernel stays a
+    plain function (eager, were Muon ever offered here), and nothing else changes (torch.compile
+    reads the switch when it is called; later calls compile as usual)."""
+    import importlib
+    import os
+    import sys
+
+    if MUON_MODULE in sys.modules:
+        return
+    before = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        importlib.import_module(MUON_MODULE)
+    except ImportError:
+        pass  # a DeepSpeed without Muon: nothing to import
+    finally:
+        if before is None:
+            del os.environ["TORCHDYNAMO_DISABLE"]
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = before
 
 
 def build_engine(module: nn.Module, optim: OptimConfig, trainer: TrainerConfig, ds: DeepSpeedConfig) -> Any:

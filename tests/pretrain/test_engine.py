@@ -247,18 +247,34 @@ def test_zero0_step_equals_plain_torch(tmp_path: Path, world: int, gloo_ranks) -
         torch.testing.assert_close(result["params"], dict(model.named_parameters()))
 
 
-def test_deepspeed_is_imported_without_mlflow_which_stays_importable() -> None:
+def test_deepspeed_is_imported_without_mlflow_or_inductor_and_both_stay_usable() -> None:
     # In a fresh interpreter (this one has MLflow loaded): DeepSpeed's autotuner tries MLflow at
-    # import time; the engine's import skips that, and MLflow imports normally afterwards.
+    # import time; the engine's import skips that, and MLflow imports normally afterwards. ZeRO 1-3
+    # import DeepSpeed's Muon module, whose kernel asks torch.compile for TorchInductor at import:
+    # imported beforehand with TorchDynamo off for that import alone, then torch.compile works.
     probe = (
-        "import sys\n"
-        "from pretrain.engine import import_deepspeed\n"
+        "import os, sys, types\n"
+        "from pretrain.engine import MUON_MODULE, import_deepspeed\n"
         "import_deepspeed()\n"
         "from deepspeed.autotuning import autotuner\n"
         "print('mlflow' in sys.modules, autotuner.has_mlflow, 'mlflow' in sys.modules)\n"
         "import mlflow\n"
         "print(mlflow.MlflowClient.__name__)\n"
+        "from deepspeed.runtime.zero.muon import original_muon\n"
+        "kernel = original_muon.zeropower_via_newtonschulz5\n"
+        "print(MUON_MODULE in sys.modules, type(kernel) is types.FunctionType and not hasattr(kernel, '_torchdynamo_orig_callable'),\n"
+        "      any(m.startswith('torch._inductor.compile_fx') for m in sys.modules), 'TORCHDYNAMO_DISABLE' in os.environ)\n"
+        "import torch\n"
+        "def twice(x):\n"
+        "    return x * 2\n"
+        "compiled = torch.compile(twice, backend='eager')\n"
+        "print(compiled is not twice, compiled(torch.ones(3)).tolist())\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines()[-2:] == ["False False False", "MlflowClient"]  # after DeepSpeed's own lines
+    assert done.stdout.splitlines()[-4:] == [  # after DeepSpeed's own lines
+        "False False False",
+        "MlflowClient",
+        "True True False False",
+        "True [2.0, 2.0, 2.0]",
+    ], done.stdout[-2000:]
