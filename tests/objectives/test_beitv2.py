@@ -106,11 +106,13 @@ def test_tokenizer_renormalises_other_data_statistics(vqkd: VQKD, exported: Path
     assert torch.equal(tokenizer(x), vqkd.codes(as_tokenizer))
 
 
-def test_tokenizer_from_the_mlflow_registry(vqkd: VQKD, exported: Path, tmp_path: Path, monkeypatch) -> None:
+def test_tokenizer_from_the_mlflow_registry(
+    vqkd: VQKD, exported: Path, tmp_path: Path, monkeypatch, empty_mlflow_store
+) -> None:
     from mlflow import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_mlflow_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri, uri)
     exp = client.create_experiment("tok", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id

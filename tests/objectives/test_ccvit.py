@@ -285,7 +285,9 @@ def test_two_ranks_build_the_same_centroids_as_one_process_on_both_samples(tmp_p
 
 
 @pytest.mark.slow  # a real MLflow store (sqlite): ~15 s of its start-up
-def test_centroids_from_the_mlflow_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_centroids_from_the_mlflow_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_store
+) -> None:
     from mlflow import MlflowClient
 
     from pretrain.model_registry import log_model_dir
@@ -293,7 +295,7 @@ def test_centroids_from_the_mlflow_registry(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     model = make(random_centroids(5))
     (item,) = [i for i in model.export(tmp_path / "export") if i.name == "centroids"]
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_mlflow_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri, uri)
     exp = client.create_experiment("ccvit", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id

@@ -62,10 +62,10 @@ def test_pt_state_dict_with_arch_from_config(tmp_path: Path, vit, images) -> Non
     torch.testing.assert_close(load_teacher(cfg)(images).patches, by_hand(vit, images, 1)[:, 1:])
 
 
-def test_mlflow_registered_and_runs_uri(tmp_path: Path, monkeypatch, vit, images) -> None:
+def test_mlflow_registered_and_runs_uri(tmp_path: Path, monkeypatch, vit, images, empty_mlflow_store) -> None:
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_mlflow_store(tmp_path / "mlflow.db")
     # No MLFLOW_TRACKING_URI in the environment: every call gets the store explicitly.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     client = mlflow.MlflowClient(uri, uri)

@@ -97,7 +97,7 @@ def test_labelled_reader_skips_and_counts_bad_samples(tmp_path: Path) -> None:
 
 
 @pytest.fixture()
-def registered_encoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def registered_encoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_store) -> str:
     """A tiny timm encoder logged and registered (as pretrain.publish does) in a sqlite store; its store URI."""
     import timm
 
@@ -107,7 +107,7 @@ def registered_encoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = empty_mlflow_store(tmp_path / "mlflow.db")
     torch.manual_seed(0)
     files = save_encoder(timm.create_model(ARCH, **KWARGS), tmp_path / "export", ARCH, KWARGS)
     from mlflow import MlflowClient

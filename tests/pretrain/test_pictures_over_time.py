@@ -37,10 +37,10 @@ def test_the_first_batch_is_kept_as_a_copy_and_every_batch_still_flows() -> None
     assert torch.equal(kept[0]["image"], torch.zeros(2, 3))
 
 
-def test_pictures_are_a_series_over_steps_and_leave_rng_and_mode_alone(tmp_path: Path) -> None:
+def test_pictures_are_a_series_over_steps_and_leave_rng_and_mode_alone(tmp_path: Path, empty_mlflow_store) -> None:
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_mlflow_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     exp = client.create_experiment("p", artifact_location=str(tmp_path / "art"))
     run_id = client.create_run(exp).info.run_id

@@ -218,11 +218,11 @@ def store(tmp_path: Path) -> str:
 
 
 def test_incompatible_and_unloadable_versions_are_skipped_and_best_preferred(
-    store: str, caplog: pytest.LogCaptureFixture
+    store: str, empty_mlflow_store, caplog: pytest.LogCaptureFixture
 ) -> None:
     from mlflow import MlflowClient
 
-    (Path(store[10:]).parent).mkdir(parents=True)
+    empty_mlflow_store(Path(store[10:]))
     assert register(store, "mae-vit_nano", encoder_meta(patch=8)) == "models:/mae-vit_nano/1"
     register(store, "mae-vit_nano", encoder_meta())  # 2: compatible
     register(store, "mae-vit_nano", encoder_meta(), files=False)  # 3: no pretrain.json
@@ -268,8 +268,8 @@ def test_incompatible_and_unloadable_versions_are_skipped_and_best_preferred(
     assert find_version(store, "no-such-model", want) is None
 
 
-def test_a_tokenizer_must_come_from_the_teacher_the_recipe_asks_for(store: str) -> None:
-    (Path(store[10:]).parent).mkdir(parents=True)
+def test_a_tokenizer_must_come_from_the_teacher_the_recipe_asks_for(store: str, empty_mlflow_store) -> None:
+    empty_mlflow_store(Path(store[10:]))
     tok = {**encoder_meta(), "kind": "tokenizer"}
     register(store, "vqkd-mae-vit_nano", {**tok, "teacher": "models:/mae-vit_nano/2"})  # 1
     register(store, "vqkd-mae-vit_nano", {**tok, "teacher": "models:/mae-vit_nano/1"})  # 2: another teacher
@@ -278,8 +278,8 @@ def test_a_tokenizer_must_come_from_the_teacher_the_recipe_asks_for(store: str) 
     assert find_version(store, "vqkd-mae-vit_nano", Want("tokenizer", 32, 4, teacher=CLIP)) is None
 
 
-def test_the_plan_takes_upstream_stages_from_the_registry(tmp_path: Path, store: str) -> None:
-    (tmp_path / "runs").mkdir()
+def test_the_plan_takes_upstream_stages_from_the_registry(tmp_path: Path, store: str, empty_mlflow_store) -> None:
+    empty_mlflow_store(Path(store[10:]))  # in tmp_path / "runs"
     storage = f"trainer.storage_path={tmp_path / 'runs'}"
     register(store, "mae-vit_nano", encoder_meta(patch=8))
     register(store, "mae-vit_nano", encoder_meta())  # 2

@@ -31,11 +31,11 @@ KWARGS = {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_hea
 
 
 @pytest.fixture()
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_store) -> str:
     # No MLFLOW_TRACKING_URI: every call must name the store itself.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return empty_mlflow_store(tmp_path / "mlflow.db")
 
 
 def _encoder(tmp_path: Path, seed: int) -> tuple[Encoder, Path]:
