@@ -284,7 +284,7 @@ def test_two_ranks_build_the_same_centroids_as_one_process_on_both_samples(tmp_p
     assert torch.equal(r0["counts"], single.counts) and int(single.counts.sum()) == 76
 
 
-@pytest.mark.slow  # a real MLflow store (sqlite): ~15 s of its start-up
+@pytest.mark.slow  # a real MLflow store (sqlite) and its model registry
 def test_centroids_from_the_mlflow_registry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_store
 ) -> None:
