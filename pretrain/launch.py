@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -36,6 +37,9 @@ HEALTH_CHECK_INTERVAL_S = "0.5"
 # instances). A local instance is this one machine: nothing to watch, and the actor is one more
 # interpreter starting beside the workers' set-up. Kept on clusters. An exported value wins.
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+# Read by a Python interpreter as it starts (where modules are found): only a runtime
+# environment can give it to a worker. The workers set their other variables themselves.
+AT_INTERPRETER_START = ("PYTHONPATH",)
 
 
 @dataclass
@@ -112,7 +116,6 @@ def connect_ray(cfg: PretrainConfig) -> str:
     eval_cpus = cfg.eval.num_cpus if cfg.eval.enabled and cfg.eval.every_steps else 0.0
     need_cpus = int(t.num_workers * t.cpus_per_worker + eval_cpus + 0.999)
     start_local_ray(need_cpus)
-    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     return "started a local Ray instance"
 
 
@@ -136,6 +139,8 @@ def cluster_storage_problems(cfg: PretrainConfig) -> list[tuple[str, str]]:
 # The GCS address of the Ray instance this process started (start_local_ray), if it did: its
 # processes end with this one (Ray ties a local instance's fate to its driver).
 _started_gcs_address: str | None = None
+# The environment that instance's processes inherit: this process's when it started it.
+_started_env: dict[str, str] = {}
 
 
 def on_ray_started_here() -> bool:
@@ -152,10 +157,11 @@ def on_ray_started_here() -> bool:
 def start_local_ray(num_cpus: int = 0, runtime_env: dict[str, Any] | None = None) -> None:
     """A new Ray instance on this machine, as `pretrain.run` starts one: at least `num_cpus` CPUs
     (all of the machine's where it has more), the dashboard on 127.0.0.1, warnings and up."""
-    global _started_gcs_address
+    global _started_gcs_address, _started_env
     import ray
 
     os.environ["PATH"] = interpreter_first_on_path(os.environ.get("PATH", ""), sys.executable)
+    _started_env = dict(os.environ)
 
     ray.init(
         # "local": a new instance even where `ray start` left one running on this machine.
@@ -196,6 +202,24 @@ def worker_env(cfg: PretrainConfig) -> dict[str, str]:
     return env
 
 
+def split_worker_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The workers' variables as (what their runtime environment carries, what the train loop
+    sets itself as it starts).
+
+    Ray starts an actor whose runtime environment has variables through a shim (its
+    `setup_worker.py` imports Ray, then execs the worker): 0.7 cpu-s more per process on a slow
+    host, and actors inherit their creator's runtime environment (docs/benchmarks.md). On a Ray
+    instance this process started, the workers inherit the environment it had then, so the
+    runtime environment carries only the variables an interpreter reads as it starts
+    (`AT_INTERPRETER_START`) that differ from it, usually none. On a cluster it carries them all
+    (its nodes have their own environments).
+    """
+    if not on_ray_started_here():
+        return dict(env), {}
+    at_start = {k: v for k, v in env.items() if k in AT_INTERPRETER_START and _started_env.get(k) != v}
+    return at_start, {k: v for k, v in env.items() if k not in at_start}
+
+
 def worker_range(t: TrainerConfig) -> int | tuple[int, int]:
     """Ray Train's worker count: fixed, or (min, max) for elastic training (Ray Train v2)."""
     return (t.min_workers, t.num_workers) if 0 < t.min_workers < t.num_workers else t.num_workers
@@ -224,10 +248,19 @@ def torch_trainer_class() -> type:
       workers start. `pretrain.process_group.ProcessGroupConfig` sets up the same process group
       (gloo on CPUs, NCCL on GPUs) with Ray's own functions on the workers, and neither imports
       torch.
+    - Ray Train gives its controller a runtime environment with variables (its settings, read
+      from the environment), which makes Ray start the controller, and every actor it creates
+      (the synchronization actor, the workers), through Ray's runtime-environment shim: 0.7
+      cpu-s per process on a slow host, the controller's on the path to step 1. On a Ray
+      instance this process started, where none of Ray Train's variables is exported, the
+      controller starts without one and is handed the runs' settings (`controller_settings`)
+      while it is built; with `split_worker_env` its workers need none either.
     """
     try:
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+        from ray.train.v2._internal.constants import get_env_vars_to_propagate
+        from ray.train.v2._internal.execution.controller import TrainController as RayTrainController
         from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
         from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
@@ -245,6 +278,33 @@ def torch_trainer_class() -> type:
 
         def _maybe_send_resource_request(self) -> None:
             pass
+
+    class TrainController(RayTrainController):  # Ray names the process after the class
+        """Ray Train's controller, its settings handed to it rather than exported to it.
+
+        The controller reads them from its environment while it is built; they are there only
+        then, so that it does not pass them on (Ray Train gives the workers' runtime environment
+        every one of its variables set in the controller's)."""
+
+        def __init__(self, *, settings: dict[str, str], **kwargs: Any) -> None:
+            import ray._private.worker
+
+            # What Ray Train's RAY_WARN_BLOCKING_GET_INSIDE_ASYNC=0 does for its controller: Ray
+            # warns once per process about a blocking get in an async actor, and this one is
+            # built that way. Marked as warned here, since the variable would be passed on.
+            ray._private.worker.blocking_get_inside_async_warned = True
+            saved = {key: os.environ.get(key) for key in settings}
+            os.environ.update(settings)
+            try:
+                super().__init__(**kwargs)
+            finally:
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+
+    TrainController.__qualname__ = "TrainController"  # as Ray's state API and dashboard list it
 
     class LeanTorchTrainer(DataParallelTrainer):
         def __init__(self, train_loop_per_worker: Any, *, scaling_config: Any = None, **kwargs: Any) -> None:
@@ -266,10 +326,36 @@ def torch_trainer_class() -> type:
             return policy
 
         def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+            import ray
+
             kwargs["scaling_policy"] = self.lean_scaling_policy(kwargs["scaling_policy"])
-            return super()._initialize_and_run_controller(**kwargs)
+            settings = controller_settings()
+            if not on_ray_started_here() or get_env_vars_to_propagate():
+                # Ray Train's own way: the settings exported while it builds the controller's
+                # runtime environment (and gone after the run).
+                os.environ.update(settings)
+                try:
+                    return super()._initialize_and_run_controller(**kwargs)
+                finally:
+                    for key in settings:
+                        os.environ.pop(key, None)
+            # One node, this one: no placement constraint; 0 CPUs, as Ray Train asks.
+            controller = ray.remote(num_cpus=0)(TrainController).remote(settings=settings, **kwargs)
+            if threading.current_thread() is threading.main_thread():
+                self._register_sigint_handler(controller)  # Ctrl-C aborts the run gracefully
+            ray.get(controller.run.remote())
+            return ray.get(controller.get_result.remote())
 
     return LeanTorchTrainer
+
+
+def controller_settings() -> dict[str, str]:
+    """Ray Train's settings for the runs' controllers: polling every 0.5 s, and on an instance
+    this process started no preemption watcher (exported values win: Ray Train reads those)."""
+    settings = {HEALTH_CHECK_ENV: HEALTH_CHECK_INTERVAL_S}
+    if on_ray_started_here():
+        settings[PREEMPTION_WATCHER_ENV] = "0"
+    return {key: value for key, value in settings.items() if key not in os.environ}
 
 
 def build_trainer(cfg: PretrainConfig, place: RunPlace, info: Any) -> Any:
@@ -278,22 +364,21 @@ def build_trainer(cfg: PretrainConfig, place: RunPlace, info: Any) -> Any:
 
     from pretrain.trainer.worker import train_loop
 
-    # Ray Train hands the driver's value to its controller (read when the trainer starts).
-    os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S)
     t = cfg.trainer
     resources: dict[str, float] = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
+    at_start, in_loop = split_worker_env(worker_env(cfg))
     return torch_trainer_class()(
         train_loop,
-        train_loop_config={"cfg": cfg, "info": info},
+        train_loop_config={"cfg": cfg, "info": info, "env": in_loop},
         scaling_config=ScalingConfig(num_workers=worker_range(t), use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=place.name,
             storage_path=place.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
-            worker_runtime_env={"env_vars": worker_env(cfg)},
+            worker_runtime_env={"env_vars": at_start},
             # Ray Train's per-report INFO lines drown ours; warnings and failures still show.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),

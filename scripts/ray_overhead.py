@@ -107,12 +107,10 @@ def main() -> int:
         result["rows"] = sample(args.seconds)
 
     start_local_ray()
-    # Ray Train's controller polls its workers as often as in a run (an exported value wins).
-    os.environ.setdefault(launch.HEALTH_CHECK_ENV, launch.HEALTH_CHECK_INTERVAL_S)
+    # The runs' trainer gives its controller the runs' settings (a 0.5 s poll; no preemption
+    # watcher on a local instance: pretrain.launch.controller_settings).
     if args.cluster_helpers:
         launch._started_gcs_address = None  # as if attached to a cluster: the trainer keeps its helpers
-    else:  # as pretrain.launch.connect_ray on a local instance (an exported value wins)
-        os.environ.setdefault(launch.PREEMPTION_WATCHER_ENV, "0")
     sampler = threading.Thread(target=measure)
     sampler.start()
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -62,7 +63,11 @@ def _quiet_ray_train_reports() -> None:
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point on each worker: `{"cfg": PretrainConfig, "info": RunInfo}` -> a trained, exported run."""
+    """Ray Train entry point on each worker: `{"cfg": PretrainConfig, "info": RunInfo, "env":
+    variables}` -> a trained, exported run. The variables are set first, before anything that
+    reads them is imported (`pretrain.launch.split_worker_env`: on a Ray instance the driver
+    started they come here rather than in a runtime environment)."""
+    os.environ.update(loop_config.get("env") or {})
     import ray.train
     import ray.train.torch
 

@@ -36,10 +36,9 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A local Ray instance shared by the session's tests (what `pretrain.run` starts on its own)."""
     import ray
 
-    from pretrain.launch import PREEMPTION_WATCHER_ENV, start_local_ray
+    from pretrain.launch import start_local_ray
 
     os.environ["PRETRAIN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     start_local_ray(2)
     yield
     ray.shutdown()

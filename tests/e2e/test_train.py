@@ -79,9 +79,18 @@ def test_two_workers_at_zero0_evaluated_and_checkpointed(zero0: Finished, runs) 
     from ray.util.state import list_actors
 
     gcs = ray.get_runtime_context().gcs_address  # this worker's instance: the other xdist worker has one too
-    started = {a.class_name for a in list_actors(address=gcs, limit=10_000, raise_on_missing_output=False)}
-    assert {"TrainController", "RayTrainWorker"} <= started, started
+    actors = list_actors(address=gcs, limit=10_000, raise_on_missing_output=False, detail=True)
+    started = {a.class_name for a in actors}
+    assert {"TrainController", "RayTrainWorker", "SynchronizationActor"} <= started, started
     assert not {"DatasetManager", "PlacementGroupCleaner", "_AutoscalingCoordinatorActor"} & started, started
+    # No preemption watcher either, and none of Ray Train's actors has a runtime environment, which
+    # would start it through Ray's shim (a second interpreter start, docs/benchmarks.md): the
+    # controller gets its settings as arguments, the workers their variables from the train loop
+    # (the fault tests below and in test_nonfinite.py need theirs to arrive that way).
+    assert "PreemptionWatcher" not in started, started
+    ray_train = ("TrainController", "RayTrainWorker", "SynchronizationActor")
+    with_env = {(a.class_name, a.serialized_runtime_env) for a in actors if a.class_name in ray_train}
+    assert {env for _, env in with_env} == {"{}"}, with_env
 
 
 @pytest.fixture(scope="module")
