@@ -166,6 +166,25 @@ def test_the_trainer_keeps_the_placement_group_cleaner_on_a_ray_it_did_not_start
     assert PlacementGroupCleanerCallback in kinds and DatasetsCallback not in kinds
 
 
+def test_on_a_ray_it_did_not_start_the_workers_variables_and_the_settings_travel_as_ray_train_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Attached to a cluster (its nodes have their own environments), every worker variable goes
+    in the workers' runtime environment and none through the train loop; the controller's
+    settings are the 0.5 s poll alone (the preemption watcher stays), and an exported value wins.
+    (On an instance this process started: tests/e2e/test_train.py checks that Ray Train's actors
+    have no runtime environment, and the fault tests that the variables reach the workers.)"""
+    import pretrain.launch as launch
+
+    monkeypatch.setattr(launch, "_started_gcs_address", None)
+    monkeypatch.delenv(launch.HEALTH_CHECK_ENV, raising=False)
+    env = {"DS_ACCELERATOR": "cpu", "PYTHONPATH": "/src", "PRETRAIN_CACHE": "/cache"}
+    assert launch.split_worker_env(env) == (env, {})
+    assert launch.controller_settings() == {launch.HEALTH_CHECK_ENV: "0.5"}
+    monkeypatch.setenv(launch.HEALTH_CHECK_ENV, "2")
+    assert launch.controller_settings() == {}
+
+
 def test_the_trainer_asks_the_autoscaler_on_a_ray_it_did_not_start(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray Train's scaling policies reach the controller as Ray Train made them where the driver
     did not start the Ray instance (a cluster may add nodes for a request) and for elastic runs
