@@ -339,8 +339,10 @@ def torch_trainer_class() -> type:
                 finally:
                     for key in settings:
                         os.environ.pop(key, None)
-            # One node, this one: no placement constraint; 0 CPUs, as Ray Train asks.
-            controller = ray.remote(num_cpus=0)(TrainController).remote(settings=settings, **kwargs)
+            # As Ray Train places its controller: 0 CPUs, on the driver's node.
+            node = {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}
+            actor = ray.remote(num_cpus=0, label_selector=node)(TrainController)
+            controller = actor.remote(settings=settings, **kwargs)
             if threading.current_thread() is threading.main_thread():
                 self._register_sigint_handler(controller)  # Ctrl-C aborts the run gracefully
             ray.get(controller.run.remote())
